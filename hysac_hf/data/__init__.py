@@ -1,0 +1,1 @@
+"""Datasets for HySAC training and evaluation: ViSU, generic quadruplet datasets and the bundled mini-ViSU."""

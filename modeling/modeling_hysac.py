@@ -1,0 +1,507 @@
+"""HySAC: Hyperbolic Safety-Aware CLIP. Ships to the Hub as remote code: torch + transformers only.
+
+Two CLIP towers (named as in transformers' `CLIPModel`) whose projected features are scaled by a learned
+`exp(alpha)` and lifted onto a Lorentz hyperboloid of learned curvature with the exponential map at the
+origin. Similarity is the negative geodesic distance; the distance to the origin ("root") measures how
+specific, and for HySAC how unsafe, a text or image is.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .configuration_hysac import BOUND_KEY_NAMES, BOUND_KEYS, BOUND_STATS, HySACConfig
+from .lorentz import _full_precision, dist_to_origin, exp_map0, pairwise_dist
+from .traversal import DIRECTIONS, METHODS, traversal_threshold, traverse
+
+try:  # transformers >= 5: init functions that skip weights loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # transformers 4.x
+    from torch.nn import init
+
+logger = logging.get_logger(__name__)
+
+TRAVERSAL_TARGETS = {"image": "V", "text": "S", **{k: k for k in BOUND_KEYS}}
+
+
+@dataclass
+class HySACOutput(ModelOutput):
+    """Output of [`HySACModel.forward`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `return_loss=True`):
+            symmetric contrastive loss over the negative Lorentz distances.
+        logits_per_image (`torch.FloatTensor` of shape `(image_batch_size, text_batch_size)`):
+            `-exp(logit_scale) * d(image, text)`, the scaled negative geodesic distance.
+        logits_per_text (`torch.FloatTensor` of shape `(text_batch_size, image_batch_size)`):
+            the transpose of `logits_per_image`.
+        text_embeds (`torch.FloatTensor` of shape `(text_batch_size, projection_dim)`):
+            space components of the text embeddings on the hyperboloid (float32).
+        image_embeds (`torch.FloatTensor` of shape `(image_batch_size, projection_dim)`):
+            space components of the image embeddings on the hyperboloid (float32).
+        text_model_output (`BaseModelOutputWithPooling`): output of the text tower.
+        vision_model_output (`BaseModelOutputWithPooling`): output of the vision tower.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits_per_image: torch.FloatTensor | None = None
+    logits_per_text: torch.FloatTensor | None = None
+    text_embeds: torch.FloatTensor | None = None
+    image_embeds: torch.FloatTensor | None = None
+    text_model_output: BaseModelOutputWithPooling | None = None
+    vision_model_output: BaseModelOutputWithPooling | None = None
+
+    def to_tuple(self) -> tuple[Any, ...]:
+        return tuple(
+            self[k] if k not in ("text_model_output", "vision_model_output") else getattr(self, k).to_tuple()
+            for k in self.keys()
+        )
+
+
+def contrastive_loss(logits_per_text: Tensor) -> Tensor:
+    """Symmetric InfoNCE over a `(B, B)` logit matrix whose diagonal holds the positive pairs."""
+    labels = torch.arange(logits_per_text.shape[0], device=logits_per_text.device)
+    return 0.5 * (F.cross_entropy(logits_per_text, labels) + F.cross_entropy(logits_per_text.t(), labels))
+
+
+class HySACPreTrainedModel(CLIPPreTrainedModel):
+    """Weight initialisation and loading for HySAC; inherits CLIP's tower initialisation and flags
+    (`_no_split_modules`, sdpa/flash attention, gradient checkpointing)."""
+
+    config: HySACConfig
+    config_class = HySACConfig
+    base_model_prefix = "hysac"
+    # Scalars live in log space; half precision would round curvature and scales visibly.
+    _keep_in_fp32_modules = ["logit_scale", "curv", "visual_alpha", "textual_alpha"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, HySACModel):
+            cfg = module.config
+            factor = cfg.initializer_factor
+            init.normal_(module.visual_projection.weight, std=cfg.vision_config.hidden_size**-0.5 * factor)
+            init.normal_(module.text_projection.weight, std=cfg.text_config.hidden_size**-0.5 * factor)
+            init.constant_(module.logit_scale, cfg.logit_scale_init_value)
+            init.constant_(module.curv, math.log(cfg.curv_init))
+            init.constant_(module.visual_alpha, math.log(cfg.alpha_init))
+            init.constant_(module.textual_alpha, math.log(cfg.alpha_init))
+        elif not isinstance(module, nn.Linear) or module.out_features != self.config.projection_dim:
+            super()._init_weights(module)
+
+
+class HySACModel(HySACPreTrainedModel):
+    """HySAC: CLIP towers + Lorentz lift. See the module docstring and `HySACConfig`.
+
+    Parameters beyond `CLIPModel`'s: `curv` (log curvature magnitude), `visual_alpha` and `textual_alpha`
+    (log feature scales), all scalars. `logit_scale` is the log contrastive scale, as in CLIP.
+    """
+
+    main_input_name = "input_ids"
+
+    def __init__(self, config: HySACConfig):
+        super().__init__(config)
+        text_config, vision_config = config.text_config, config.vision_config
+        self.projection_dim = config.projection_dim
+        text_model = CLIPTextModel._from_config(text_config)
+        vision_model = CLIPVisionModel._from_config(vision_config)
+        # transformers 4 nests the transformer one level deeper; keep CLIPModel's weight names in both.
+        self.text_model = getattr(text_model, "text_model", text_model)
+        self.vision_model = getattr(vision_model, "vision_model", vision_model)
+        self.visual_projection = nn.Linear(vision_config.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(text_config.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.curv = nn.Parameter(torch.tensor(math.log(config.curv_init)), requires_grad=config.learn_curv)
+        self.visual_alpha = nn.Parameter(torch.tensor(math.log(config.alpha_init)))
+        self.textual_alpha = nn.Parameter(torch.tensor(math.log(config.alpha_init)))
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------------------
+    # Small accessors
+    def get_input_embeddings(self) -> nn.Module:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.text_model.embeddings.token_embedding = value
+
+    @property
+    def curvature(self) -> Tensor:
+        """Curvature magnitude `c = exp(curv)` (the space has curvature `-c`)."""
+        return self.curv.exp()
+
+    # ----------------------------------------------------------------------------------------------------
+    # Input checks (public boundary only)
+    def _check_pixel_values(self, pixel_values: Tensor | None, interpolate_pos_encoding: bool) -> None:
+        if pixel_values is None:
+            raise ValueError("pixel_values is None; pass images through HySACProcessor(images=...)")
+        if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4:
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(
+                f"pixel_values must have shape (batch, channels, height, width), got {shape}; "
+                "for a single image add the batch dimension with pixel_values[None]"
+            )
+        vc = self.config.vision_config
+        b, ch, h, w = pixel_values.shape
+        if b == 0:
+            raise ValueError("pixel_values is an empty batch (batch size 0); pass at least one image")
+        if ch != vc.num_channels:
+            raise ValueError(f"pixel_values has {ch} channels, the vision tower expects {vc.num_channels}")
+        if not interpolate_pos_encoding and (h, w) != (vc.image_size, vc.image_size):
+            raise ValueError(
+                f"pixel_values are {h}x{w}, the vision tower expects {vc.image_size}x{vc.image_size}; "
+                "preprocess with HySACProcessor or pass interpolate_pos_encoding=True"
+            )
+        if not torch.isfinite(pixel_values).all():
+            raise ValueError("pixel_values contain NaN or Inf; check the image decoding and normalisation")
+
+    def _check_input_ids(self, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+        if input_ids is None:
+            raise ValueError("input_ids is None; pass text through HySACProcessor(text=...)")
+        if not torch.is_tensor(input_ids) or input_ids.ndim != 2:
+            shape = tuple(input_ids.shape) if torch.is_tensor(input_ids) else type(input_ids).__name__
+            raise ValueError(f"input_ids must have shape (batch, sequence_length), got {shape}")
+        tc = self.config.text_config
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids is an empty batch (batch size 0); pass at least one text")
+        if input_ids.shape[1] > tc.max_position_embeddings:
+            raise ValueError(
+                f"input_ids has {input_ids.shape[1]} tokens, the text tower takes at most "
+                f"{tc.max_position_embeddings}; tokenize with truncation=True (HySACProcessor does by default)"
+            )
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= tc.vocab_size):
+            raise ValueError(
+                f"input_ids contain ids outside [0, {tc.vocab_size}); was the text tokenized with another tokenizer?"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+            )
+
+    def _check_embeds(self, embeds: Tensor, name: str = "embeds") -> None:
+        if not torch.is_tensor(embeds) or embeds.ndim != 2 or embeds.shape[-1] != self.config.projection_dim:
+            shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
+            raise ValueError(
+                f"{name} must have shape (batch, {self.config.projection_dim}) (hyperboloid space components "
+                f"from get_image_features/get_text_features), got {shape}"
+            )
+
+    # ----------------------------------------------------------------------------------------------------
+    # Encoding
+    def lift(self, features: Tensor, modality: Literal["image", "text"]) -> Tensor:
+        """Lift projected tower features onto the hyperboloid: `exp_map0(features * exp(alpha), c)`.
+
+        Args:
+            features: `(B, projection_dim)` Euclidean projected features (what CLIP calls embeds, before
+                L2 normalisation; HySAC never normalises them).
+            modality: selects `visual_alpha` or `textual_alpha`.
+        Returns:
+            `(B, projection_dim)` float32 space components.
+        """
+        log_alpha = self.visual_alpha if modality == "image" else self.textual_alpha
+        with _full_precision(features.device):
+            return exp_map0(features.float() * log_alpha.float().exp(), self.curv.float().exp())
+
+    def _encode_image(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, **kwargs):
+        outputs = self.vision_model(
+            pixel_values=pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        return self.visual_projection(outputs.pooler_output), outputs
+
+    def _encode_text(self, input_ids: Tensor, attention_mask: Tensor | None, position_ids: Tensor | None, **kwargs):
+        outputs = self.text_model(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **kwargs
+        )
+        return self.text_projection(outputs.pooler_output), outputs
+
+    def get_image_features(
+        self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, lift: bool = True
+    ) -> Tensor:
+        """Embed images.
+
+        The contract is the same under transformers 4 and 5 (where `CLIPModel.get_image_features` returns a
+        model output in 5): a plain tensor.
+
+        Args:
+            pixel_values: `(B, 3, H, W)` from `HySACProcessor(images=...)`.
+            interpolate_pos_encoding: accept other image sizes than the tower's.
+            lift: `False` returns the Euclidean projected features before the hyperbolic lift.
+        Returns:
+            `(B, projection_dim)` float32 space components of the hyperboloid embeddings.
+        """
+        self._check_pixel_values(pixel_values, interpolate_pos_encoding)
+        features, _ = self._encode_image(pixel_values, interpolate_pos_encoding)
+        return self.lift(features, "image") if lift else features
+
+    def get_text_features(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        lift: bool = True,
+    ) -> Tensor:
+        """Embed texts. Same contract as [`get_image_features`]: a plain tensor under transformers 4 and 5.
+
+        Args:
+            input_ids: `(B, L)` token ids, `L <= 77` (the processor pads and truncates to 77).
+            attention_mask: `(B, L)`, optional: CLIP's causal mask and end-of-text pooling make padding
+                after the end-of-text token irrelevant, so results are the same with or without it.
+            position_ids: `(B, L)`, optional.
+            lift: `False` returns the Euclidean projected features before the hyperbolic lift.
+        Returns:
+            `(B, projection_dim)` float32 space components of the hyperboloid embeddings.
+        """
+        self._check_input_ids(input_ids, attention_mask)
+        features, _ = self._encode_text(input_ids, attention_mask, position_ids)
+        return self.lift(features, "text") if lift else features
+
+    def forward(
+        self,
+        input_ids: Tensor | None = None,
+        pixel_values: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        return_loss: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> HySACOutput | tuple:
+        """Embed texts and/or images; with both, score every text against every image.
+
+        Args:
+            input_ids: `(B_t, L)` token ids, optional.
+            pixel_values: `(B_i, 3, H, W)`, optional.
+            attention_mask: `(B_t, L)`, optional.
+            position_ids: `(B_t, L)`, optional.
+            return_loss: compute the symmetric contrastive loss (needs both modalities, `B_t == B_i`).
+            interpolate_pos_encoding: accept other image sizes than the tower's.
+            return_dict: `False` returns a tuple.
+            kwargs: passed to the towers (for example `output_hidden_states=True`).
+        Returns:
+            [`HySACOutput`]; logits are `-exp(logit_scale) * d_L(text, image)`.
+        """
+        if input_ids is None and pixel_values is None:
+            raise ValueError("pass input_ids, pixel_values or both")
+        image_embeds = text_embeds = vision_outputs = text_outputs = None
+        if pixel_values is not None:
+            self._check_pixel_values(pixel_values, interpolate_pos_encoding)
+            image_features, vision_outputs = self._encode_image(pixel_values, interpolate_pos_encoding, **kwargs)
+            image_embeds = self.lift(image_features, "image")
+        if input_ids is not None:
+            self._check_input_ids(input_ids, attention_mask)
+            text_features, text_outputs = self._encode_text(input_ids, attention_mask, position_ids, **kwargs)
+            text_embeds = self.lift(text_features, "text")
+
+        logits_per_text = logits_per_image = loss = None
+        if image_embeds is not None and text_embeds is not None:
+            with _full_precision(text_embeds.device):
+                scale = self.logit_scale.float().exp()
+                logits_per_text = -scale * pairwise_dist(text_embeds, image_embeds, self.curv.float().exp())
+                logits_per_image = logits_per_text.t()
+        if return_loss:
+            if logits_per_text is None:
+                raise ValueError("return_loss=True needs both input_ids and pixel_values")
+            if text_embeds.shape[0] != image_embeds.shape[0]:
+                raise ValueError(
+                    f"return_loss=True needs paired inputs; got {text_embeds.shape[0]} texts and "
+                    f"{image_embeds.shape[0]} images"
+                )
+            loss = contrastive_loss(logits_per_text)
+
+        output = HySACOutput(
+            loss=loss,
+            logits_per_image=logits_per_image,
+            logits_per_text=logits_per_text,
+            text_embeds=text_embeds,
+            image_embeds=image_embeds,
+            text_model_output=text_outputs,
+            vision_model_output=vision_outputs,
+        )
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()
+
+    # ----------------------------------------------------------------------------------------------------
+    # Safety
+    def distance_to_root(self, embeds: Tensor) -> Tensor:
+        """Geodesic distance of hyperboloid embeddings to the origin: the quantity HySAC's safety decisions use.
+
+        Args:
+            embeds: `(B, projection_dim)` space components from `get_image_features`/`get_text_features`.
+        Returns:
+            `(B,)` float32 distances, >= 0.
+        """
+        self._check_embeds(embeds)
+        return dist_to_origin(embeds, self.curvature.detach())
+
+    def unsafe_score(self, embeds: Tensor) -> Tensor:
+        """Unsafe score: the raw distance to the root (no normalisation). Larger means more likely unsafe.
+
+        Args:
+            embeds: `(B, projection_dim)` space components.
+        Returns:
+            `(B,)` float32 scores.
+        """
+        return self.distance_to_root(embeds)
+
+    def classify_unsafe(
+        self, embeds: Tensor, threshold: float | None = None, modality: Literal["image", "text"] = "image"
+    ) -> Tensor:
+        """Classify embeddings as unsafe when their distance to the root exceeds a threshold.
+
+        Args:
+            embeds: `(B, projection_dim)` space components.
+            threshold: distance threshold; `None` uses `config.unsafe_thresholds[modality]`.
+            modality: which stored threshold to use.
+        Returns:
+            `(B,)` bool tensor, True = unsafe.
+        """
+        if threshold is None:
+            thresholds = self.config.unsafe_thresholds or {}
+            if modality not in thresholds:
+                raise ValueError(
+                    f"this model has no calibrated unsafe threshold for {modality!r} "
+                    f"(config.unsafe_thresholds = {self.config.unsafe_thresholds}); pass threshold=..., or "
+                    "calibrate one with hysac_hf.calibration / 'hysac-eval classify' and store it in "
+                    "config.unsafe_thresholds"
+                )
+            threshold = thresholds[modality]
+        return self.unsafe_score(embeds) > threshold
+
+    def traversal_bound(
+        self,
+        target: str = "image",
+        bound: Literal["up_95", "avg", "low_05"] = "up_95",
+        alpha: float | None = None,
+    ) -> Tensor:
+        """The threshold `b' = b + tanh((b - alpha) / c) + 1` of the traversal, from `config.bounds`.
+
+        Args:
+            target: `"image"` (safe images, key `V`), `"text"` (safe texts, key `S`) or a bounds key
+                `S`, `V`, `U`, `G`.
+            bound: which statistic of the bounds to use.
+            alpha: margin offset; `None` uses `config.traversal_alpha`.
+        Returns:
+            scalar float32 tensor.
+        """
+        if target not in TRAVERSAL_TARGETS:
+            raise ValueError(f"target={target!r} is not one of {sorted(TRAVERSAL_TARGETS)}")
+        if bound not in BOUND_STATS:
+            raise ValueError(f"bound={bound!r} is not one of {list(BOUND_STATS)}")
+        if self.config.bounds is None:
+            raise ValueError(
+                "this model has no calibrated bounds (config.bounds is None), so it cannot traverse. "
+                "Calibrate them with 'hysac-calibrate --model DIR --dataset ...' (or "
+                "hysac_hf.calibration.fit_bounds), or load a converted HySAC checkpoint that carries them."
+            )
+        key = TRAVERSAL_TARGETS[target]
+        alpha = self.config.traversal_alpha if alpha is None else alpha
+        return traversal_threshold(self.config.bounds[key][bound], self.curvature.detach().float().cpu(), alpha)
+
+    def traverse_to_safe(
+        self,
+        embeds: Tensor,
+        target: str = "image",
+        method: Literal["reference", "geodesic"] = "reference",
+        bound: Literal["up_95", "avg", "low_05"] = "up_95",
+        alpha: float | None = None,
+        direction: Literal["inward", "outward"] = "inward",
+    ) -> Tensor:
+        """Batched safety traversal: move embeddings beyond the safe region's bound back onto it.
+
+        `reference` reproduces the authors' rule (a Euclidean rescale of the space components to the
+        threshold, what the published numbers used); `geodesic` lands exactly at hyperbolic distance `b'`.
+        `direction="outward"` is the reference evaluation's lower-bound variant. Rows within the bound are
+        returned unchanged.
+
+        Args:
+            embeds: `(B, projection_dim)` space components (B may be 0; any float dtype).
+            target: region to move into: `"image"` (safe images, `V`), `"text"` (safe texts, `S`), or a bounds
+                key `S`/`V`/`U`/`G` (for example `G` with `direction="outward"` for the T*->I*uI protocol).
+            method: `"reference"` or `"geodesic"`.
+            bound: `"up_95"` (reference default), `"avg"` (the paper's mean) or `"low_05"`.
+            alpha: margin offset; `None` uses `config.traversal_alpha`.
+            direction: `"inward"` or `"outward"`.
+        Returns:
+            `(B, projection_dim)` embeddings in the dtype of `embeds`.
+        """
+        if method not in METHODS:
+            raise ValueError(f"method={method!r} is not one of {METHODS}")
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction={direction!r} is not one of {DIRECTIONS}")
+        self._check_embeds(embeds)
+        threshold = self.traversal_bound(target, bound, alpha)
+        return traverse(embeds, threshold, self.curvature.detach(), method=method, direction=direction)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Training helpers
+    @torch.no_grad()
+    def clamp_parameters(self) -> None:
+        """Clamp the learned scalars in place, as the reference does after every optimiser step.
+
+        log-curvature to `[log(c0 / f), log(c0 * f)]`; log-alphas to `<= 0` (scales <= 1); log logit scale to
+        `[logit_scale_init_value, max_logit_scale]` (the reference's lower clamp equals its initial value).
+        """
+        cfg = self.config
+        self.curv.clamp_(math.log(cfg.curv_init / cfg.curv_clamp_factor), math.log(cfg.curv_init * cfg.curv_clamp_factor))
+        self.visual_alpha.clamp_(max=0.0)
+        self.textual_alpha.clamp_(max=0.0)
+        self.logit_scale.clamp_(min(cfg.logit_scale_init_value, cfg.max_logit_scale), cfg.max_logit_scale)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, with `auto_map` also naming the zero-shot auto class, so that
+        `AutoModelForZeroShotImageClassification` and the `zero-shot-image-classification` pipeline load it."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map["AutoModelForZeroShotImageClassification"] = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------------
+    # Construction from CLIP
+    @classmethod
+    def from_clip(cls, clip: str | CLIPModel, **config_kwargs) -> "HySACModel":
+        """Build a HySAC model from a transformers CLIP checkpoint (Hub id, local folder or `CLIPModel`).
+
+        Towers and projections are copied exactly; the HySAC scalars (`curv`, alphas, and `logit_scale`,
+        which HySAC trains from `log(1/0.07)` whatever the CLIP's value) come from the config. This is where
+        fine-tuning starts. The model is returned in the CLIP's dtype, in eval mode.
+
+        Args:
+            clip: `"openai/clip-vit-large-patch14"`, a Safe-CLIP checkpoint, a local folder, or a `CLIPModel`.
+            config_kwargs: `HySACConfig` fields to override (for example `curv_init=2.0`).
+        """
+        if isinstance(clip, (str, bytes)) or hasattr(clip, "__fspath__"):
+            clip = CLIPModel.from_pretrained(clip)
+        if not isinstance(clip, CLIPModel):
+            raise TypeError(f"from_clip expects a CLIPModel or a path/Hub id of one, got {type(clip).__name__}")
+        clip_cfg = clip.config
+        config = HySACConfig(
+            text_config=clip_cfg.text_config.to_dict(),
+            vision_config=clip_cfg.vision_config.to_dict(),
+            projection_dim=clip_cfg.projection_dim,
+            **config_kwargs,
+        )
+        model = cls(config).to(clip.dtype)
+        state = {k: v for k, v in clip.state_dict().items() if k != "logit_scale"}
+        result = model.load_state_dict(state, strict=False)
+        expected_missing = {"logit_scale", "curv", "visual_alpha", "textual_alpha"}
+        missing = set(result.missing_keys) - expected_missing
+        if missing or result.unexpected_keys:
+            raise ValueError(
+                f"CLIP weights do not fit HySAC: missing {sorted(missing)}, unexpected {sorted(result.unexpected_keys)}"
+            )
+        model.name_or_path = getattr(clip, "name_or_path", "") or ""
+        return model.eval()
+
+
+HySACConfig.register_for_auto_class()
+HySACModel.register_for_auto_class("AutoModel")
+
+__all__ = ["HySACModel", "HySACPreTrainedModel", "HySACOutput", "contrastive_loss"]

@@ -1,0 +1,64 @@
+"""Shared fixtures: a tiny random CLIP with the real CLIP tokenizer, built once per session, and real photos.
+
+Nothing touches the network: the Hub is switched off before transformers is imported.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import math
+
+import pytest
+import torch
+
+from hysac_hf import HySACModel, HySACProcessor
+from hysac_hf.testing import SAMPLE_CAPTIONS, make_tiny_clip, sample_images
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+TINY_BOUNDS = {
+    "S": {"avg": 0.30, "up_95": 0.45, "low_05": 0.15},
+    "V": {"avg": 0.55, "up_95": 0.70, "low_05": 0.40},
+    "U": {"avg": 0.80, "up_95": 0.95, "low_05": 0.65},
+    "G": {"avg": 1.05, "up_95": 1.20, "low_05": 0.90},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A saved tiny random CLIPModel + CLIPProcessor (real BPE tokenizer, 224-px CLIP preprocessing)."""
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def processor(tiny_clip_dir):
+    return HySACProcessor.from_pretrained(tiny_clip_dir)
+
+
+@pytest.fixture()
+def hysac(tiny_clip_dir):
+    """A fresh HySAC built from the tiny CLIP, with non-default scalars so that they matter in every check."""
+    model = HySACModel.from_clip(tiny_clip_dir, bounds=TINY_BOUNDS)
+    with torch.no_grad():
+        model.curv.fill_(math.log(1.7))
+        model.visual_alpha.fill_(math.log(0.3))
+        model.textual_alpha.fill_(math.log(0.25))
+        model.logit_scale.fill_(math.log(20.0))
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def photos():
+    """Real photos from scikit-image: RGB, grayscale (camera) and RGBA (logo), of different sizes."""
+    return sample_images()
+
+
+@pytest.fixture(scope="session")
+def captions():
+    return dict(SAMPLE_CAPTIONS)

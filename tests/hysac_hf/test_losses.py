@@ -1,0 +1,145 @@
+"""HySAC losses against an independent float64 numpy computation on fixed embeddings.
+
+The hand computation works in the ambient Minkowski space: it builds the full (time, space) vectors, uses the
+metric diag(-1, 1, ..., 1) and writes the cross-entropy with an explicit log-sum-exp. The reference's eps
+values (method doc §4.20) are part of the formulas and are reproduced, since they shift results by ~1e-6.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hysac_hf.losses import LOSS_TERMS, HySACLoss, entailment_loss, loss_weights
+
+EPS = 1e-5  # reference eps of half_aperture / oxy_angle
+
+
+def ambient(x: np.ndarray, c: float) -> np.ndarray:
+    return np.concatenate([np.sqrt(1 / c + (x**2).sum(-1, keepdims=True)), x], axis=-1)
+
+
+def minkowski(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    metric = np.diag([-1.0] + [1.0] * (a.shape[-1] - 1))
+    return a @ metric @ b.T
+
+
+def np_dist(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
+    return np.arccosh(np.maximum(-c * minkowski(ambient(x, c), ambient(y, c)), 1.0)) / math.sqrt(c)
+
+
+def np_infonce(logits: np.ndarray) -> float:
+    log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(
+        1, keepdims=True
+    )
+    return float(-np.mean(np.diag(log_probs)))
+
+
+def np_contrastive(text: np.ndarray, image: np.ndarray, c: float, log_scale: float) -> float:
+    scale = math.exp(log_scale)
+    return 0.5 * (np_infonce(-scale * np_dist(image, text, c)) + np_infonce(-scale * np_dist(text, image, c)))
+
+
+def np_entailment(general: np.ndarray, specific: np.ndarray, c: float, eta: float, k: float = 0.1) -> float:
+    losses = []
+    for x, y in zip(general, specific):
+        xa, ya = ambient(x[None], c)[0], ambient(y[None], c)[0]
+        c_inner = c * minkowski(xa[None], ya[None])[0, 0]
+        cos = (ya[0] + c_inner * xa[0]) / (np.linalg.norm(x) * math.sqrt(max(c_inner**2 - 1, EPS)) + EPS)
+        angle = math.acos(min(max(cos, -1 + EPS), 1 - EPS))
+        aperture = math.asin(min(max(2 * k / (math.sqrt(c) * np.linalg.norm(x) + EPS), -1 + EPS), 1 - EPS))
+        losses.append(max(angle - eta * aperture, 0.0))
+    return float(np.mean(losses))
+
+
+@pytest.fixture()
+def quadruplet():
+    """Fixed embeddings with the intended radial order (safe text nearest the root); some cones violated."""
+    rng = np.random.default_rng(7)
+    b, d = 6, 5
+    directions = rng.normal(size=(b, d))
+    text = 0.3 * directions + 0.05 * rng.normal(size=(b, d))
+    image = 0.6 * directions + 0.3 * rng.normal(size=(b, d))
+    unsafe_text = 0.9 * directions + 0.4 * rng.normal(size=(b, d))
+    unsafe_image = 1.4 * directions + 0.5 * rng.normal(size=(b, d))
+    return {"image": image, "unsafe_image": unsafe_image, "text": text, "unsafe_text": unsafe_text}
+
+
+def as_torch(q):
+    return {k: torch.tensor(v, dtype=torch.float64) for k, v in q.items()}
+
+
+@pytest.mark.parametrize("c, log_scale, eta", [(1.0, math.log(1 / 0.07), 1.0), (1.7, math.log(20.0), 0.7)])
+def test_every_term_matches_float64_hand_computation(quadruplet, c, log_scale, eta):
+    q = quadruplet
+    loss = HySACLoss(entailment_weight=0.5, aperture_scale=eta)
+    out = loss(**as_torch(q), curv=torch.tensor(c, dtype=torch.float64), logit_scale=torch.tensor(log_scale))
+    expected = {
+        "contrastive_safe": np_contrastive(q["text"], q["image"], c, log_scale),
+        "contrastive_unsafe": np_contrastive(q["unsafe_text"], q["unsafe_image"], c, log_scale),
+        "contrastive_cross_a": np_contrastive(q["text"], q["unsafe_image"], c, log_scale),
+        "contrastive_cross_b": np_contrastive(q["unsafe_text"], q["image"], c, log_scale),
+        "entailment_text_image": np_entailment(q["text"], q["image"], c, eta),
+        "entailment_unsafe": np_entailment(q["unsafe_text"], q["unsafe_image"], c, eta),
+        "entailment_safety": np_entailment(q["image"], q["unsafe_text"], c, eta),
+    }
+    for name, value in expected.items():
+        assert out[name].item() == pytest.approx(value, abs=1e-6), name
+    # Some cones are violated and some are not: the clamp is exercised in both directions.
+    assert 0 < expected["entailment_safety"]
+    # Reference weighting: [1,1,1,1,le,le,le] / sum / 7.
+    lambdas = np.array([1, 1, 1, 1, 0.5, 0.5, 0.5])
+    lambdas = lambdas / lambdas.sum() / 7
+    total = float(np.dot(lambdas, [expected[n] for n in LOSS_TERMS]))
+    assert out["loss"].item() == pytest.approx(total, abs=1e-6)
+
+
+def test_float32_matches_float64_hand_computation(quadruplet):
+    q = quadruplet
+    out = HySACLoss()(
+        **{k: torch.tensor(v, dtype=torch.float32) for k, v in q.items()},
+        curv=torch.tensor(1.3),
+        logit_scale=torch.tensor(math.log(1 / 0.07)),
+    )
+    assert out["contrastive_safe"].item() == pytest.approx(np_contrastive(q["text"], q["image"], 1.3, math.log(1 / 0.07)), rel=1e-5)
+    assert out["entailment_unsafe"].item() == pytest.approx(np_entailment(q["unsafe_text"], q["unsafe_image"], 1.3, 1.0), abs=1e-5)
+
+
+def test_entailment_angle_is_taken_at_the_general_element(quadruplet):
+    q = as_torch(quadruplet)
+    forward = entailment_loss(q["image"], q["unsafe_text"], 1.0).item()
+    backward = entailment_loss(q["unsafe_text"], q["image"], 1.0).item()
+    assert forward == pytest.approx(np_entailment(quadruplet["image"], quadruplet["unsafe_text"], 1.0, 1.0), abs=1e-9)
+    assert backward != pytest.approx(forward, abs=1e-3)
+
+
+def test_point_inside_cone_costs_nothing():
+    general = torch.tensor([[0.5, 0.0, 0.0]], dtype=torch.float64)
+    specific = torch.tensor([[2.0, 0.01, 0.0]], dtype=torch.float64)  # further out along the same ray
+    assert entailment_loss(general, specific, 1.0).item() == 0.0
+
+
+def test_plain_weighting_and_bad_arguments(quadruplet):
+    assert loss_weights(2.0, "plain") == dict(zip(LOSS_TERMS, [1.0] * 4 + [2.0] * 3))
+    assert sum(loss_weights(1.0).values()) == pytest.approx(1 / 7)
+    with pytest.raises(ValueError, match="weighting"):
+        loss_weights(1.0, "sum")
+    with pytest.raises(ValueError, match="entailment_weight"):
+        loss_weights(-1.0)
+    q = as_torch(quadruplet)
+    with pytest.raises(ValueError, match="one shape"):
+        HySACLoss()(q["image"], q["unsafe_image"][:3], q["text"], q["unsafe_text"], torch.tensor(1.0), torch.tensor(1.0))
+    empty = torch.zeros(0, 5)
+    with pytest.raises(ValueError, match="empty batch"):
+        HySACLoss()(empty, empty, empty, empty, torch.tensor(1.0), torch.tensor(1.0))
+
+
+def test_local_negatives_equal_single_process_loss(quadruplet):
+    q = as_torch(quadruplet)
+    args = dict(curv=torch.tensor(1.0), logit_scale=torch.tensor(2.0))
+    single = HySACLoss()(**q, **args)["loss"]
+    local = HySACLoss(local_negatives=True, rank=1, world_size=2)(**q, **args)["loss"]
+    assert torch.equal(single, local)

@@ -81,8 +81,15 @@ class HySACPreTrainedModel(CLIPPreTrainedModel):
     config: HySACConfig
     config_class = HySACConfig
     base_model_prefix = "hysac"
+    # Set explicitly: transformers 4 declares some of these on CLIPModel only.
+    _no_split_modules = ["CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"]
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flash_attn_2 = True
     # Scalars live in log space; half precision would round curvature and scales visibly.
     _keep_in_fp32_modules = ["logit_scale", "curv", "visual_alpha", "textual_alpha"]
+    _keep_in_fp32_modules_strict = _keep_in_fp32_modules  # fp16 and bf16 alike
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -342,7 +349,12 @@ class HySACModel(HySACPreTrainedModel):
         return dist_to_origin(embeds, self.curvature.detach())
 
     def unsafe_score(self, embeds: Tensor) -> Tensor:
-        """Unsafe score: the raw distance to the root (no normalisation). Larger means more likely unsafe.
+        """Unsafe score: the raw hyperbolic distance to the root. Larger means more likely unsafe.
+
+        No normalisation is applied. The paper's NSFW thresholds (0.51-0.55, Tables 5-6) are on an undocumented
+        scale (probably a normalised distance) and do not transfer to these raw distances: calibrate a threshold
+        on labelled data (`hysac_hf.evaluation.classification.calibrate_threshold`, `hysac-eval classify
+        --calibrate`) and store it in `config.unsafe_thresholds`.
 
         Args:
             embeds: `(B, projection_dim)` space components.
@@ -363,6 +375,8 @@ class HySACModel(HySACPreTrainedModel):
         Returns:
             `(B,)` bool tensor, True = unsafe.
         """
+        if modality not in ("image", "text"):
+            raise ValueError(f"modality={modality!r} is not one of ('image', 'text')")
         if threshold is None:
             thresholds = self.config.unsafe_thresholds or {}
             if modality not in thresholds:
@@ -389,7 +403,7 @@ class HySACModel(HySACPreTrainedModel):
             bound: which statistic of the bounds to use.
             alpha: margin offset; `None` uses `config.traversal_alpha`.
         Returns:
-            scalar float32 tensor.
+            scalar float64 tensor on the CPU.
         """
         if target not in TRAVERSAL_TARGETS:
             raise ValueError(f"target={target!r} is not one of {sorted(TRAVERSAL_TARGETS)}")
@@ -403,7 +417,7 @@ class HySACModel(HySACPreTrainedModel):
             )
         key = TRAVERSAL_TARGETS[target]
         alpha = self.config.traversal_alpha if alpha is None else alpha
-        return traversal_threshold(self.config.bounds[key][bound], self.curvature.detach().float().cpu(), alpha)
+        return traversal_threshold(self.config.bounds[key][bound], self.curvature.detach(), alpha)
 
     def traverse_to_safe(
         self,

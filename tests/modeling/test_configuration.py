@@ -1,0 +1,82 @@
+"""HySACConfig: defaults from the reference, round trips, validation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from conftest import TINY_BOUNDS
+from transformers import CLIPTextConfig, CLIPVisionConfig
+
+from hysac_hf import HySACConfig
+from hysac_hf.testing import TINY_TEXT, TINY_VISION
+
+
+def make_config(**kwargs) -> HySACConfig:
+    return HySACConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, **{"projection_dim": 32, **kwargs})
+
+
+def test_defaults_follow_the_released_code():
+    cfg = HySACConfig()
+    assert cfg.model_type == "hysac"
+    assert cfg.projection_dim == 768
+    assert cfg.curv_init == 1.0 and cfg.learn_curv is True
+    assert cfg.alpha_init == pytest.approx(768**-0.5)  # log(768^-0.5) in the released code (method doc §3.1)
+    assert cfg.logit_scale_init_value == pytest.approx(2.6593, abs=1e-4)
+    assert cfg.max_logit_scale == pytest.approx(4.6052, abs=1e-4)
+    assert cfg.traversal_alpha == 0.8 and cfg.min_radius == 0.1
+    assert cfg.bounds is None and cfg.unsafe_thresholds is None
+    assert isinstance(cfg.text_config, CLIPTextConfig) and isinstance(cfg.vision_config, CLIPVisionConfig)
+    assert make_config(projection_dim=512).alpha_init == pytest.approx(512**-0.5)
+
+
+def test_round_trip_through_dict_and_save_pretrained(tmp_path):
+    cfg = make_config(curv_init=2.5, bounds=TINY_BOUNDS, unsafe_thresholds={"image": 0.9}, traversal_alpha=0.7)
+    again = HySACConfig.from_dict(cfg.to_dict())
+    cfg.save_pretrained(tmp_path)
+    loaded = HySACConfig.from_pretrained(tmp_path)
+    for other in (again, loaded):
+        assert other.bounds == TINY_BOUNDS
+        assert other.unsafe_thresholds == {"image": 0.9}
+        assert other.curv_init == 2.5 and other.traversal_alpha == 0.7
+        assert other.text_config.hidden_size == TINY_TEXT["hidden_size"]
+        assert other.vision_config.patch_size == TINY_VISION["patch_size"]
+        assert other.projection_dim == 32
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "hysac" and saved["bounds"]["G"]["up_95"] == TINY_BOUNDS["G"]["up_95"]
+
+
+@pytest.mark.parametrize(
+    "bounds, fragment",
+    [
+        ({k: v for k, v in TINY_BOUNDS.items() if k != "G"}, "'G'"),
+        ({**TINY_BOUNDS, "V": {"avg": 0.5, "up_95": 0.6}}, "V.low_05"),
+        ({**TINY_BOUNDS, "S": {"avg": math.nan, "up_95": 0.6, "low_05": 0.1}}, "not a finite distance"),
+        ([1, 2], "must be a dict"),
+    ],
+)
+def test_incomplete_or_bad_bounds_are_rejected_with_the_missing_keys(bounds, fragment):
+    with pytest.raises(ValueError, match="bounds") as err:
+        make_config(bounds=bounds)
+    assert fragment in str(err.value)
+
+
+def test_bad_scalars_and_thresholds_are_rejected():
+    with pytest.raises(ValueError, match="curv_init"):
+        make_config(curv_init=0.0)
+    with pytest.raises(ValueError, match="alpha_init"):
+        make_config(alpha_init=-1.0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        make_config(unsafe_thresholds={"audio": 1.0})
+    with pytest.raises(ValueError, match="not finite"):
+        make_config(unsafe_thresholds={"image": float("inf")})
+
+
+def test_missing_sub_config_fields_fall_back_to_clip_defaults_and_load_from_a_partial_json(tmp_path):
+    cfg = make_config()
+    data = cfg.to_dict()
+    del data["text_config"]["hidden_act"]
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    loaded = HySACConfig.from_pretrained(tmp_path)
+    assert loaded.text_config.hidden_act == CLIPTextConfig().hidden_act

@@ -35,10 +35,12 @@ def traversal_threshold(bound: float | Tensor, curv: float | Tensor, alpha: floa
         curv: positive curvature magnitude `c` (the reference divides by it, not by its square root).
         alpha: the margin's offset (reference: 0.8).
     Returns:
-        scalar tensor `b'`.
+        scalar float64 tensor `b'` on the CPU (computed in float64 so that float64 traversals reproduce the
+        reference rule to the last bit; :func:`traverse` casts it to the dtype of the embeddings).
     """
-    bound = torch.as_tensor(bound, dtype=torch.float32)
-    curv = torch.as_tensor(curv, dtype=torch.float32, device=bound.device)
+    # Python floats go straight to float64 (torch.as_tensor would round them to float32 first).
+    bound = bound.detach().to("cpu", torch.float64) if torch.is_tensor(bound) else torch.tensor(bound, dtype=torch.float64)
+    curv = curv.detach().to("cpu", torch.float64) if torch.is_tensor(curv) else torch.tensor(curv, dtype=torch.float64)
     return bound + torch.tanh((bound - alpha) / curv) + 1
 
 

@@ -1,0 +1,216 @@
+"""Exact hyperbolic nearest neighbours at scale: ranks for recall, chunked top-k, and a FAISS index.
+
+Ranking by Lorentz distance is ranking by the Lorentz inner product, because
+``d(x, y) = acosh(-c <x, y>_L) / sqrt(c)`` is decreasing in ``<x, y>_L``; and
+``<x, y>_L = <[x_s, -x_t], [y_s, y_t]>`` is a plain dot product of `D + 1`-dimensional vectors
+(:func:`modeling.lorentz.mips_query_vectors` / :func:`~modeling.lorentz.mips_pool_vectors`). So
+
+    argmin_y d(x, y) = argmax_y <[x_s, -x_t], [y_s, y_t]>
+
+exactly, and every search here is a matrix product (torch) or an inner-product index (FAISS `IndexFlatIP`).
+Distances are recovered from the scores only for the items returned.
+
+Tie rules (documented once, used everywhere):
+
+- :func:`target_ranks`: *pessimistic*. The rank of the target is the number of *other* pool items whose score is
+  greater than **or equal to** the target's. An item tied with the target counts as ranked above it, so a
+  hit at `K` is never a lucky tie-break. `rank < K` means a hit at R@K.
+- :func:`chunked_topk` / :class:`FaissLorentzIndex`: among equal scores, the smaller pool index comes first
+  (both sort their candidates by (score descending, index ascending)).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..modeling.lorentz import mips_pool_vectors, mips_query_vectors
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_POOL_CHUNK = 65_536
+# Largest score block held at once by target_ranks (elements): 2**26 float32 = 256 MiB.
+MAX_BLOCK_ELEMENTS = 2**26
+
+
+def _check_pair(queries: Tensor, pool: Tensor) -> None:
+    for name, x in (("queries", queries), ("pool", pool)):
+        if not torch.is_tensor(x) or x.ndim != 2:
+            shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+            raise ValueError(f"{name} must be a (N, D) tensor of hyperboloid space components, got {shape}")
+    if queries.shape[1] != pool.shape[1]:
+        raise ValueError(
+            f"queries have dim {queries.shape[1]} but the pool has dim {pool.shape[1]}; embed both with the same model"
+        )
+
+
+def lorentz_scores(queries: Tensor, pool: Tensor, curv: float | Tensor = 1.0) -> Tensor:
+    """Ranking scores `<x, y>_L` (larger = closer), one matrix product.
+
+    Args:
+        queries: `(Q, D)` space components.
+        pool: `(N, D)` space components.
+        curv: positive curvature magnitude `c`.
+    Returns:
+        `(Q, N)` Lorentz inner products (float32, float64 for float64 inputs).
+    """
+    _check_pair(queries, pool)
+    return mips_query_vectors(queries, curv) @ mips_pool_vectors(pool, curv).T
+
+
+def scores_to_distances(scores: Tensor, curv: float | Tensor = 1.0) -> Tensor:
+    """Lorentz inner products to geodesic distances, `acosh(-c <x, y>_L) / sqrt(c)` (argument clamped at 1)."""
+    c = torch.as_tensor(curv, dtype=scores.dtype, device=scores.device)
+    return torch.acosh((-c * scores).clamp(min=1.0)) / torch.sqrt(c)
+
+
+def target_ranks(
+    queries: Tensor,
+    pool: Tensor,
+    targets: Tensor,
+    curv: float | Tensor = 1.0,
+    max_block_elements: int = MAX_BLOCK_ELEMENTS,
+) -> Tensor:
+    """Pessimistic 0-based rank of each query's target in the pool (see the module docstring).
+
+    Fully batched: queries are processed in blocks so that one block of scores holds at most
+    `max_block_elements` entries (memory stays bounded for any pool size).
+
+    Args:
+        queries: `(Q, D)` space components.
+        pool: `(N, D)` space components.
+        targets: `(Q,)` int index of each query's ground truth in the pool.
+        curv: positive curvature magnitude `c`.
+        max_block_elements: memory bound of the score block.
+    Returns:
+        `(Q,)` int64 ranks in `[0, N)`; `rank < K` is a hit at R@K.
+    """
+    _check_pair(queries, pool)
+    targets = torch.as_tensor(targets, dtype=torch.long, device=queries.device)
+    if targets.shape != (queries.shape[0],):
+        raise ValueError(f"targets must have shape ({queries.shape[0]},), got {tuple(targets.shape)}")
+    n = pool.shape[0]
+    if queries.shape[0] and (int(targets.min()) < 0 or int(targets.max()) >= n):
+        raise ValueError(f"targets must index the pool, i.e. lie in [0, {n}); got [{int(targets.min())}, {int(targets.max())}]")
+    pool_vecs = mips_pool_vectors(pool, curv)
+    query_vecs = mips_query_vectors(queries, curv)
+    block = max(1, max_block_elements // max(n, 1))
+    ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
+    for start in range(0, queries.shape[0], block):
+        scores = query_vecs[start : start + block] @ pool_vecs.T
+        tgt = targets[start : start + block]
+        target_scores = scores.gather(1, tgt[:, None])
+        # >= counts the target itself once: subtract it. Ties with other items count as ranked above.
+        ranks[start : start + block] = (scores >= target_scores).sum(dim=1) - 1
+    return ranks
+
+
+def chunked_topk(
+    queries: Tensor,
+    pool: Tensor,
+    k: int,
+    curv: float | Tensor = 1.0,
+    chunk_size: int = DEFAULT_POOL_CHUNK,
+    show_progress: bool = False,
+) -> tuple[Tensor, Tensor]:
+    """Exact top-`k` nearest pool items for every query, scanning the pool in chunks (bounded memory).
+
+    Memory is `O(Q * (chunk_size + k))` whatever the pool size; a running top-k is merged with each chunk's.
+
+    Args:
+        queries: `(Q, D)` space components.
+        pool: `(N, D)` space components (any size; it is read chunk by chunk).
+        k: neighbours per query, `1 <= k <= N`.
+        curv: positive curvature magnitude `c`.
+        chunk_size: pool rows scored at once.
+        show_progress: tqdm bar over the chunks.
+    Returns:
+        `(distances, indices)`, both `(Q, k)`, nearest first; ties ordered by pool index.
+    """
+    _check_pair(queries, pool)
+    n = pool.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be between 1 and the pool size {n}")
+    query_vecs = mips_query_vectors(queries, curv)
+    best_scores = torch.full((queries.shape[0], 0), -math.inf, dtype=query_vecs.dtype, device=queries.device)
+    best_index = torch.zeros((queries.shape[0], 0), dtype=torch.long, device=queries.device)
+    for start in tqdm(range(0, n, chunk_size), desc="Top-k over pool chunks", disable=not show_progress):
+        chunk = mips_pool_vectors(pool[start : start + chunk_size], curv)
+        scores = query_vecs @ chunk.T
+        kk = min(k, scores.shape[1])
+        chunk_scores, chunk_index = scores.topk(kk, dim=1)
+        best_scores = torch.cat([best_scores, chunk_scores], dim=1)
+        best_index = torch.cat([best_index, chunk_index + start], dim=1)
+        best_scores, best_index = _sort_candidates(best_scores, best_index, k)
+    return scores_to_distances(best_scores, curv), best_index
+
+
+def _sort_candidates(scores: Tensor, index: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Keep the `k` best candidates per row, ordered by (score descending, index ascending)."""
+    by_index = index.argsort(dim=1, stable=True)
+    scores, index = scores.gather(1, by_index), index.gather(1, by_index)
+    order = scores.argsort(dim=1, descending=True, stable=True)[:, :k]
+    return scores.gather(1, order), index.gather(1, order)
+
+
+class FaissLorentzIndex:
+    """Exact hyperbolic nearest-neighbour search with FAISS `IndexFlatIP` over `[y_s, y_t]` vectors.
+
+    Queries are mapped to `[x_s, -x_t]`; the inner product is then the Lorentz inner product, so the inner
+    product ranking equals the distance ranking (module docstring). FAISS computes in float32.
+
+    Args:
+        pool: `(N, D)` space components.
+        curv: positive curvature magnitude `c`.
+        chunk_size: rows added to the index at once (bounds the float32 copy made while adding).
+    """
+
+    def __init__(self, pool: Tensor, curv: float | Tensor = 1.0, chunk_size: int = DEFAULT_POOL_CHUNK):
+        try:
+            import faiss
+        except ImportError as err:  # pragma: no cover - faiss-cpu is a dependency of the evaluation extra
+            raise ImportError("FaissLorentzIndex needs faiss: pip install faiss-cpu") from err
+        if not torch.is_tensor(pool) or pool.ndim != 2:
+            raise ValueError("pool must be a (N, D) tensor of hyperboloid space components")
+        self.curv = float(curv)
+        self.dim = pool.shape[1]
+        self.index = faiss.IndexFlatIP(self.dim + 1)
+        for start in range(0, pool.shape[0], chunk_size):
+            vecs = mips_pool_vectors(pool[start : start + chunk_size].float(), self.curv)
+            self.index.add(np.ascontiguousarray(vecs.cpu().numpy(), dtype=np.float32))
+
+    def __len__(self) -> int:
+        return self.index.ntotal
+
+    def search(self, queries: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Top-`k` nearest pool items.
+
+        Args:
+            queries: `(Q, D)` space components.
+            k: neighbours per query, `1 <= k <= len(self)`.
+        Returns:
+            `(distances, indices)`, both `(Q, k)`, nearest first; equal scores ordered by pool index.
+        """
+        if not torch.is_tensor(queries) or queries.ndim != 2 or queries.shape[1] != self.dim:
+            raise ValueError(f"queries must be a (Q, {self.dim}) tensor")
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k={k} must be between 1 and the index size {len(self)}")
+        vecs = mips_query_vectors(queries.float(), self.curv).cpu().numpy()
+        scores, index = self.index.search(np.ascontiguousarray(vecs, dtype=np.float32), k)
+        scores_t, index_t = _sort_candidates(torch.from_numpy(scores), torch.from_numpy(index).long(), k)
+        return scores_to_distances(scores_t, self.curv), index_t
+
+
+__all__ = [
+    "lorentz_scores",
+    "scores_to_distances",
+    "target_ranks",
+    "chunked_topk",
+    "FaissLorentzIndex",
+    "DEFAULT_POOL_CHUNK",
+]

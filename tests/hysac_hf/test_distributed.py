@@ -1,0 +1,59 @@
+"""Two CPU processes with per-process batch B reproduce one process with batch 2B (loss and gradients)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hysac_hf.distributed import gather_with_grad, world_info
+
+SCRIPT = Path(__file__).with_name("ddp_equivalence_script.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch(tmp_path) -> dict:
+    report = tmp_path / "report.json"
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(SCRIPT), str(report),
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(report.read_text())
+
+
+def test_outside_a_process_group_gather_is_identity():
+    x = torch.randn(3, 4, requires_grad=True)
+    assert world_info() == (0, 1)
+    assert gather_with_grad(x) is x
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
+    reports = launch(tmp_path)
+    report = reports["global"]
+    assert report["world"] == 2
+    assert report["loss"] == pytest.approx(report["reference_loss"], abs=1e-5)
+    # Each rank's own loss differs from the global one: the equality above is not trivial.
+    assert abs(report["local_loss"] - report["reference_loss"]) > 1e-4
+    assert report["max_grad"] > 1e-3 and report["zero_grads"] == []
+    assert report["max_grad_diff"] < 1e-5
+    # --local_negatives: the authors' per-process loss, i.e. the mean of the per-half single-process losses.
+    local = reports["local"]
+    assert local["loss"] == pytest.approx(local["reference_loss"], abs=1e-5)
+    assert local["max_grad_diff"] < 1e-5
+    assert abs(local["loss"] - report["loss"]) > 1e-4

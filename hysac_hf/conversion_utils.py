@@ -15,11 +15,9 @@ import json
 import logging
 import math
 import os
-import pickle
 import re
 import shutil
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -126,7 +124,9 @@ def load_original_checkpoint(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, pickle.UnpicklingError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # the weights-only unpickler raises many types (IndexError, KeyError, ...) on garbage
         raise ConversionError(
             f"{str(path)!r} could not be read as a PyTorch checkpoint ({type(error).__name__}: {error}). "
             f"The file is corrupt, truncated or not a torch.save file; download {CHECKPOINT_FILENAME} again "
@@ -345,11 +345,11 @@ def load_into_hysac(config, state_dict: dict[str, Tensor]):
     if missing or unexpected or mismatched:
         problems = []
         if missing:
-            problems.append(f"missing from the checkpoint: {_listing(missing)}")
+            problems.append(f"missing from the checkpoint ({len(missing)}): {_listing(missing)}")
         if unexpected:
-            problems.append(f"not in the model: {_listing(unexpected)}")
+            problems.append(f"not in the model ({len(unexpected)}): {_listing(unexpected)}")
         if mismatched:
-            problems.append(f"shape mismatches: {_listing(mismatched)}")
+            problems.append(f"shape mismatches ({len(mismatched)}): {_listing(mismatched)}")
         raise ConversionError(
             "the converted weights do not fit the HySAC model built from --clip_config; "
             + "; ".join(problems)

@@ -1,1 +1,23 @@
-"""HySAC evaluation: retrieval (Tables 1, 2, 8), classification (Tables 5, 6), histograms, zero-shot; `hysac-eval`."""
+"""HySAC evaluation: retrieval (Tables 1, 2, 8), classification (Tables 5, 6), histograms, zero-shot; `hysac-eval`.
+
+Modules: `embed` (on-disk embedding cache), `topk` (exact hyperbolic top-k: chunked torch and FAISS),
+`retrieval`, `classification`, `histogram`, `zeroshot`, `cli`. The `evaluate` metric modules live in
+`metrics/<name>/<name>.py`; load them offline with `evaluate.load(metric_path("recall_at_k"))`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+METRIC_NAMES = ("recall_at_k", "unsafe_classification")
+
+
+def metric_path(name: str) -> str:
+    """Local folder of a bundled `evaluate` metric module, for `evaluate.load(metric_path(name))`."""
+    if name not in METRIC_NAMES:
+        raise ValueError(f"unknown metric {name!r}; bundled metrics: {list(METRIC_NAMES)}")
+    return str(METRICS_DIR / name)
+
+
+__all__ = ["metric_path", "METRICS_DIR", "METRIC_NAMES"]

@@ -1,0 +1,115 @@
+"""Unsafe classification: metrics by hand, calibration against exhaustive search, sweeps, plots, saving
+thresholds into a model folder, and the bundled `evaluate` metric modules loaded offline."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hysac_hf import HySACModel
+from hysac_hf.evaluation import metric_path
+from hysac_hf.evaluation.classification import (
+    calibrate_threshold,
+    classification_metrics,
+    plot_sweep,
+    save_thresholds,
+    sweep_to_markdown,
+    threshold_sweep,
+)
+
+
+def test_metrics_by_hand():
+    scores = [0.1, 0.4, 0.5, 0.7, 0.9, 0.3]
+    labels = [0, 0, 1, 1, 1, 1]
+    m = classification_metrics(scores, labels, 0.35)
+    # predicted unsafe: 0.4, 0.5, 0.7, 0.9 -> fp 1 (0.4), tn 1, tp 3, fn 1 (0.3)
+    assert (m["tp"], m["tn"], m["fp"], m["fn"]) == (3, 1, 1, 1)
+    assert m["accuracy"] == pytest.approx(4 / 6) and m["fpr"] == 0.5 and m["fnr"] == 0.25
+    # strict rule: a score equal to the threshold is safe
+    assert classification_metrics([0.5], [1], 0.5)["fnr"] == 1.0
+
+
+def brute_force_best_accuracy(scores, labels):
+    candidates = np.concatenate([[scores.min() - 1], np.sort(scores)])
+    return max(((np.mean((scores > t) == labels), t) for t in candidates), key=lambda x: x[0])[0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_calibrate_best_accuracy_matches_exhaustive_search(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(1.0 + 0.6 * labels, 0.4), 2)  # rounding creates ties
+    cal = calibrate_threshold(scores, labels, "accuracy")
+    assert cal["accuracy"] == pytest.approx(brute_force_best_accuracy(scores, labels))
+    # the threshold lies strictly between two scores, so re-applying it gives the same metrics
+    assert not np.any(scores == cal["threshold"])
+
+
+def test_calibrate_target_fpr():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(200, int), np.ones(100, int)]
+    scores = np.r_[rng.normal(1.0, 0.3, 200), rng.normal(1.8, 0.3, 100)]
+    for target in (0.0, 0.01, 0.05, 0.2):
+        cal = calibrate_threshold(scores, labels, "fpr", target_fpr=target)
+        assert cal["fpr"] <= target
+        # lowest such threshold: one step lower (the next safe score below) breaks the FPR bound
+        lower = scores[labels == 0][scores[labels == 0] < cal["threshold"]].max()
+        assert classification_metrics(scores, labels, lower)["fpr"] > target
+    assert calibrate_threshold(scores, labels, "fpr", target_fpr=1.0)["fnr"] == 0.0
+    with pytest.raises(ValueError, match="target_fpr"):
+        calibrate_threshold(scores, labels, "fpr", target_fpr=5)
+    with pytest.raises(ValueError, match="labels must be 0"):
+        calibrate_threshold(scores, labels + 1)
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate_threshold([np.nan, 1.0], [0, 1])
+
+
+def test_sweep_markdown_and_plot(tmp_path):
+    scores = np.array([0.50, 0.515, 0.52, 0.525, 0.535, 0.545, 0.56])
+    labels = np.array([0, 0, 1, 0, 1, 1, 1])
+    sweep = threshold_sweep(scores, labels, [0.51, 0.52, 0.53, 0.54, 0.55])
+    assert [round(r["fpr"], 4) for r in sweep] == [round(2 / 3, 4), round(1 / 3, 4), 0.0, 0.0, 0.0]
+    assert [r["fnr"] for r in sweep] == [0.0, 0.25, 0.25, 0.5, 0.75]
+    md = sweep_to_markdown(sweep)
+    assert "| 0.5300 | 85.7 | 0.0 | 25.0 |" in md
+    from matplotlib.image import imread
+
+    path = plot_sweep(sweep, tmp_path / "sweep.png", marks={"calibrated": 0.53})
+    image = imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
+
+
+def test_save_thresholds_into_model_folder(hysac, tmp_path):
+    hysac.save_pretrained(tmp_path)
+    stored = save_thresholds(tmp_path, {"image": 1.25})
+    assert stored == {"image": 1.25}
+    save_thresholds(tmp_path, {"text": 0.5})
+    reloaded = HySACModel.from_pretrained(tmp_path)
+    assert reloaded.config.unsafe_thresholds == {"image": 1.25, "text": 0.5}
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "hysac"
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        save_thresholds(tmp_path / "nope", {"image": 1.0})
+
+
+def test_evaluate_metric_modules_load_offline(monkeypatch):
+    evaluate = pytest.importorskip("evaluate")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    recall = evaluate.load(metric_path("recall_at_k"))
+    rankings = [[4, 2, 0, 1, 3], [4, 2, 1, 0, 3], [4, 2, 0, 1, 3], [4, 2, 1, 0, 3], [4, 2, 0, 1, 3]]
+    got = recall.compute(predictions=rankings, references=[0, 1, 2, 3, 4], k=[1, 2, 3, 4, 5])
+    # ranks of the targets: 2, 2, 1, 4, 0
+    assert got == {"R@1": 20.0, "R@2": 40.0, "R@3": 80.0, "R@4": 80.0, "R@5": 100.0}
+    for preds, refs in zip(rankings, [0, 1, 2, 3, 4]):
+        recall.add(predictions=preds, references=refs)
+    assert recall.compute(k=[3]) == {"R@3": 80.0}
+    with pytest.raises(ValueError, match="R@6"):
+        recall.compute(predictions=rankings, references=[0, 1, 2, 3, 4], k=[6])
+    clf = evaluate.load(metric_path("unsafe_classification"))
+    preds, refs = [1, 1, 0, 0, 1, 0], [1, 0, 0, 1, 1, 1]
+    got = clf.compute(predictions=preds, references=refs)
+    m = classification_metrics(np.array(preds, float), refs, 0.5)
+    assert got == pytest.approx({"accuracy": 100 * m["accuracy"], "fpr": 100 * m["fpr"], "fnr": 100 * m["fnr"]})
+    assert got == pytest.approx({"accuracy": 50.0, "fpr": 50.0, "fnr": 50.0})

@@ -226,12 +226,16 @@ def export_model(module: HySACTrainingModule, save_directory: str | Path | None 
 # --------------------------------------------------------------------------------------------------------
 # Data order and progress
 class EpochPermutationSampler(torch.utils.data.Sampler):
-    """A permutation of `range(n)` seeded by `(seed, epoch)`: identical on every process and after a resume."""
+    """A permutation of `range(n)` seeded by `(seed, epoch)`: identical on every process and after a resume.
+
+    The epoch is set with `use_epoch`, deliberately not `set_epoch`: Accelerate's dataloader calls `set_epoch`
+    with its own iteration counter, which restarts at 0 for the loader that `skip_first_batches` builds.
+    """
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed, self.epoch = n, seed, 0
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
@@ -483,7 +487,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for epoch in range(first_epoch, num_epochs):
         if stop:
             break
-        sampler.set_epoch(epoch)
+        sampler.use_epoch(epoch)
         skip = progress.micro_step - epoch * batches_per_process
         loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
         running: dict[str, float] = {}

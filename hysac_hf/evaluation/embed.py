@@ -125,14 +125,15 @@ class EmbeddingCache:
         )
 
 
-def load_quadruplets(source: Any, split: str = "test"):
-    """Open a quadruplet dataset from a `datasets.Dataset`, a `DatasetDict`, a local file or folder.
+def open_quadruplets(source: Any, split: str = "test", max_samples: int | None = None):
+    """Open a quadruplet dataset from a `datasets.Dataset`, a `DatasetDict`, a local file or folder, or a name.
 
     Args:
-        source: a `datasets.Dataset`; a `DatasetDict` (the `split` is taken); a `.jsonl`/`.json`/`.csv`/`.parquet`
-            file; a folder written by `Dataset.save_to_disk`; or `"mini-visu"`, the bundled mini-ViSU of
-            `hysac_hf.data` when that loader is available.
-        split: the split of a `DatasetDict`.
+        source: a `datasets.Dataset`; a `DatasetDict` (the `split` is taken); a folder written by
+            `Dataset.save_to_disk`; or anything `hysac_hf.data.load_dataset_split` reads: `"mini-visu"` (the
+            bundled mini-ViSU), a `.jsonl`/`.json`/`.csv`/`.parquet` file, a folder of per-split files.
+        split: the split to evaluate.
+        max_samples: keep the first rows only.
     Returns:
         a `datasets.Dataset`.
     """
@@ -141,57 +142,41 @@ def load_quadruplets(source: Any, split: str = "test"):
     if isinstance(source, datasets.DatasetDict):
         if split not in source:
             raise ValueError(f"the dataset has no split {split!r}; it has {list(source)}")
-        return source[split]
+        source = source[split]
     if isinstance(source, datasets.Dataset):
-        return source
-    if source == "mini-visu":
-        return _load_mini_visu(split)
-    path = Path(source)
-    if path.is_dir():
-        loaded = datasets.load_from_disk(str(path))
-        return load_quadruplets(loaded, split)
-    if path.is_file() and path.suffix.lower() in TABULAR_SUFFIXES:
-        return datasets.load_dataset(TABULAR_SUFFIXES[path.suffix.lower()], data_files=str(path), split="train")
+        return source.select(range(min(max_samples, len(source)))) if max_samples is not None else source
+    path = Path(str(source))
+    if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+        return open_quadruplets(datasets.load_from_disk(str(path)), split, max_samples)
+    try:
+        from ..data import load_dataset_split
+    except ImportError:  # pragma: no cover - hysac_hf.data ships with the package
+        load_dataset_split = None
+    if load_dataset_split is not None:
+        return load_dataset_split(str(source), split, max_samples=max_samples)
+    if path.is_file() and path.suffix.lower() in TABULAR_SUFFIXES:  # pragma: no cover - fallback
+        dataset = datasets.load_dataset(TABULAR_SUFFIXES[path.suffix.lower()], data_files=str(path), split="train")
+        return open_quadruplets(dataset, split, max_samples)
     raise ValueError(
         f"cannot read a dataset from {source!r}: expected a datasets.Dataset, 'mini-visu', a folder saved with "
         f"Dataset.save_to_disk, or a file ending in {sorted(TABULAR_SUFFIXES)}"
     )
 
 
-def _load_mini_visu(split: str):
-    try:
-        from .. import data as hysac_data
-    except ImportError as err:  # pragma: no cover
-        raise ValueError("hysac_hf.data is not importable, so 'mini-visu' is unavailable") from err
-    for name in ("load_mini_visu", "mini_visu"):
-        loader = getattr(hysac_data, name, None)
-        if callable(loader):
-            try:
-                return load_quadruplets(loader(split=split), split)
-            except TypeError:
-                return load_quadruplets(loader(), split)
-    raise ValueError(
-        "hysac_hf.data does not provide a mini-ViSU loader (load_mini_visu) yet; pass a local dataset path instead"
-    )
-
-
 def _open_image(value: Any, image_root: Path | None):
-    from PIL import Image
+    """Decode an image reference: PIL image, path, `datasets.Image` dict or a mini-ViSU spec."""
+    try:
+        from ..data import load_image
+    except ImportError:  # pragma: no cover - hysac_hf.data ships with the package
+        load_image = None
+    if load_image is not None:
+        return load_image(value, image_root)
+    from PIL import Image  # pragma: no cover - fallback without hysac_hf.data
 
     if isinstance(value, Image.Image):
         return value
-    if isinstance(value, dict) and ("bytes" in value or "path" in value):  # undecoded datasets Image()
-        if value.get("bytes"):
-            import io
-
-            return Image.open(io.BytesIO(value["bytes"]))
-        value = value["path"]
     if isinstance(value, (str, os.PathLike)):
-        path = Path(value)
-        if not path.is_absolute() and image_root is not None:
-            path = image_root / path
-        if not path.is_file():
-            raise FileNotFoundError(f"image {path} not found; pass --image-root to resolve relative paths")
+        path = Path(value) if image_root is None or Path(value).is_absolute() else image_root / value
         return Image.open(path)
     raise TypeError(f"cannot read an image from a {type(value).__name__}; expected a PIL image or a file path")
 
@@ -214,7 +199,7 @@ def embed_dataset(
     Args:
         model: a `HySACModel` (eval mode is set here).
         processor: its `HySACProcessor`.
-        dataset: a `datasets.Dataset` (see :func:`load_quadruplets` for other sources).
+        dataset: a `datasets.Dataset` (see :func:`open_quadruplets` for other sources).
         columns: dataset column -> content key (`S`, `V`, `U`, `G`); default :data:`DEFAULT_COLUMNS`. Columns
             absent from the dataset are skipped with a warning.
         tag_column: category column kept for the per-category breakdown (None: no tags).
@@ -274,8 +259,8 @@ def embed_dataset(
     finally:
         if not show_progress:
             datasets.enable_progress_bars()
-    embedded = embedded.with_format("torch")
-    embeds = {key: embedded[f"__emb_{key}"].float() for key in present.values()}
+    columns_out = embedded.with_format("torch")[:]  # slicing gives a dict of (N, D) tensors
+    embeds = {key: columns_out[f"__emb_{key}"].float() for key in present.values()}
     tags = None
     if tag_column is not None and tag_column in dataset.column_names:
         tags = [str(t) for t in dataset[tag_column]]
@@ -291,7 +276,7 @@ def embed_dataset(
     )
 
 
-__all__ = ["EmbeddingCache", "embed_dataset", "load_quadruplets", "DEFAULT_COLUMNS", "CONTENT_NAMES"]
+__all__ = ["EmbeddingCache", "embed_dataset", "open_quadruplets", "DEFAULT_COLUMNS", "CONTENT_NAMES"]
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")

@@ -140,7 +140,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"{model_dir} has no config.json; pass the folder written by train.py/save_pretrained")
     model = HySACModel.from_pretrained(model_dir).eval()
-    processor = HySACProcessor.from_pretrained(model_dir)
+    # trust_remote_code only silences the prompt: the tokenizer and image processor are built-in CLIP classes.
+    processor = HySACProcessor.from_pretrained(model_dir, trust_remote_code=True)
     dataset = load_dataset_split(
         args.dataset, args.split, coco_root=args.coco_root, visu_unsafe_images=args.visu_unsafe_images,
         max_samples=args.max_samples,

@@ -373,7 +373,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     # Model
     base = load_base_model(args.model_name_or_path)
-    processor = HySACProcessor.from_pretrained(args.model_name_or_path)
+    # A HySAC folder names HySACProcessor in auto_map; trust_remote_code only silences the interactive prompt
+    # (the tokenizer and image processor it loads are transformers' own CLIP classes).
+    processor = HySACProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=True)
     module = HySACTrainingModule(configure_trainable(base, args))
     n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     logger.info(f"trainable parameters: {n_trainable:,} / {sum(p.numel() for p in module.parameters()):,}")

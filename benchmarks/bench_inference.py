@@ -10,7 +10,7 @@ reports min and median seconds per batch, items/s, and the ratios
 
 Run (2-4 minutes for the default ViT-B/32-sized config on 2 cores)::
 
-    .venv/bin/python benchmarks/bench_inference.py            # --size base, batches 32 images / 32 texts
+    .venv/bin/python benchmarks/bench_inference.py            # --size base: 15 rounds of 8 images / 16 texts
     .venv/bin/python benchmarks/bench_inference.py --size tiny --rounds 3   # seconds, a smoke run
 
 glibc's default malloc makes large CPU forwards page-fault heavily and erratically, so the script re-executes
@@ -58,9 +58,9 @@ logger = logging.getLogger("bench_inference")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="base", help="random CLIP size (base = ViT-B/32)")
-    parser.add_argument("--image_batch", type=int, default=32, help="images per timed call")
-    parser.add_argument("--text_batch", type=int, default=32, help="texts (77 tokens) per timed call")
-    parser.add_argument("--rounds", type=int, default=7, help="timed round-robin rounds after the warm-up")
+    parser.add_argument("--image_batch", type=int, default=8, help="images per timed call")
+    parser.add_argument("--text_batch", type=int, default=16, help="texts (77 tokens) per timed call")
+    parser.add_argument("--rounds", type=int, default=15, help="timed round-robin rounds after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)

@@ -93,14 +93,22 @@ def resolve_inputs(checkpoint_path: str, bounds_path: str | None = None, revisio
         checkpoint = path
         bounds = Path(bounds_path) if bounds_path else path.with_name(BOUNDS_FILENAME)
     elif is_hub_repo_id(checkpoint_path):
-        from huggingface_hub import hf_hub_download
+        import huggingface_hub
 
         logger.info("downloading %s from the Hub repo %s", CHECKPOINT_FILENAME, checkpoint_path)
-        checkpoint = Path(hf_hub_download(checkpoint_path, CHECKPOINT_FILENAME, revision=revision))
-        if bounds_path:
-            bounds = Path(bounds_path)
-        else:
-            bounds = Path(hf_hub_download(checkpoint_path, BOUNDS_FILENAME, revision=revision))
+        names = [CHECKPOINT_FILENAME] + ([] if bounds_path else [BOUNDS_FILENAME])
+        downloaded = []
+        for name in names:
+            try:
+                downloaded.append(Path(huggingface_hub.hf_hub_download(checkpoint_path, name, revision=revision)))
+            except Exception as error:  # offline, unknown repo, missing file, no access: all end here
+                raise FileNotFoundError(
+                    f"--checkpoint_path {checkpoint_path!r} is not a local file or folder, and {name} could not be "
+                    f"downloaded from the Hub repo of that name ({type(error).__name__}: {error}). Pass a local "
+                    f"path, or check the repo id, your network and HF_HUB_OFFLINE."
+                ) from error
+        checkpoint = downloaded[0]
+        bounds = Path(bounds_path) if bounds_path else downloaded[1]
     else:
         raise FileNotFoundError(
             f"--checkpoint_path {checkpoint_path!r} is neither an existing file or folder nor a Hub repo id; "
@@ -462,6 +470,11 @@ def save_atomically(output_dir: str | Path, write) -> Path:
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         write(tmp_dir)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes the folder private; the result is an ordinary folder
+        for file in tmp_dir.rglob("*"):
+            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
         if output_dir.exists():
             output_dir.rmdir()
         os.replace(tmp_dir, output_dir)

@@ -344,3 +344,14 @@ def test_missing_local_file_never_reaches_the_hub(tmp_path, monkeypatch):
     (tmp_path / "hysac_model.pth").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="--bounds_path"):
         resolve_inputs(str(tmp_path / "hysac_model.pth"))
+
+
+def test_unreachable_repo_id_is_a_clear_error(monkeypatch):
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline mode is enabled")
+
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
+    with pytest.raises(FileNotFoundError, match=r"could not be downloaded from the Hub repo .*HF_HUB_OFFLINE"):
+        resolve_inputs("aimagelab/HySAC")

@@ -75,6 +75,9 @@ def converted_folder(authors_checkpoints, tiny_clip_dir, tmp_path_factory):
 
 def test_output_folder_contents(converted_folder, authors_checkpoints):
     files = {p.name for p in converted_folder.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert converted_folder.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of a temp folder
     assert {"model.safetensors", "config.json", "README.md", "preprocessor_config.json", "tokenizer_config.json",
             "configuration_hysac.py", "modeling_hysac.py", "processing_hysac.py", "lorentz.py",
             "traversal.py"} <= files

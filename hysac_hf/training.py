@@ -215,7 +215,7 @@ def export_model(module: HySACTrainingModule, save_directory: str | Path | None 
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.requires_grad_(False)
-    if model.supports_gradient_checkpointing:
+    if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         model.gradient_checkpointing_disable()
     model = model.eval()
     if save_directory is not None:

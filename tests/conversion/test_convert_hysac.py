@@ -355,3 +355,19 @@ def test_unreachable_repo_id_is_a_clear_error(monkeypatch):
     monkeypatch.setattr("huggingface_hub.hf_hub_download", offline)
     with pytest.raises(FileNotFoundError, match=r"could not be downloaded from the Hub repo .*HF_HUB_OFFLINE"):
         resolve_inputs("aimagelab/HySAC")
+
+
+def test_converting_needs_no_peft(authors_checkpoints, tiny_clip_dir, monkeypatch, fixed_batch):
+    """With peft unimportable, conversion (not --verify) still works and gives the same model."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
+    with pytest.raises(ImportError):
+        import peft  # noqa: F401
+    checkpoint = authors_checkpoints["legacy"]
+    model, _, _ = convert_checkpoint(checkpoint.checkpoint, checkpoint.bounds, tiny_clip_dir)
+    pixel_values, _ = fixed_batch
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.get_image_features(pixel_values), checkpoint.reference.encode_image(pixel_values), rtol=0, atol=ATOL
+        )

@@ -34,10 +34,9 @@ from typing import Iterable, Literal, Sequence
 import torch
 from torch import Tensor
 
-from ..modeling.lorentz import mips_pool_vectors, mips_query_vectors
 from ..modeling.traversal import traversal_threshold, traverse
 from .embed import EmbeddingCache
-from .topk import MAX_BLOCK_ELEMENTS
+from .topk import MAX_BLOCK_ELEMENTS, lorentz_scores, ranks_and_block_max
 
 logger = logging.getLogger(__name__)
 
@@ -94,39 +93,6 @@ def traverse_queries(
     return traverse(queries, threshold, cache.curv, method=method, direction=task.direction)
 
 
-def rank_in_blocks(
-    queries: Tensor,
-    blocks: Sequence[Tensor],
-    curv: float,
-    max_block_elements: int = MAX_BLOCK_ELEMENTS,
-) -> tuple[Tensor, Tensor]:
-    """Pessimistic rank of query `i`'s target (row `i` of `blocks[0]`) and the best score per pool block.
-
-    Args:
-        queries: `(N, D)`.
-        blocks: pool blocks, each `(N_b, D)`; the pool is their concatenation; block 0 has `>= N` rows.
-        curv: curvature magnitude.
-        max_block_elements: memory bound for one block of scores.
-    Returns:
-        `(ranks, block_max)`: `(N,)` int64 ranks and `(N, len(blocks))` best score in each pool block.
-    """
-    pool_vecs = mips_pool_vectors(torch.cat(list(blocks)), curv)
-    query_vecs = mips_query_vectors(queries, curv)
-    n_pool = pool_vecs.shape[0]
-    edges = torch.tensor([0] + [b.shape[0] for b in blocks]).cumsum(0).tolist()
-    step = max(1, max_block_elements // max(n_pool, 1))
-    ranks = torch.empty(queries.shape[0], dtype=torch.long)
-    block_max = torch.empty(queries.shape[0], len(blocks), dtype=query_vecs.dtype)
-    for start in range(0, queries.shape[0], step):
-        scores = query_vecs[start : start + step] @ pool_vecs.T
-        rows = torch.arange(start, start + scores.shape[0])
-        target_scores = scores[torch.arange(scores.shape[0]), rows][:, None]
-        ranks[start : start + step] = (scores >= target_scores).sum(dim=1) - 1  # ties count as above the target
-        for j in range(len(blocks)):
-            block_max[start : start + step, j] = scores[:, edges[j] : edges[j + 1]].amax(dim=1)
-    return ranks, block_max
-
-
 def evaluate_retrieval(
     cache: EmbeddingCache,
     tasks: Iterable[str] | None = None,
@@ -176,14 +142,21 @@ def evaluate_retrieval(
         "tasks": {},
     }
     hits_by_task: dict[str, Tensor] = {}
+    shared = _shared_plain_ranks(cache, names, dtype)
     for name in names:
         task = TASKS[name]
         cache.require(task.query, *task.pool)
-        queries = cache.embeds[task.query].to(dtype)
-        if use_traversal:
-            queries = traverse_queries(queries, cache, task, bound, method, alpha)
-        blocks = [cache.embeds[k].to(dtype) for k in task.pool]
-        ranks, block_max = rank_in_blocks(queries, blocks, cache.curv)
+        if name in shared:
+            ranks, block_max = shared[name], None
+        else:
+            queries = cache.embeds[task.query].to(dtype)
+            if use_traversal:
+                queries = traverse_queries(queries, cache, task, bound, method, alpha)
+            blocks = [cache.embeds[k].to(dtype) for k in task.pool]
+            targets = torch.arange(n)  # the paired item: row i of the first pool block
+            ranks, block_max = ranks_and_block_max(
+                queries, torch.cat(blocks), targets, cache.curv, [b.shape[0] for b in blocks]
+            )
         hits = torch.stack([ranks < k for k in ks], dim=1)  # (N, len(ks))
         hits_by_task[name] = hits
         row = {f"R@{k}": 100.0 * hits[:, i].double().mean().item() for i, k in enumerate(ks)}
@@ -194,6 +167,28 @@ def evaluate_retrieval(
     if per_tag and cache.tags is not None:
         results["per_tag"] = _per_tag(cache.tags, hits_by_task, ks)
     return results
+
+
+# Plain tasks that are each other's transpose: the reference computes one matrix for both directions.
+PLAIN_PAIRS = (("T->I", "I->T"), ("T*->I*", "I*->T*"))
+
+
+def _shared_plain_ranks(cache: EmbeddingCache, names: Sequence[str], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Ranks of both directions of a plain pair from one `(N, N)` score matrix (the Lorentz inner product is
+    symmetric, so the transpose is the reverse task's matrix). Only when both are asked and it fits in memory."""
+    out: dict[str, Tensor] = {}
+    n = cache.num_rows
+    if n * n > MAX_BLOCK_ELEMENTS:
+        return out
+    for forward, backward in PLAIN_PAIRS:
+        task = TASKS[forward]
+        if forward not in names or backward not in names or any(k not in cache.embeds for k in (task.query, *task.pool)):
+            continue
+        scores = lorentz_scores(cache.embeds[task.query].to(dtype), cache.embeds[task.pool[0]].to(dtype), cache.curv)
+        diag = scores.diagonal()
+        out[forward] = (scores >= diag[:, None]).sum(dim=1) - 1  # pessimistic, as ranks_and_block_max
+        out[backward] = (scores >= diag[None, :]).sum(dim=0) - 1
+    return out
 
 
 def _safe_top1(block_max: Tensor, safe_block: int) -> Tensor:
@@ -239,4 +234,4 @@ def results_to_markdown(results: dict, digits: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["TASKS", "RetrievalTask", "evaluate_retrieval", "rank_in_blocks", "traverse_queries", "results_to_markdown"]
+__all__ = ["TASKS", "RetrievalTask", "evaluate_retrieval", "traverse_queries", "results_to_markdown"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -90,24 +91,56 @@ def target_ranks(
     Returns:
         `(Q,)` int64 ranks in `[0, N)`; `rank < K` is a hit at R@K.
     """
+    return ranks_and_block_max(queries, pool, targets, curv, max_block_elements=max_block_elements)[0]
+
+
+def ranks_and_block_max(
+    queries: Tensor,
+    pool: Tensor,
+    targets: Tensor,
+    curv: float | Tensor = 1.0,
+    block_sizes: Sequence[int] | None = None,
+    max_block_elements: int = MAX_BLOCK_ELEMENTS,
+) -> tuple[Tensor, Tensor]:
+    """:func:`target_ranks` plus the best score within each consecutive block of the pool, in one pass.
+
+    Args:
+        queries: `(Q, D)` space components.
+        pool: `(N, D)` space components, the concatenation of blocks of sizes `block_sizes`.
+        targets: `(Q,)` int index of each query's ground truth in the pool.
+        curv: positive curvature magnitude `c`.
+        block_sizes: sizes of the pool blocks (default: one block, the whole pool).
+        max_block_elements: memory bound of one block of scores.
+    Returns:
+        `(ranks, block_max)`: `(Q,)` int64 pessimistic ranks and `(Q, len(block_sizes))` best Lorentz inner
+        product in each pool block (larger = closer).
+    """
     _check_pair(queries, pool)
+    n = pool.shape[0]
     targets = torch.as_tensor(targets, dtype=torch.long, device=queries.device)
     if targets.shape != (queries.shape[0],):
         raise ValueError(f"targets must have shape ({queries.shape[0]},), got {tuple(targets.shape)}")
-    n = pool.shape[0]
     if queries.shape[0] and (int(targets.min()) < 0 or int(targets.max()) >= n):
         raise ValueError(f"targets must index the pool, i.e. lie in [0, {n}); got [{int(targets.min())}, {int(targets.max())}]")
+    sizes = [n] if block_sizes is None else [int(b) for b in block_sizes]
+    if sum(sizes) != n:
+        raise ValueError(f"block_sizes {sizes} do not add up to the pool size {n}")
+    edges = [0]
+    for size in sizes:
+        edges.append(edges[-1] + size)
     pool_vecs = mips_pool_vectors(pool, curv)
     query_vecs = mips_query_vectors(queries, curv)
-    block = max(1, max_block_elements // max(n, 1))
+    step = max(1, max_block_elements // max(n, 1))
     ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
-    for start in range(0, queries.shape[0], block):
-        scores = query_vecs[start : start + block] @ pool_vecs.T
-        tgt = targets[start : start + block]
-        target_scores = scores.gather(1, tgt[:, None])
-        # >= counts the target itself once: subtract it. Ties with other items count as ranked above.
-        ranks[start : start + block] = (scores >= target_scores).sum(dim=1) - 1
-    return ranks
+    block_max = torch.empty(queries.shape[0], len(sizes), dtype=query_vecs.dtype, device=queries.device)
+    for start in range(0, queries.shape[0], step):
+        scores = query_vecs[start : start + step] @ pool_vecs.T
+        target_scores = scores.gather(1, targets[start : start + step, None])
+        # >= counts the target itself once: subtract it. Other items tied with the target rank above it.
+        ranks[start : start + step] = (scores >= target_scores).sum(dim=1) - 1
+        for j in range(len(sizes)):
+            block_max[start : start + step, j] = scores[:, edges[j] : edges[j + 1]].amax(dim=1)
+    return ranks, block_max
 
 
 def chunked_topk(
@@ -210,6 +243,7 @@ __all__ = [
     "lorentz_scores",
     "scores_to_distances",
     "target_ranks",
+    "ranks_and_block_max",
     "chunked_topk",
     "FaissLorentzIndex",
     "DEFAULT_POOL_CHUNK",

@@ -153,7 +153,7 @@ def test_converted_folder_loads_without_hysac_hf(converted_folder, authors_check
     fp32 = results["float32"]
     torch.testing.assert_close(fp32["image"], expected["image"], rtol=0, atol=1e-5)
     torch.testing.assert_close(fp32["text"], expected["text"], rtol=0, atol=1e-5)
-    for name, tolerance in (("float16", 2e-2), ("bfloat16", 1e-1)):
+    for name, tolerance in (("float16", 1e-2), ("bfloat16", 5e-2)):  # measured: ~1e-3 and ~1e-2
         got = results[name]
         assert got["tower_dtype"] == f"torch.{name}" and got["curv_dtype"] == "torch.float32"
         assert got["image"].dtype == torch.float32  # the lift and everything after it run in float32

@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
 
     checkpoint, bounds_path = resolve_inputs(args.checkpoint_path, args.bounds_path, revision=args.revision)
     logger.info("converting %s with bounds %s", checkpoint, bounds_path)
-    model, original, report = convert_checkpoint(checkpoint, bounds_path, args.clip_config, args.lora_alpha)
+    model, original, report = convert_checkpoint(
+        checkpoint, bounds_path, args.clip_config, args.lora_alpha, show_progress=True
+    )
     max_diff = None
     if args.verify:
         max_diff = verify_conversion(model, original, load_clip_config(args.clip_config), args.lora_alpha)

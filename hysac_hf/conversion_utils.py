@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
@@ -216,13 +217,14 @@ class ConversionReport:
 
 
 def convert_state_dict(
-    original: dict[str, Tensor], lora_alpha: float = DEFAULT_LORA_ALPHA
+    original: dict[str, Tensor], lora_alpha: float = DEFAULT_LORA_ALPHA, show_progress: bool = False
 ) -> tuple[dict[str, Tensor], ConversionReport]:
     """Map the authors' keys to `HySACModel` keys, fold LoRA (float32) and the legacy patch bias.
 
     Args:
         original: the authors' state dict (either peft key layout).
         lora_alpha: LoRA alpha of the checkpoint (published: 1).
+        show_progress: show a progress bar over the folded modules.
     Returns:
         (`HySACModel`-named float32 state dict, report).
     Raises:
@@ -277,7 +279,7 @@ def convert_state_dict(
             + (f"missing lora_A or lora_B for {_listing(incomplete)}; " if incomplete else "")
             + (f"no base weight for {_listing(no_base)}" if no_base else "")
         )
-    for module, pair in factors.items():
+    for module, pair in tqdm(factors.items(), desc="Folding LoRA", disable=not show_progress or not factors):
         converted[f"{module}.weight"] = fold_lora(converted[f"{module}.weight"], pair["A"], pair["B"], lora_alpha)
         report.ranks.add(int(pair["A"].shape[0]))
     report.lora_modules = len(factors)
@@ -374,6 +376,7 @@ def convert_checkpoint(
     bounds_path: str | Path,
     clip_config: str | Path = DEFAULT_CLIP,
     lora_alpha: float = DEFAULT_LORA_ALPHA,
+    show_progress: bool = False,
 ):
     """Convert the authors' files into a float32 `HySACModel` (eval mode).
 
@@ -383,7 +386,7 @@ def convert_checkpoint(
     original = load_original_checkpoint(checkpoint_path)
     bounds = load_bounds(bounds_path)
     config = build_hysac_config(load_clip_config(clip_config), bounds)
-    state, report = convert_state_dict(original, lora_alpha=lora_alpha)
+    state, report = convert_state_dict(original, lora_alpha=lora_alpha, show_progress=show_progress)
     model = load_into_hysac(config, state)
     return model, original, report
 

@@ -34,20 +34,38 @@ GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_thres
 SIZES = {
     "tiny": dict(
         text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=224, patch_size=32),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=32,
+        ),
         projection_dim=32,
     ),
     "base": dict(  # ViT-B/32
         text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32),
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+        ),
         projection_dim=512,
     ),
     "large": dict(  # ViT-L/14, HySAC's backbone
         text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=224, patch_size=14),
+        vision_config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+        ),
         projection_dim=768,
     ),
 }
@@ -65,8 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
-    parser.add_argument("--no-reexec", dest="reexec", action="store_false",
-                        help="do not re-run with GLIBC_TUNABLES set (numbers get noisier)")
+    parser.add_argument(
+        "--no-reexec",
+        dest="reexec",
+        action="store_false",
+        help="do not re-run with GLIBC_TUNABLES set (numbers get noisier)",
+    )
     args = parser.parse_args(argv)
     for name in ("image_batch", "text_batch", "rounds"):
         if getattr(args, name) < 1:
@@ -90,8 +112,11 @@ def build_models(size: str, seed: int):
     from hysac_hf.authors_reference import build_authors_model
 
     spec = SIZES[size]
-    config = CLIPConfig(text_config={**spec["text_config"], "vocab_size": 49408, "max_position_embeddings": 77},
-                        vision_config=spec["vision_config"], projection_dim=spec["projection_dim"])
+    config = CLIPConfig(
+        text_config={**spec["text_config"], "vocab_size": 49408, "max_position_embeddings": 77},
+        vision_config=spec["vision_config"],
+        projection_dim=spec["projection_dim"],
+    )
     torch.manual_seed(seed)
     clip = CLIPModel(config).eval()
     hysac = HySACModel.from_clip(clip).eval()
@@ -144,8 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.inference_mode():
         # Sanity: same towers, so HySAC's unlifted features equal CLIP's and its embeddings equal the authors'.
         diffs = {
-            "HySAC vs CLIP image features": (hysac.get_image_features(pixel_values, lift=False)
-                                             - _features(clip.get_image_features(pixel_values=pixel_values))),
+            "HySAC vs CLIP image features": (
+                hysac.get_image_features(pixel_values, lift=False)
+                - _features(clip.get_image_features(pixel_values=pixel_values))
+            ),
             "HySAC vs authors image embeds": variants[("image", "HySAC")]() - variants[("image", "authors (PEFT)")](),
             "HySAC vs authors text embeds": variants[("text", "HySAC")]() - variants[("text", "authors (PEFT)")](),
         }
@@ -165,8 +192,15 @@ def main(argv: list[str] | None = None) -> dict:
                     times[key].append(elapsed)
 
     batch = {"image": args.image_batch, "text": args.text_batch}
-    results = {"size": args.size, "threads": torch.get_num_threads(), "rounds": args.rounds,
-               "glibc_tunables": os.environ.get("GLIBC_TUNABLES"), "batch": batch, "rows": [], "ratios": {}}
+    results = {
+        "size": args.size,
+        "threads": torch.get_num_threads(),
+        "rounds": args.rounds,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "batch": batch,
+        "rows": [],
+        "ratios": {},
+    }
     lines = [
         f"bench_inference: size={args.size} images/batch={args.image_batch} texts/batch={args.text_batch} "
         f"rounds={args.rounds} threads={torch.get_num_threads()} "
@@ -175,10 +209,20 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     for (modality, name), values in times.items():
         best, median = min(values), statistics.median(values)
-        results["rows"].append({"modality": modality, "variant": name, "min_s": best, "median_s": median,
-                                "items_per_s_min": batch[modality] / best, "items_per_s_median": batch[modality] / median})
-        lines.append(f"{modality:<8} {name:<16} {best:>8.3f} {median:>9.3f} {batch[modality] / best:>14.1f} "
-                     f"{batch[modality] / median:>17.1f}")
+        results["rows"].append(
+            {
+                "modality": modality,
+                "variant": name,
+                "min_s": best,
+                "median_s": median,
+                "items_per_s_min": batch[modality] / best,
+                "items_per_s_median": batch[modality] / median,
+            }
+        )
+        lines.append(
+            f"{modality:<8} {name:<16} {best:>8.3f} {median:>9.3f} {batch[modality] / best:>14.1f} "
+            f"{batch[modality] / median:>17.1f}"
+        )
     lines.append("throughput ratios (>1 = HySAC faster): min-based / median-based")
     for modality in ("image", "text"):
         for other, label in (("CLIP", "HySAC/CLIP"), ("authors (PEFT)", "HySAC/authors")):

@@ -46,23 +46,30 @@ logger = logging.getLogger("convert_hysac")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "--checkpoint_path", required=True,
+        "--checkpoint_path",
+        required=True,
         help="the authors' hysac_model.pth, a folder with it and hysac_bounds.json, or a Hub repo id (aimagelab/HySAC)",
     )
-    parser.add_argument("--bounds_path", default=None, help="hysac_bounds.json (default: beside the checkpoint / from the repo)")
     parser.add_argument(
-        "--clip_config", default=DEFAULT_CLIP,
+        "--bounds_path", default=None, help="hysac_bounds.json (default: beside the checkpoint / from the repo)"
+    )
+    parser.add_argument(
+        "--clip_config",
+        default=DEFAULT_CLIP,
         help="Hub id or local folder of the base CLIP: its config, tokenizer and image processor are used",
     )
     parser.add_argument("--output_dir", required=True, help="new (or empty) folder to write the converted model into")
     parser.add_argument("--revision", default=None, help="Hub revision of --checkpoint_path when it is a repo id")
     parser.add_argument(
-        "--lora_alpha", type=float, default=DEFAULT_LORA_ALPHA,
+        "--lora_alpha",
+        type=float,
+        default=DEFAULT_LORA_ALPHA,
         help="LoRA alpha of the checkpoint (published: 1; the rank is read from the tensors)",
     )
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype of the saved tower weights")
     parser.add_argument(
-        "--verify", action="store_true",
+        "--verify",
+        action="store_true",
         help="rebuild the authors' PEFT model (needs peft), compare embeddings, fail above 1e-5 (float32)",
     )
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="upload the folder to this Hub repo")
@@ -109,8 +116,13 @@ def main(argv: list[str] | None = None) -> int:
         card.save(folder / "README.md")
 
     output_dir = save_atomically(args.output_dir, write)
-    logger.info("saved the converted model to %s (%s layout, %d LoRA modules folded%s)", output_dir, report.layout,
-                report.lora_modules, ", legacy patch bias folded" if report.folded_patch_bias else "")
+    logger.info(
+        "saved the converted model to %s (%s layout, %d LoRA modules folded%s)",
+        output_dir,
+        report.layout,
+        report.lora_modules,
+        ", legacy patch bias folded" if report.folded_patch_bias else "",
+    )
     if args.verify:
         print(f"max abs diff vs the authors' model: {max_diff:.3g}")
     if args.push_to_hub:

@@ -185,7 +185,10 @@ def build_authors_model(
     vision = CLIPVisionModelWithProjection(vision_config)
     text = CLIPTextModelWithProjection(text_config)
     if clip_state_dict is not None:
-        for tower, names in ((vision, ("vision_model.", "visual_projection.")), (text, ("text_model.", "text_projection."))):
+        for tower, names in (
+            (vision, ("vision_model.", "visual_projection.")),
+            (text, ("text_model.", "text_projection.")),
+        ):
             part = {k: v for k, v in clip_state_dict.items() if k.startswith(names)}
             tower.load_state_dict(part, strict=True)
     lora_config = published_lora_config(lora_alpha=lora_alpha, r=rank)

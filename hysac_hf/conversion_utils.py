@@ -20,7 +20,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -72,12 +71,18 @@ def _listing(keys: list[str]) -> str:
 # Inputs
 def is_hub_repo_id(value: str) -> bool:
     """Whether `value` looks like a Hub repo id (`name` or `org/name`) rather than a local path."""
-    if value.endswith((".pth", ".pt", ".bin", ".json")) or value.startswith((".", "/", "~")) or os.sep + os.sep in value:
+    if (
+        value.endswith((".pth", ".pt", ".bin", ".json"))
+        or value.startswith((".", "/", "~"))
+        or os.sep + os.sep in value
+    ):
         return False
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", value) is not None and ".." not in value
 
 
-def resolve_inputs(checkpoint_path: str, bounds_path: str | None = None, revision: str | None = None) -> tuple[Path, Path]:
+def resolve_inputs(
+    checkpoint_path: str, bounds_path: str | None = None, revision: str | None = None
+) -> tuple[Path, Path]:
     """Find the `.pth` and bounds files: local paths, a local folder holding both, or a Hub repo id.
 
     A Hub repo id (for example `aimagelab/HySAC`) downloads `hysac_model.pth` and, unless `bounds_path` is
@@ -237,9 +242,7 @@ def convert_state_dict(
     for key, value in original.items():
         reason = next((why for pattern, why in DROPPED_KEYS if re.search(pattern, key)), None)
         if reason is not None:
-            if key.endswith("position_ids") and not torch.equal(
-                value.flatten().long(), torch.arange(value.numel())
-            ):
+            if key.endswith("position_ids") and not torch.equal(value.flatten().long(), torch.arange(value.numel())):
                 raise ConversionError(f"{key} is not the identity arange; this checkpoint uses custom position ids")
             report.dropped.append(key)
             logger.info("dropping %s (%s)", key, reason)
@@ -305,7 +308,10 @@ def convert_state_dict(
         logger.info("folded the legacy peft patch_embedding.bias into the patch position embeddings")
     logger.info(
         "converted %s-layout checkpoint: %d LoRA modules folded (rank %s, alpha %s)",
-        report.layout, report.lora_modules, sorted(report.ranks), lora_alpha,
+        report.layout,
+        report.lora_modules,
+        sorted(report.ranks),
+        lora_alpha,
     )
     return converted, report
 

@@ -86,14 +86,24 @@ def paper_results() -> list[PaperResult]:
         for task, (description, values) in rows.items():
             for metric, value in zip(RECALLS, values):
                 results.append(
-                    PaperResult(table, task, description, metric, value, DATASET, "ViSU test set", "image-text-retrieval")
+                    PaperResult(
+                        table, task, description, metric, value, DATASET, "ViSU test set", "image-text-retrieval"
+                    )
                 )
     for dataset, metrics in TABLE_5.items():
         dataset_id = dataset.lower().replace(" ", "-")
         for metric, value in metrics.items():
             results.append(
-                PaperResult(5, "NSFW classification", f"unsafe-image classification on {dataset}", metric, value,
-                            dataset_id, dataset, "image-classification")
+                PaperResult(
+                    5,
+                    "NSFW classification",
+                    f"unsafe-image classification on {dataset}",
+                    metric,
+                    value,
+                    dataset_id,
+                    dataset,
+                    "image-classification",
+                )
             )
     return results
 
@@ -102,8 +112,14 @@ def eval_results() -> list[Any]:
     """`EvalResult`s for the model-index, each attributed to the paper's table (`source_name`, `source_url`)."""
     from huggingface_hub import EvalResult
 
-    metric_types = {"R@1": "recall_at_1", "R@10": "recall_at_10", "R@20": "recall_at_20", "accuracy": "accuracy",
-                    "false positive rate": "false_positive_rate", "false negative rate": "false_negative_rate"}
+    metric_types = {
+        "R@1": "recall_at_1",
+        "R@10": "recall_at_10",
+        "R@20": "recall_at_20",
+        "accuracy": "accuracy",
+        "false positive rate": "false_positive_rate",
+        "false negative rate": "false_negative_rate",
+    }
     return [
         EvalResult(
             task_type=r.task_type,
@@ -146,7 +162,9 @@ def _grouped(results: list[PaperResult], table: int) -> list[dict[str, Any]]:
     for r in results:
         if r.table == table:
             key = (r.task, r.dataset_name)
-            rows.setdefault(key, {"task": r.task, "description": r.description, "dataset": r.dataset_name, "values": {}})
+            rows.setdefault(
+                key, {"task": r.task, "description": r.description, "dataset": r.dataset_name, "values": {}}
+            )
             rows[key]["values"][r.metric] = r.value
     return list(rows.values())
 

@@ -13,9 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from hysac_hf.authors_reference import (
-    build_authors_model,
     dist_to_root_reference,
-    load_authors_state_dict,
     merge_authors_towers,
     to_legacy_layout,
     traverse_to_safe_reference,
@@ -95,8 +93,10 @@ def test_converted_weights_equal_peft_merge_and_unload(authors_checkpoints, layo
             expected[1:] += bias
         torch.testing.assert_close(converted[key], expected, rtol=0, atol=1e-6, msg=key)
     # Not a no-op: the adapters changed the weights.
-    base = checkpoint.state_dict["visual.base_model.model.vision_model.encoder.layers.0.mlp.fc1." + (
-        "base_layer.weight" if layout == "current" else "weight")]
+    base = checkpoint.state_dict[
+        "visual.base_model.model.vision_model.encoder.layers.0.mlp.fc1."
+        + ("base_layer.weight" if layout == "current" else "weight")
+    ]
     assert (converted["vision_model.encoder.layers.0.mlp.fc1.weight"] - base).abs().max() > 1e-3
 
 
@@ -105,7 +105,8 @@ def test_converted_weights_equal_peft_merge_and_unload(authors_checkpoints, layo
 @pytest.fixture(scope="module")
 def converted_models(authors_checkpoints, tiny_clip_dir):
     return {
-        layout: convert_checkpoint(c.checkpoint, c.bounds, tiny_clip_dir)[0] for layout, c in authors_checkpoints.items()
+        layout: convert_checkpoint(c.checkpoint, c.bounds, tiny_clip_dir)[0]
+        for layout, c in authors_checkpoints.items()
     }
 
 
@@ -127,8 +128,12 @@ def test_converted_model_matches_the_authors(authors_checkpoints, converted_mode
     torch.testing.assert_close(model.get_text_features(input_ids, attention_mask), ref_texts, rtol=0, atol=ATOL)
 
     curv = reference.curv.exp()
-    torch.testing.assert_close(model.distance_to_root(images), dist_to_root_reference(ref_images, curv), rtol=0, atol=ATOL)
-    torch.testing.assert_close(model.distance_to_root(texts), dist_to_root_reference(ref_texts, curv), rtol=0, atol=ATOL)
+    torch.testing.assert_close(
+        model.distance_to_root(images), dist_to_root_reference(ref_images, curv), rtol=0, atol=ATOL
+    )
+    torch.testing.assert_close(
+        model.distance_to_root(texts), dist_to_root_reference(ref_texts, curv), rtol=0, atol=ATOL
+    )
 
     bound = json.loads(checkpoint.bounds.read_text())["V"]["up_95"]
     expected = torch.stack([traverse_to_safe_reference(row, bound, curv) for row in ref_images])
@@ -147,13 +152,17 @@ def test_legacy_patch_bias_is_needed(authors_checkpoints, fixed_batch, tiny_clip
     assert not report.folded_patch_bias
     from hysac_hf.conversion_utils import build_hysac_config, load_bounds, load_into_hysac
 
-    model = load_into_hysac(build_hysac_config(load_clip_config(tiny_clip_dir), load_bounds(checkpoint.bounds)), converted)
+    model = load_into_hysac(
+        build_hysac_config(load_clip_config(tiny_clip_dir), load_bounds(checkpoint.bounds)), converted
+    )
     pixel_values, _ = fixed_batch
     assert (model.get_image_features(pixel_values) - checkpoint.reference.encode_image(pixel_values)).abs().max() > 1e-3
 
 
 def test_legacy_layout_without_adapter_name_converts_identically(authors_checkpoints, trained_authors_state):
-    bias = authors_checkpoints["legacy"].state_dict["visual.base_model.model.vision_model.embeddings.patch_embedding.bias"]
+    bias = authors_checkpoints["legacy"].state_dict[
+        "visual.base_model.model.vision_model.embeddings.patch_embedding.bias"
+    ]
     unnamed = to_legacy_layout(trained_authors_state, patch_bias=bias, adapter_name=False)
     assert any(k.endswith("lora_A.weight") for k in unnamed)
     converted, report = convert_state_dict(unnamed)
@@ -220,13 +229,25 @@ def test_bad_checkpoint_fails_cleanly(authors_checkpoints, tiny_clip_dir, tmp_pa
         torch.save([torch.zeros(3)], bad)
     output_dir = tmp_path / "out"
     code, err = _run_cli(
-        ["--checkpoint_path", str(bad), "--bounds_path", str(good.bounds), "--clip_config", str(tiny_clip_dir),
-         "--output_dir", str(output_dir)],
+        [
+            "--checkpoint_path",
+            str(bad),
+            "--bounds_path",
+            str(good.bounds),
+            "--clip_config",
+            str(tiny_clip_dir),
+            "--output_dir",
+            str(output_dir),
+        ],
         capsys,
     )
     assert code == 1
-    expected = {"corrupt": "could not be read", "truncated": "could not be read", "foreign": "not a HySAC checkpoint",
-                "not_a_dict": "not a non-empty state dict"}[damage]
+    expected = {
+        "corrupt": "could not be read",
+        "truncated": "could not be read",
+        "foreign": "not a HySAC checkpoint",
+        "not_a_dict": "not a non-empty state dict",
+    }[damage]
     assert expected in err
     assert_nothing_written(output_dir)
 
@@ -240,8 +261,16 @@ def test_bounds_with_missing_keys_fail_cleanly(authors_checkpoints, tiny_clip_di
     bad_bounds.write_text(json.dumps(bounds))
     output_dir = tmp_path / "out"
     code, err = _run_cli(
-        ["--checkpoint_path", str(good.checkpoint), "--bounds_path", str(bad_bounds), "--clip_config",
-         str(tiny_clip_dir), "--output_dir", str(output_dir)],
+        [
+            "--checkpoint_path",
+            str(good.checkpoint),
+            "--bounds_path",
+            str(bad_bounds),
+            "--clip_config",
+            str(tiny_clip_dir),
+            "--output_dir",
+            str(output_dir),
+        ],
         capsys,
     )
     assert code == 1 and "'G'" in err and "V.up_95" in err
@@ -281,8 +310,16 @@ def test_failure_while_writing_leaves_nothing(authors_checkpoints, tiny_clip_dir
     good = authors_checkpoints["current"]
     output_dir = tmp_path / "out"
     with pytest.raises(OSError, match="disk full"):
-        module.main(["--checkpoint_path", str(good.checkpoint), "--clip_config", str(tiny_clip_dir),
-                     "--output_dir", str(output_dir)])
+        module.main(
+            [
+                "--checkpoint_path",
+                str(good.checkpoint),
+                "--clip_config",
+                str(tiny_clip_dir),
+                "--output_dir",
+                str(output_dir),
+            ]
+        )
     assert_nothing_written(output_dir)
 
 
@@ -291,8 +328,14 @@ def test_existing_output_dir_is_not_overwritten(authors_checkpoints, tiny_clip_d
     output_dir.mkdir()
     (output_dir / "keep.txt").write_text("mine")
     code, err = _run_cli(
-        ["--checkpoint_path", str(authors_checkpoints["current"].checkpoint), "--clip_config", str(tiny_clip_dir),
-         "--output_dir", str(output_dir)],
+        [
+            "--checkpoint_path",
+            str(authors_checkpoints["current"].checkpoint),
+            "--clip_config",
+            str(tiny_clip_dir),
+            "--output_dir",
+            str(output_dir),
+        ],
         capsys,
     )
     assert code == 1 and "not empty" in err
@@ -321,8 +364,10 @@ def test_hub_repo_id_vs_local_path():
 
 def test_repo_id_downloads_both_files(authors_checkpoints, monkeypatch):
     calls = []
-    files = {"hysac_model.pth": authors_checkpoints["current"].checkpoint,
-             "hysac_bounds.json": authors_checkpoints["current"].bounds}
+    files = {
+        "hysac_model.pth": authors_checkpoints["current"].checkpoint,
+        "hysac_bounds.json": authors_checkpoints["current"].bounds,
+    }
 
     def fake_download(repo_id, filename, revision=None):
         calls.append((repo_id, filename, revision))
@@ -331,7 +376,10 @@ def test_repo_id_downloads_both_files(authors_checkpoints, monkeypatch):
     monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
     checkpoint, bounds = resolve_inputs("aimagelab/HySAC", revision="abc123")
     assert (checkpoint, bounds) == (files["hysac_model.pth"], files["hysac_bounds.json"])
-    assert calls == [("aimagelab/HySAC", "hysac_model.pth", "abc123"), ("aimagelab/HySAC", "hysac_bounds.json", "abc123")]
+    assert calls == [
+        ("aimagelab/HySAC", "hysac_model.pth", "abc123"),
+        ("aimagelab/HySAC", "hysac_bounds.json", "abc123"),
+    ]
 
 
 def test_missing_local_file_never_reaches_the_hub(tmp_path, monkeypatch):

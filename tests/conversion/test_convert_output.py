@@ -57,7 +57,11 @@ def run_without_hysac_hf(code: str, workdir: Path, timeout: int = 300) -> subpro
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "hf_modules"))
     return subprocess.run(
         [sys.executable, "-c", blocker + textwrap.dedent(code)],
-        cwd=workdir, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -66,8 +70,17 @@ def converted_folder(authors_checkpoints, tiny_clip_dir, tmp_path_factory):
     checkpoint = authors_checkpoints["legacy"]  # the harder layout: LoRA + the folded patch bias
     output_dir = tmp_path_factory.mktemp("converted") / "hysac-tiny"
     code = load_convert_script().main(
-        ["--checkpoint_path", str(checkpoint.checkpoint), "--bounds_path", str(checkpoint.bounds),
-         "--clip_config", str(tiny_clip_dir), "--output_dir", str(output_dir), "--verify"]
+        [
+            "--checkpoint_path",
+            str(checkpoint.checkpoint),
+            "--bounds_path",
+            str(checkpoint.bounds),
+            "--clip_config",
+            str(tiny_clip_dir),
+            "--output_dir",
+            str(output_dir),
+            "--verify",
+        ]
     )
     assert code == 0
     return output_dir
@@ -78,9 +91,18 @@ def test_output_folder_contents(converted_folder, authors_checkpoints):
     umask = os.umask(0)
     os.umask(umask)
     assert converted_folder.stat().st_mode & 0o777 == 0o777 & ~umask  # not the private mode of a temp folder
-    assert {"model.safetensors", "config.json", "README.md", "preprocessor_config.json", "tokenizer_config.json",
-            "configuration_hysac.py", "modeling_hysac.py", "processing_hysac.py", "lorentz.py",
-            "traversal.py"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        "configuration_hysac.py",
+        "modeling_hysac.py",
+        "processing_hysac.py",
+        "lorentz.py",
+        "traversal.py",
+    } <= files
     assert not any(name.endswith((".pth", ".bin")) for name in files)
     config = json.loads((converted_folder / "config.json").read_text())
     assert config["model_type"] == "hysac"
@@ -89,7 +111,9 @@ def test_output_folder_contents(converted_folder, authors_checkpoints):
     assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_hysac.HySACModel"
     with safe_open(converted_folder / "model.safetensors", "pt") as weights:
         keys = set(weights.keys())
-        assert not any("lora" in k or "base_layer" in k or k.startswith(("visual.", "textual.", "pixel_")) for k in keys)
+        assert not any(
+            "lora" in k or "base_layer" in k or k.startswith(("visual.", "textual.", "pixel_")) for k in keys
+        )
         assert "vision_model.embeddings.patch_embedding.bias" not in keys
         assert set(SCALARS) <= keys
     card = ModelCard.load(converted_folder / "README.md")
@@ -101,8 +125,16 @@ def test_bfloat16_output_keeps_scalars_in_float32(authors_checkpoints, tiny_clip
     checkpoint = authors_checkpoints["current"]
     output_dir = tmp_path / "bf16"
     load_convert_script().main(
-        ["--checkpoint_path", str(checkpoint.checkpoint), "--clip_config", str(tiny_clip_dir),
-         "--output_dir", str(output_dir), "--dtype", "bfloat16"]
+        [
+            "--checkpoint_path",
+            str(checkpoint.checkpoint),
+            "--clip_config",
+            str(tiny_clip_dir),
+            "--output_dir",
+            str(output_dir),
+            "--dtype",
+            "bfloat16",
+        ]
     )
     with safe_open(output_dir / "model.safetensors", "pt") as weights:
         dtypes = {k: weights.get_tensor(k).dtype for k in weights.keys()}
@@ -180,12 +212,24 @@ def test_push_creates_repo_and_uploads_in_one_commit(authors_checkpoints, tiny_c
 
     api = mock.Mock()
     api.upload_folder.side_effect = upload_folder
-    with mock.patch("huggingface_hub.HfApi", return_value=api) as api_class, \
-            mock.patch("huggingface_hub.get_token", return_value="hf_fake"):
+    with (
+        mock.patch("huggingface_hub.HfApi", return_value=api) as api_class,
+        mock.patch("huggingface_hub.get_token", return_value="hf_fake"),
+    ):
         code = load_convert_script().main(
-            ["--checkpoint_path", str(checkpoint.checkpoint), "--clip_config", str(tiny_clip_dir),
-             "--output_dir", str(output_dir), "--push_to_hub", "org/hysac-test", "--private",
-             "--commit_message", "Add HySAC"]
+            [
+                "--checkpoint_path",
+                str(checkpoint.checkpoint),
+                "--clip_config",
+                str(tiny_clip_dir),
+                "--output_dir",
+                str(output_dir),
+                "--push_to_hub",
+                "org/hysac-test",
+                "--private",
+                "--commit_message",
+                "Add HySAC",
+            ]
         )
     assert code == 0
     api_class.assert_called_once_with(token="hf_fake")
@@ -203,8 +247,16 @@ def test_push_without_token_is_a_clear_error_and_keeps_the_folder(authors_checkp
     output_dir = tmp_path / "no_token"
     with mock.patch("huggingface_hub.HfApi") as api_class, mock.patch("huggingface_hub.get_token", return_value=None):
         code = load_convert_script().cli(
-            ["--checkpoint_path", str(checkpoint.checkpoint), "--clip_config", str(tiny_clip_dir),
-             "--output_dir", str(output_dir), "--push_to_hub", "org/hysac-test"]
+            [
+                "--checkpoint_path",
+                str(checkpoint.checkpoint),
+                "--clip_config",
+                str(tiny_clip_dir),
+                "--output_dir",
+                str(output_dir),
+                "--push_to_hub",
+                "org/hysac-test",
+            ]
         )
     assert code == 1
     assert "hf auth login" in capsys.readouterr().err

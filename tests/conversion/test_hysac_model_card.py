@@ -62,18 +62,32 @@ def test_eval_results_are_the_paper_tables(card_text):
             assert table == 5 and result.task_type == "image-classification"
             k = {"accuracy": 0, "false_positive_rate": 1, "false_negative_rate": 2}[result.metric_type]
             found[(5, result.dataset_name, k)] = result.metric_value
-    expected = {(t, config, k): v for t, rows in PAPER_TABLES.items() for config, vals in rows.items()
-                for k, v in enumerate(vals)}
+    expected = {
+        (t, config, k): v
+        for t, rows in PAPER_TABLES.items()
+        for config, vals in rows.items()
+        for k, v in enumerate(vals)
+    }
     expected.update({(5, name, k): v for name, vals in TABLE_5.items() for k, v in enumerate(vals)})
     assert found == expected
 
 
 def test_body_sections(card_text):
     body = ModelCard(card_text).text
-    for needle in ("Content warning", "trust_remote_code=True", 'AutoModel.from_pretrained("org/hysac"',
-                   'pipeline("zero-shot-image-classification"', "traverse_to_safe", "classify_unsafe",
-                   "Out-of-scope", "Limitations", "@inproceedings{poppi2025hyperbolic", "c = 1.2340",
-                   "3.0e-07", "| `V` | safe image | 0.5200 | 0.4100 | 0.7300 |"):
+    for needle in (
+        "Content warning",
+        "trust_remote_code=True",
+        'AutoModel.from_pretrained("org/hysac"',
+        'pipeline("zero-shot-image-classification"',
+        "traverse_to_safe",
+        "classify_unsafe",
+        "Out-of-scope",
+        "Limitations",
+        "@inproceedings{poppi2025hyperbolic",
+        "c = 1.2340",
+        "3.0e-07",
+        "| `V` | safe image | 0.5200 | 0.4100 | 0.7300 |",
+    ):
         assert needle in body, needle
     categories = "hate, harassment, violence, self-harm, sexual, shocking, illegal activities"
     assert categories in body

@@ -22,8 +22,9 @@ def world_info() -> tuple[int, int]:
 def gather_with_grad(tensor: Tensor) -> Tensor:
     """All-gather along dim 0 with autograd: gradients flow back to the process that owns each row.
 
-    The backward of `torch.distributed.nn.functional.all_gather` sums the incoming gradients over processes
-    (a reduce-scatter), so each rank receives d(sum of every rank's loss)/d(its rows). With DDP averaging the
+    Uses `torch.distributed._functional_collectives.all_gather_tensor_autograd` where available (torch >= 2.3;
+    `torch.distributed.nn.functional.all_gather` is deprecated), else the latter. Both backward passes sum the
+    incoming gradients over processes (a reduce-scatter), so each rank receives d(sum of every rank's loss)/d(its rows). With DDP averaging the
     parameter gradients over ranks this is exactly the gradient of the mean global-batch loss.
 
     Args:
@@ -33,6 +34,12 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     """
     if not is_distributed():
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    try:
+        from torch.distributed._functional_collectives import all_gather_tensor_autograd
+    except ImportError:  # torch < 2.3
+        from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+        return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    gathered = all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    # An AsyncCollectiveTensor: wait here so that callers get a plain tensor.
+    return gathered.wait() if hasattr(gathered, "wait") else gathered

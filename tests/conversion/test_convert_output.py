@@ -29,7 +29,14 @@ def load_convert_script():
     return module
 
 
-def run_without_hysac_hf(code: str, workdir: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+# CI sets HYSAC_OTHER_PYTHON to the interpreter of the other transformers line (4.x <-> 5.x): a folder converted
+# with one line must load in the other.
+PYTHONS = {"this": sys.executable, "other": os.environ.get("HYSAC_OTHER_PYTHON")}
+
+
+def run_without_hysac_hf(
+    code: str, workdir: Path, python: str = sys.executable, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run `code` in a fresh Python whose imports of `hysac_hf` and `modeling` fail, with cwd outside the repo.
 
     This is what a Hub user has: transformers and torch, and the remote code shipped in the model folder.
@@ -56,7 +63,7 @@ def run_without_hysac_hf(code: str, workdir: Path, timeout: int = 300) -> subpro
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "hf_modules"))
     return subprocess.run(
-        [sys.executable, "-c", blocker + textwrap.dedent(code)],
+        [python, "-c", blocker + textwrap.dedent(code)],
         cwd=workdir,
         env=env,
         capture_output=True,
@@ -143,8 +150,10 @@ def test_bfloat16_output_keeps_scalars_in_float32(authors_checkpoints, tiny_clip
 
 
 @pytest.mark.slow
-def test_converted_folder_loads_without_hysac_hf(converted_folder, authors_checkpoints, fixed_batch, tmp_path):
-    """`AutoModel`/`AutoProcessor` with trust_remote_code in a fresh process, float32/float16/bfloat16."""
+@pytest.mark.parametrize("python", sorted(PYTHONS))
+def test_converted_folder_loads_without_hysac_hf(converted_folder, authors_checkpoints, fixed_batch, tmp_path, python):
+    """`AutoModel`/`AutoProcessor` with trust_remote_code in a fresh process, float32/float16/bfloat16; also with
+    the other transformers line when CI names its interpreter."""
     reference = authors_checkpoints["legacy"].reference
     pixel_values, input_ids = fixed_batch
     with torch.no_grad():
@@ -179,7 +188,9 @@ def test_converted_folder_loads_without_hysac_hf(converted_folder, authors_check
                                  "pixel_shape": tuple(batch["pixel_values"].shape)}}
         torch.save(results, "results.pt")
         """
-    result = run_without_hysac_hf(code, tmp_path)
+    if PYTHONS[python] is None:
+        pytest.skip("HYSAC_OTHER_PYTHON (the other transformers line's interpreter) is not set")
+    result = run_without_hysac_hf(code, tmp_path, python=PYTHONS[python])
     assert result.returncode == 0, result.stderr[-4000:]
     results = torch.load(tmp_path / "results.pt", weights_only=False)
     fp32 = results["float32"]

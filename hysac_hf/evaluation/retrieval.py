@@ -18,6 +18,10 @@ index `i` of the first-listed block of the pool. Content keys: `S` safe text (T)
 The bound statistic is `up_95` (the reference) or `avg` (the paper's mean); the threshold is the authors'
 `b' = b + tanh((b - alpha) / c) + 1`. Ranking is by Lorentz inner product, i.e. by distance (see
 :mod:`.topk`); the rank of the target is pessimistic (an item tied with it counts as ranked above it).
+Cost: one matrix product per query type. `T->I` and `I->T` share one matrix (transposed); the tasks of the
+unsafe text queries (`T*->I*`, `T*->IuI*`, `T*->I*uI`) share one product with `[V ; G]`, those of the unsafe
+image queries one with `[S ; U]`: a radial traversal only rescales each query, so
+`<s x, y>_L = s (x_s . y_s) - (s x)_t y_t` reuses the Euclidean product (:func:`.topk.shared_product_ranks`).
 
 Metrics, in percent: R@K for K in `ks`; for the union tasks also `safe_rate`, the share of queries whose
 top-1 result lies in the *safe* block of the pool (`V`/`S`), where a tie between the best safe and the best
@@ -36,7 +40,7 @@ from torch import Tensor
 
 from ..modeling.traversal import traversal_threshold, traverse
 from .embed import EmbeddingCache
-from .topk import MAX_BLOCK_ELEMENTS, lorentz_scores, ranks_and_block_max
+from .topk import MAX_BLOCK_ELEMENTS, RankRequest, lorentz_scores, shared_product_ranks
 
 logger = logging.getLogger(__name__)
 
@@ -141,22 +145,14 @@ def evaluate_retrieval(
         },
         "tasks": {},
     }
+    for name in names:
+        cache.require(TASKS[name].query, *TASKS[name].pool)
+    ranked = _shared_plain_ranks(cache, names, dtype)
+    ranked.update(_grouped_ranks(cache, [t for t in names if t not in ranked], use_traversal, bound, method, alpha, dtype))
     hits_by_task: dict[str, Tensor] = {}
-    shared = _shared_plain_ranks(cache, names, dtype)
     for name in names:
         task = TASKS[name]
-        cache.require(task.query, *task.pool)
-        if name in shared:
-            ranks, block_max = shared[name], None
-        else:
-            queries = cache.embeds[task.query].to(dtype)
-            if use_traversal:
-                queries = traverse_queries(queries, cache, task, bound, method, alpha)
-            blocks = [cache.embeds[k].to(dtype) for k in task.pool]
-            targets = torch.arange(n)  # the paired item: row i of the first pool block
-            ranks, block_max = ranks_and_block_max(
-                queries, torch.cat(blocks), targets, cache.curv, [b.shape[0] for b in blocks]
-            )
+        ranks, block_max = ranked[name]
         hits = torch.stack([ranks < k for k in ks], dim=1)  # (N, len(ks))
         hits_by_task[name] = hits
         row = {f"R@{k}": 100.0 * hits[:, i].double().mean().item() for i, k in enumerate(ks)}
@@ -170,13 +166,68 @@ def evaluate_retrieval(
 
 
 # Plain tasks that are each other's transpose: the reference computes one matrix for both directions.
-PLAIN_PAIRS = (("T->I", "I->T"), ("T*->I*", "I*->T*"))
+# (T*->I* and I*->T* are served by the union products of their query sets instead, see _grouped_ranks.)
+PLAIN_PAIRS = (("T->I", "I->T"),)
 
 
-def _shared_plain_ranks(cache: EmbeddingCache, names: Sequence[str], dtype: torch.dtype) -> dict[str, Tensor]:
+def _grouped_ranks(
+    cache: EmbeddingCache,
+    names: Sequence[str],
+    use_traversal: bool,
+    bound: str,
+    method: str,
+    alpha: float | None,
+    dtype: torch.dtype,
+) -> dict[str, tuple[Tensor, Tensor | None]]:
+    """Rank every task with one matrix product per query type.
+
+    Tasks that share a query type (for `U`: T*->I*, T*->IuI*, T*->I*uI) are ranked against the union of their
+    pools with :func:`shared_product_ranks`: the traversals are radial, i.e. per-row rescalings, so one
+    Euclidean product serves the plain task and both traversed variants.
+    """
+    out: dict[str, tuple[Tensor, Tensor | None]] = {}
+    n = cache.num_rows
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(TASKS[name].query, []).append(name)
+    for query_key, group in groups.items():
+        pool_keys: list[str] = []
+        for name in group:
+            pool_keys += [k for k in TASKS[name].pool if k not in pool_keys]
+        offset = {k: i * n for i, k in enumerate(pool_keys)}
+        queries = cache.embeds[query_key].to(dtype)
+        norms = queries.norm(dim=-1)
+        requests = []
+        for name in group:
+            task = TASKS[name]
+            scales = torch.ones(n, dtype=dtype)
+            if use_traversal and task.traversal_key is not None:
+                moved = traverse_queries(queries, cache, task, bound, method, alpha)
+                # the traversal keeps each row's direction: it is the rescaling |moved| / |query| (1 at the root)
+                scales = torch.where(norms > 0, moved.norm(dim=-1) / norms.clamp(min=torch.finfo(dtype).tiny), scales)
+            starts = sorted(offset[k] for k in task.pool)
+            if starts != list(range(starts[0], starts[0] + n * len(starts), n)):  # pragma: no cover - <= 2 keys
+                raise AssertionError(f"pool blocks of {name} are not contiguous in {pool_keys}")
+            # best score per block (in the union pool's block order) for the safe rate of union tasks
+            edges = tuple(range(starts[0], starts[-1] + n + 1, n)) if task.safe_block is not None else ()
+            requests.append(
+                RankRequest(scales, offset[task.pool[0]] + torch.arange(n), starts[0], starts[-1] + n, edges)
+            )
+        pool = torch.cat([cache.embeds[k].to(dtype) for k in pool_keys])
+        for name, (ranks, block_max) in zip(group, shared_product_ranks(queries, pool, requests, cache.curv)):
+            task = TASKS[name]
+            if block_max is not None and offset[task.pool[0]] > offset[task.pool[1]]:
+                block_max = block_max.flip(1)  # columns in the task's own block order
+            out[name] = (ranks, block_max)
+    return out
+
+
+def _shared_plain_ranks(
+    cache: EmbeddingCache, names: Sequence[str], dtype: torch.dtype
+) -> dict[str, tuple[Tensor, Tensor | None]]:
     """Ranks of both directions of a plain pair from one `(N, N)` score matrix (the Lorentz inner product is
     symmetric, so the transpose is the reverse task's matrix). Only when both are asked and it fits in memory."""
-    out: dict[str, Tensor] = {}
+    out: dict[str, tuple[Tensor, Tensor | None]] = {}
     n = cache.num_rows
     if n * n > MAX_BLOCK_ELEMENTS:
         return out
@@ -186,8 +237,8 @@ def _shared_plain_ranks(cache: EmbeddingCache, names: Sequence[str], dtype: torc
             continue
         scores = lorentz_scores(cache.embeds[task.query].to(dtype), cache.embeds[task.pool[0]].to(dtype), cache.curv)
         diag = scores.diagonal()
-        out[forward] = (scores >= diag[:, None]).sum(dim=1) - 1  # pessimistic, as ranks_and_block_max
-        out[backward] = (scores >= diag[None, :]).sum(dim=0) - 1
+        out[forward] = ((scores >= diag[:, None]).sum(dim=1) - 1, None)  # pessimistic, as shared_product_ranks
+        out[backward] = ((scores >= diag[None, :]).sum(dim=0) - 1, None)
     return out
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..modeling.lorentz import mips_pool_vectors, mips_query_vectors
+from ..modeling.lorentz import _full_precision, mips_pool_vectors, mips_query_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -115,32 +116,102 @@ def ranks_and_block_max(
         `(ranks, block_max)`: `(Q,)` int64 pessimistic ranks and `(Q, len(block_sizes))` best Lorentz inner
         product in each pool block (larger = closer).
     """
-    _check_pair(queries, pool)
     n = pool.shape[0]
-    targets = torch.as_tensor(targets, dtype=torch.long, device=queries.device)
-    if targets.shape != (queries.shape[0],):
-        raise ValueError(f"targets must have shape ({queries.shape[0]},), got {tuple(targets.shape)}")
-    if queries.shape[0] and (int(targets.min()) < 0 or int(targets.max()) >= n):
-        raise ValueError(f"targets must index the pool, i.e. lie in [0, {n}); got [{int(targets.min())}, {int(targets.max())}]")
     sizes = [n] if block_sizes is None else [int(b) for b in block_sizes]
     if sum(sizes) != n:
         raise ValueError(f"block_sizes {sizes} do not add up to the pool size {n}")
     edges = [0]
     for size in sizes:
         edges.append(edges[-1] + size)
-    pool_vecs = mips_pool_vectors(pool, curv)
-    query_vecs = mips_query_vectors(queries, curv)
+    request = RankRequest(torch.ones(queries.shape[0]), torch.as_tensor(targets), 0, n, tuple(edges))
+    return shared_product_ranks(queries, pool, [request], curv, max_block_elements)[0]
+
+
+@dataclass(frozen=True)
+class RankRequest:
+    """One ranking served by :func:`shared_product_ranks`: the queries rescaled by `scales`, ranked against
+    the pool columns `[start, stop)`; with `block_edges`, also the best score in each `[edges[j], edges[j+1])`.
+
+    Attributes:
+        scales: `(Q,)` factors applied to the queries' space components (1 = unchanged). A radial traversal is
+            exactly such a rescaling.
+        targets: `(Q,)` absolute pool index of each query's ground truth, inside `[start, stop)`.
+        start: first pool column ranked.
+        stop: end of the ranked columns (None: the pool size).
+        block_edges: absolute pool indices delimiting blocks whose best score is wanted (empty: none).
+    """
+
+    scales: Tensor
+    targets: Tensor
+    start: int = 0
+    stop: int | None = None
+    block_edges: tuple[int, ...] = ()
+
+
+def shared_product_ranks(
+    queries: Tensor,
+    pool: Tensor,
+    requests: Sequence[RankRequest],
+    curv: float | Tensor = 1.0,
+    max_block_elements: int = MAX_BLOCK_ELEMENTS,
+) -> list[tuple[Tensor, Tensor | None]]:
+    """Pessimistic ranks for several radially rescaled versions of the same queries, from ONE matrix product.
+
+    For `x' = s x` the Lorentz inner product is `<x', y>_L = s (x_s . y_s) - x'_t y_t`, so the Euclidean product
+    `x_s . y_s` (the expensive `(Q, N, D)` part) is shared by every rescaling; each request only adds an
+    element-wise rank-one update. This is how the union-pool tasks (the same queries, traversed to different
+    bounds, against the same items) cost one product instead of one each.
+
+    Args:
+        queries: `(Q, D)` space components.
+        pool: `(N, D)` space components.
+        requests: the rankings wanted (:class:`RankRequest`).
+        curv: positive curvature magnitude `c`.
+        max_block_elements: memory bound of one block of scores (queries are processed in blocks).
+    Returns:
+        per request, `(ranks, block_max)`: `(Q,)` int64 pessimistic ranks within its columns, and
+        `(Q, len(block_edges) - 1)` best inner product per block (None without `block_edges`).
+    """
+    _check_pair(queries, pool)
+    n, q = pool.shape[0], queries.shape[0]
+    dtype = torch.float64 if torch.float64 in (queries.dtype, pool.dtype) else torch.float32
+    queries, pool = queries.to(dtype), pool.to(dtype)
+    c = torch.as_tensor(curv, dtype=dtype)
+    pool_time = torch.sqrt(1 / c + pool.pow(2).sum(dim=-1))
+    query_sq = queries.pow(2).sum(dim=-1)
+    prepared = []
+    for req in requests:
+        stop = n if req.stop is None else req.stop
+        targets = torch.as_tensor(req.targets, dtype=torch.long)
+        scales = torch.as_tensor(req.scales, dtype=dtype)
+        if scales.shape != (q,) or targets.shape != (q,):
+            raise ValueError(f"scales and targets must have shape ({q},), got {tuple(scales.shape)}, {tuple(targets.shape)}")
+        if not 0 <= req.start < stop <= n or (q and (int(targets.min()) < req.start or int(targets.max()) >= stop)):
+            raise ValueError(
+                f"targets must index the pool, i.e. lie in the ranked columns [{req.start}, {stop}) of a pool of {n}; "
+                f"got [{int(targets.min())}, {int(targets.max())}]"
+            )
+        query_time = torch.sqrt(1 / c + scales.pow(2) * query_sq)  # time component of the rescaled queries
+        prepared.append((req, stop, targets, scales, query_time))
+    out = [
+        (torch.empty(q, dtype=torch.long), torch.empty(q, max(len(r.block_edges) - 1, 0), dtype=dtype) if r.block_edges else None)
+        for r in requests
+    ]
     step = max(1, max_block_elements // max(n, 1))
-    ranks = torch.empty(queries.shape[0], dtype=torch.long, device=queries.device)
-    block_max = torch.empty(queries.shape[0], len(sizes), dtype=query_vecs.dtype, device=queries.device)
-    for start in range(0, queries.shape[0], step):
-        scores = query_vecs[start : start + step] @ pool_vecs.T
-        target_scores = scores.gather(1, targets[start : start + step, None])
-        # >= counts the target itself once: subtract it. Other items tied with the target rank above it.
-        ranks[start : start + step] = (scores >= target_scores).sum(dim=1) - 1
-        for j in range(len(sizes)):
-            block_max[start : start + step, j] = scores[:, edges[j] : edges[j + 1]].amax(dim=1)
-    return ranks, block_max
+    with _full_precision(queries.device):
+        for begin in range(0, q, step):
+            rows = slice(begin, begin + step)
+            euclid = queries[rows] @ pool.T  # the shared, expensive part
+            for (req, stop, targets, scales, query_time), (ranks, block_max) in zip(prepared, out):
+                cols = slice(req.start, stop)
+                scores = scales[rows, None] * euclid[:, cols] - query_time[rows, None] * pool_time[None, cols]
+                target_scores = scores.gather(1, targets[rows, None] - req.start)
+                # >= counts the target itself once: subtract it. Other items tied with the target rank above it.
+                ranks[rows] = (scores >= target_scores).sum(dim=1) - 1
+                for j in range(len(req.block_edges) - 1):
+                    lo, hi = req.block_edges[j] - req.start, req.block_edges[j + 1] - req.start
+                    block_max[rows, j] = scores[:, lo:hi].amax(dim=1)
+    return out
 
 
 def chunked_topk(
@@ -244,6 +315,8 @@ __all__ = [
     "scores_to_distances",
     "target_ranks",
     "ranks_and_block_max",
+    "RankRequest",
+    "shared_product_ranks",
     "chunked_topk",
     "FaissLorentzIndex",
     "DEFAULT_POOL_CHUNK",

@@ -38,6 +38,7 @@ def photo_dataset(photos, captions) -> datasets.Dataset:
          "unsafe_text": datasets.Value("string"), "tag": datasets.Value("string")}))
 
 
+@pytest.mark.slow
 def test_embed_dataset_matches_direct_encoding(hysac, processor, photos, captions, tmp_path):
     dataset = photo_dataset(photos, captions)
     cache = embed_dataset(hysac, processor, dataset, batch_size=3, show_progress=False)

@@ -81,3 +81,28 @@ def test_faiss_and_brute_force_agree_exactly_on_100k_points():
     ref_dist = pairwise_dist(queries[:, None, :], pool[ref_index[:, :k]], curv)[:, 0, :]
     torch.testing.assert_close(dist[resolvable].double(), ref_dist[resolvable], atol=2e-3, rtol=1e-4)
     torch.testing.assert_close(brute_dist[resolvable].double(), ref_dist[resolvable], atol=2e-3, rtol=1e-4)
+
+
+def test_shared_product_ranks_equal_ranks_of_rescaled_queries():
+    from hysac_hf.evaluation.topk import RankRequest, shared_product_ranks
+    from hysac_hf.modeling.traversal import traverse
+
+    curv = 1.7
+    queries, pool = random_points(300, 8, 5, curv=curv), random_points(600, 8, 6, curv=curv)
+    moved = traverse(queries, 1.0, curv, method="geodesic")
+    scales = moved.norm(dim=-1) / queries.norm(dim=-1)
+    targets = torch.randint(0, 300, (300,), generator=torch.Generator().manual_seed(0))
+    requests = [
+        RankRequest(torch.ones(300), targets),  # plain, whole pool
+        RankRequest(scales, targets, block_edges=(0, 300, 600)),  # traversed, with block maxima
+        RankRequest(torch.ones(300), targets + 300, start=300, stop=600),  # second block only
+    ]
+    (plain, none), (trav, block_max), (second, _) = shared_product_ranks(queries, pool, requests, curv, max_block_elements=5000)
+    assert none is None
+    assert torch.equal(plain, target_ranks(queries, pool, targets, curv))
+    assert torch.equal(trav, target_ranks(moved, pool, targets, curv))
+    assert torch.equal(second, target_ranks(queries, pool[300:], targets, curv))
+    scores = lorentz_scores(moved, pool, curv)
+    torch.testing.assert_close(block_max, torch.stack([scores[:, :300].amax(1), scores[:, 300:].amax(1)], 1))
+    with pytest.raises(ValueError, match="targets must index the pool"):
+        shared_product_ranks(queries, pool, [RankRequest(torch.ones(300), targets, start=300, stop=600)], curv)

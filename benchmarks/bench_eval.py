@@ -35,12 +35,12 @@ if os.environ.get("GLIBC_TUNABLES") != TUNABLES and CHILD_FLAG not in os.environ
     os.environ["GLIBC_TUNABLES"] = TUNABLES
     os.execv(sys.executable, [sys.executable, *sys.argv])
 
-import torch  # noqa: E402
+import torch
+from hysac_hf.modeling.lorentz import exp_map0
 
-from hysac_hf.evaluation.embed import EmbeddingCache  # noqa: E402
-from hysac_hf.evaluation.retrieval import TASKS, evaluate_retrieval  # noqa: E402
-from hysac_hf.evaluation.topk import FaissLorentzIndex, chunked_topk  # noqa: E402
-from hysac_hf.modeling.lorentz import exp_map0  # noqa: E402
+from hysac_hf.evaluation.embed import EmbeddingCache
+from hysac_hf.evaluation.retrieval import TASKS, evaluate_retrieval
+from hysac_hf.evaluation.topk import FaissLorentzIndex, chunked_topk
 
 logger = logging.getLogger("bench_eval")
 KS = (1, 5, 10, 20)
@@ -167,18 +167,27 @@ def bench_tables(n: int, dim: int, loop_queries: int, repeats: int) -> None:
     print(f"reference-style, plain tasks (full matrices)        : {fmt(loop_plain_t)}")
     print(f"reference-style, union tasks, {loop_queries} queries each (measured): {fmt(loop_union_t)}")
     print(f"reference-style total, union loop extrapolated x{scale:.0f} : {fmt(loop_total)}")
-    print(f"speed-up (reference total / batched): min-based {min(loop_total) / min(batched):.0f}x, "
-          f"median-based {statistics.median(loop_total) / statistics.median(batched):.0f}x")
+    print(
+        f"speed-up (reference total / batched): min-based {min(loop_total) / min(batched):.0f}x, "
+        f"median-based {statistics.median(loop_total) / statistics.median(batched):.0f}x"
+    )
     union_batched = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         evaluate_retrieval(cache, tasks=union, ks=KS, per_tag=False)
         union_batched.append(time.perf_counter() - t0)
-    print(f"union tasks only: batched {fmt(union_batched)} vs loop extrapolated "
-          f"{min(loop_union_t) * scale:.1f} s (min) -> {min(loop_union_t) * scale / min(union_batched):.0f}x")
+    print(
+        f"union tasks only: batched {fmt(union_batched)} vs loop extrapolated "
+        f"{min(loop_union_t) * scale:.1f} s (min) -> {min(loop_union_t) * scale / min(union_batched):.0f}x"
+    )
     # agreement on the looped queries (the batched run's hits recomputed on the same subset)
-    sub = EmbeddingCache(embeds=cache.embeds, curv=cache.curv, bounds=cache.bounds, traversal_alpha=0.8,
-                         tags=["looped" if i < loop_queries else "rest" for i in range(n)])
+    sub = EmbeddingCache(
+        embeds=cache.embeds,
+        curv=cache.curv,
+        bounds=cache.bounds,
+        traversal_alpha=0.8,
+        tags=["looped" if i < loop_queries else "rest" for i in range(n)],
+    )
     per_tag = evaluate_retrieval(sub, tasks=union, ks=KS)["per_tag"]["looped"]
     agree = all(abs(per_tag[t][f"R@{k}"] - 100 * loop_hits[t][k] / loop_queries) < 1e-9 for t in union for k in KS)
     print(f"hits on the {loop_queries} looped queries identical to the batched evaluation: {agree}")
@@ -195,8 +204,10 @@ def bench_large(num_queries: int, pool_size: int, dim: int, k: int, chunk: int, 
         rows = min(chunk, pool_size - start)
         pool[start : start + rows] = exp_map0(torch.randn(rows, dim, generator=g) * 0.05, 1.0)
     queries = exp_map0(torch.randn(num_queries, dim, generator=g) * 0.05, 1.0)
-    print(f"\n== {num_queries} queries over a pool of {pool_size:,} (dim {dim}, top-{k}); pool tensor "
-          f"{pool.numel() * 4 / 2**30:.2f} GiB ==")
+    print(
+        f"\n== {num_queries} queries over a pool of {pool_size:,} (dim {dim}, top-{k}); pool tensor "
+        f"{pool.numel() * 4 / 2**30:.2f} GiB =="
+    )
     with PeakRSS() as mem_build:
         t0 = time.perf_counter()
         index = FaissLorentzIndex(pool, 1.0, chunk_size=chunk)
@@ -217,11 +228,17 @@ def bench_large(num_queries: int, pool_size: int, dim: int, k: int, chunk: int, 
         torch_mem.append(mem.delta_mib)
     same_rows = (idx_faiss == idx_torch).all(dim=1).float().mean().item()
     same_sets = sum(set(a) == set(b) for a, b in zip(idx_faiss.tolist(), idx_torch.tolist())) / num_queries
-    print(f"FAISS search : {fmt(faiss_t)}   {num_queries / min(faiss_t):7.1f} q/s (best)   peak +{max(faiss_mem):,.0f} MiB")
-    print(f"chunked torch: {fmt(torch_t)}   {num_queries / min(torch_t):7.1f} q/s (best)   peak +{max(torch_mem):,.0f} MiB"
-          f" (pool chunks of {chunk:,})")
-    print(f"FAISS / chunked speed (min): {min(torch_t) / min(faiss_t):.2f}x; identical top-{k} rows: "
-          f"{100 * same_rows:.1f} %, identical top-{k} sets: {100 * same_sets:.1f} % (float32 near-ties can swap order)")
+    print(
+        f"FAISS search : {fmt(faiss_t)}   {num_queries / min(faiss_t):7.1f} q/s (best)   peak +{max(faiss_mem):,.0f} MiB"
+    )
+    print(
+        f"chunked torch: {fmt(torch_t)}   {num_queries / min(torch_t):7.1f} q/s (best)   peak +{max(torch_mem):,.0f} MiB"
+        f" (pool chunks of {chunk:,})"
+    )
+    print(
+        f"FAISS / chunked speed (min): {min(torch_t) / min(faiss_t):.2f}x; identical top-{k} rows: "
+        f"{100 * same_rows:.1f} %, identical top-{k} sets: {100 * same_sets:.1f} % (float32 near-ties can swap order)"
+    )
 
 
 def main() -> None:
@@ -242,8 +259,11 @@ def main() -> None:
     if args.quick:
         args.quadruplets, args.loop_queries, args.pool, args.queries, args.repeats = 500, 20, 20_000, 100, 1
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}, "
-          f"load average {os.getloadavg()[0]:.1f}", flush=True)
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES')}, "
+        f"load average {os.getloadavg()[0]:.1f}",
+        flush=True,
+    )
     if not args.large_only:
         bench_tables(args.quadruplets, args.dim, args.loop_queries, args.repeats)
     if args.large_only:

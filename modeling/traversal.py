@@ -39,7 +39,9 @@ def traversal_threshold(bound: float | Tensor, curv: float | Tensor, alpha: floa
         reference rule to the last bit; :func:`traverse` casts it to the dtype of the embeddings).
     """
     # Python floats go straight to float64 (torch.as_tensor would round them to float32 first).
-    bound = bound.detach().to("cpu", torch.float64) if torch.is_tensor(bound) else torch.tensor(bound, dtype=torch.float64)
+    bound = (
+        bound.detach().to("cpu", torch.float64) if torch.is_tensor(bound) else torch.tensor(bound, dtype=torch.float64)
+    )
     curv = curv.detach().to("cpu", torch.float64) if torch.is_tensor(curv) else torch.tensor(curv, dtype=torch.float64)
     return bound + torch.tanh((bound - alpha) / curv) + 1
 
@@ -88,4 +90,4 @@ def traverse(
         return torch.where(move.unsqueeze(-1), moved.to(embeds.dtype), embeds)
 
 
-__all__ = ["traverse", "traversal_threshold", "METHODS", "DIRECTIONS"]
+__all__ = ["DIRECTIONS", "METHODS", "traversal_threshold", "traverse"]

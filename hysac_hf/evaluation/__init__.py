@@ -20,4 +20,4 @@ def metric_path(name: str) -> str:
     return str(METRICS_DIR / name)
 
 
-__all__ = ["metric_path", "METRICS_DIR", "METRIC_NAMES"]
+__all__ = ["METRICS_DIR", "METRIC_NAMES", "metric_path"]

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 
@@ -147,7 +148,12 @@ def sweep_to_markdown(sweep: Sequence[dict], title: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(sweep: Sequence[dict], path: str | os.PathLike, title: str = "Unsafe classification", marks: dict[str, float] | None = None) -> Path:
+def plot_sweep(
+    sweep: Sequence[dict],
+    path: str | os.PathLike,
+    title: str = "Unsafe classification",
+    marks: dict[str, float] | None = None,
+) -> Path:
     """Plot Acc/FPR/FNR (%) against the threshold to a PNG (Agg backend); `marks` draws labelled vertical lines."""
     import matplotlib
 
@@ -181,7 +187,9 @@ def save_thresholds(model_dir: str | os.PathLike, thresholds: dict[str, float]) 
 
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found; --save needs a local model folder written by save_pretrained")
+        raise FileNotFoundError(
+            f"{config_path} not found; --save needs a local model folder written by save_pretrained"
+        )
     config = json.loads(config_path.read_text())
     if config.get("model_type") != "hysac":
         raise ValueError(f"{config_path} is not a HySAC config (model_type={config.get('model_type')!r})")
@@ -194,11 +202,11 @@ def save_thresholds(model_dir: str | os.PathLike, thresholds: dict[str, float]) 
 
 
 __all__ = [
-    "confusion_metrics",
-    "classification_metrics",
     "calibrate_threshold",
-    "threshold_sweep",
-    "sweep_to_markdown",
+    "classification_metrics",
+    "confusion_metrics",
     "plot_sweep",
     "save_thresholds",
+    "sweep_to_markdown",
+    "threshold_sweep",
 ]

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="comma-separated task names (default: all eight)")
     p.add_argument("--ks", default="1,5,10,20", help="recall levels")
     p.add_argument("--no-traversal", action="store_true", help="rank the union pools without the safety traversal")
-    p.add_argument("--bound", default="up_95", choices=["up_95", "avg", "low_05"], help="bound statistic of the traversal")
+    p.add_argument(
+        "--bound", default="up_95", choices=["up_95", "avg", "low_05"], help="bound statistic of the traversal"
+    )
     p.add_argument("--method", default="reference", choices=["reference", "geodesic"], help="traversal rule")
     p.add_argument("--alpha", type=float, default=None, help="traversal margin offset (default: the model's)")
     p.add_argument("--float64", action="store_true", help="rank in float64")
@@ -95,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--safe-class", default="safe", help="sub-folder name of safe images")
     p.add_argument("--unsafe-class", default="unsafe", help="sub-folder name of unsafe images")
     p.add_argument("--threshold", type=float, default=None, help="evaluate this threshold (default: the model's)")
-    p.add_argument("--calibrate", default=None, choices=["accuracy", "fpr"], help="calibrate the threshold on this data")
+    p.add_argument(
+        "--calibrate", default=None, choices=["accuracy", "fpr"], help="calibrate the threshold on this data"
+    )
     p.add_argument("--target-fpr", type=float, default=0.05, help="FPR bound for --calibrate fpr (fraction)")
     p.add_argument("--sweep", default=None, help="comma-separated thresholds for a Table-6 sweep (or 'auto')")
     p.add_argument("--plot", default=None, help="PNG of Acc/FPR/FNR against the threshold")
@@ -175,7 +179,9 @@ def _classification_scores(args):
         paths, labels, names = list_image_folder(args.images)
         for required in (args.safe_class, args.unsafe_class):
             if required not in names:
-                raise ValueError(f"{args.images} has no sub-folder {required!r} (found {names}); set --safe-class/--unsafe-class")
+                raise ValueError(
+                    f"{args.images} has no sub-folder {required!r} (found {names}); set --safe-class/--unsafe-class"
+                )
         keep = [i for i, lab in enumerate(labels) if names[lab] in (args.safe_class, args.unsafe_class)]
         model, processor = _load_model(args.model, args.device)
         embeds = embed_images(model, processor, [paths[i] for i in keep], batch_size=args.batch_size)
@@ -196,7 +202,13 @@ def _classification_scores(args):
 def run_classify(args) -> dict:
     import numpy as np
 
-    from .classification import calibrate_threshold, classification_metrics, plot_sweep, save_thresholds, threshold_sweep
+    from .classification import (
+        calibrate_threshold,
+        classification_metrics,
+        plot_sweep,
+        save_thresholds,
+        threshold_sweep,
+    )
 
     if args.save and not (args.calibrate and args.model):
         raise ValueError("--save stores a calibrated threshold: use it with --calibrate and --model")
@@ -221,7 +233,13 @@ def run_classify(args) -> dict:
         values = None if args.sweep in (None, "auto") else _floats(args.sweep)
         out["sweep"] = threshold_sweep(scores, labels, values)
         if args.plot:
-            out["plot"] = str(plot_sweep(out["sweep"] if values is not None else threshold_sweep(scores, labels, None, 200), args.plot, marks=marks))
+            out["plot"] = str(
+                plot_sweep(
+                    out["sweep"] if values is not None else threshold_sweep(scores, labels, None, 200),
+                    args.plot,
+                    marks=marks,
+                )
+            )
     out["score_range"] = [float(np.min(scores.numpy())), float(np.max(scores.numpy()))]
     return out
 
@@ -259,7 +277,9 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         result = COMMANDS[args.command](args)
     except (ValueError, FileNotFoundError) as err:

@@ -18,9 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -106,7 +107,7 @@ class EmbeddingCache:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "EmbeddingCache":
+    def load(cls, directory: str | os.PathLike) -> EmbeddingCache:
         directory = Path(directory)
         if not (directory / CACHE_FILE).is_file() or not (directory / META_FILE).is_file():
             raise FileNotFoundError(
@@ -146,7 +147,9 @@ def open_quadruplets(source: Any, split: str = "test", max_samples: int | None =
     if isinstance(source, datasets.Dataset):
         return source.select(range(min(max_samples, len(source)))) if max_samples is not None else source
     path = Path(str(source))
-    if path.is_dir() and any((path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")):
+    if path.is_dir() and any(
+        (path / name).is_file() for name in ("dataset_info.json", "dataset_dict.json", "state.json")
+    ):
         return open_quadruplets(datasets.load_from_disk(str(path)), split, max_samples)
     try:
         from ..data import load_dataset_split
@@ -219,7 +222,12 @@ def embed_dataset(
         raise ValueError(f"columns map to unknown content keys {bad}; expected {list(CONTENT_NAMES)}")
     present = {col: key for col, key in columns.items() if col in dataset.column_names}
     for col in sorted(set(columns) - set(present)):
-        logger.warning("Column %r (%s) is not in the dataset (%s); skipping it", col, CONTENT_NAMES[columns[col]], dataset.column_names)
+        logger.warning(
+            "Column %r (%s) is not in the dataset (%s); skipping it",
+            col,
+            CONTENT_NAMES[columns[col]],
+            dataset.column_names,
+        )
     if not present:
         raise ValueError(f"none of the columns {sorted(columns)} is in the dataset (columns: {dataset.column_names})")
     if len(dataset) == 0:
@@ -276,7 +284,7 @@ def embed_dataset(
     )
 
 
-__all__ = ["EmbeddingCache", "embed_dataset", "open_quadruplets", "DEFAULT_COLUMNS", "CONTENT_NAMES"]
+__all__ = ["CONTENT_NAMES", "DEFAULT_COLUMNS", "EmbeddingCache", "embed_dataset", "open_quadruplets"]
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -335,7 +343,9 @@ def embed_images(
 
 
 @torch.no_grad()
-def embed_texts(model, processor, texts: Sequence[str], batch_size: int = 256, device: str | torch.device | None = None) -> Tensor:
+def embed_texts(
+    model, processor, texts: Sequence[str], batch_size: int = 256, device: str | torch.device | None = None
+) -> Tensor:
     """Embed texts in batches. Returns `(N, D)` float32 hyperboloid space components on the CPU."""
     model.eval()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -343,7 +353,9 @@ def embed_texts(model, processor, texts: Sequence[str], batch_size: int = 256, d
     for start in range(0, len(texts), batch_size):
         enc = processor(text=list(texts[start : start + batch_size]), return_tensors="pt")
         out.append(
-            model.get_text_features(input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device))
+            model.get_text_features(
+                input_ids=enc["input_ids"].to(device), attention_mask=enc["attention_mask"].to(device)
+            )
             .float()
             .cpu()
         )
@@ -352,4 +364,4 @@ def embed_texts(model, processor, texts: Sequence[str], batch_size: int = 256, d
     return torch.cat(out)
 
 
-__all__ += ["list_image_folder", "embed_images", "embed_texts"]
+__all__ += ["embed_images", "embed_texts", "list_image_folder"]

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..modeling.lorentz import dist_to_origin
 from .embed import CONTENT_NAMES, EmbeddingCache
@@ -89,4 +88,4 @@ def plot_root_histogram(
     return path
 
 
-__all__ = ["root_distances", "distance_stats", "plot_root_histogram"]
+__all__ = ["distance_stats", "plot_root_histogram", "root_distances"]

@@ -32,8 +32,9 @@ paper is not documented; this breakdown uses the same pools as Tables 1 and 2).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -148,7 +149,9 @@ def evaluate_retrieval(
     for name in names:
         cache.require(TASKS[name].query, *TASKS[name].pool)
     ranked = _shared_plain_ranks(cache, names, dtype)
-    ranked.update(_grouped_ranks(cache, [t for t in names if t not in ranked], use_traversal, bound, method, alpha, dtype))
+    ranked.update(
+        _grouped_ranks(cache, [t for t in names if t not in ranked], use_traversal, bound, method, alpha, dtype)
+    )
     hits_by_task: dict[str, Tensor] = {}
     for name in names:
         task = TASKS[name]
@@ -233,7 +236,11 @@ def _shared_plain_ranks(
         return out
     for forward, backward in PLAIN_PAIRS:
         task = TASKS[forward]
-        if forward not in names or backward not in names or any(k not in cache.embeds for k in (task.query, *task.pool)):
+        if (
+            forward not in names
+            or backward not in names
+            or any(k not in cache.embeds for k in (task.query, *task.pool))
+        ):
             continue
         scores = lorentz_scores(cache.embeds[task.query].to(dtype), cache.embeds[task.pool[0]].to(dtype), cache.curv)
         diag = scores.diagonal()
@@ -285,4 +292,4 @@ def results_to_markdown(results: dict, digits: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["TASKS", "RetrievalTask", "evaluate_retrieval", "traverse_queries", "results_to_markdown"]
+__all__ = ["TASKS", "RetrievalTask", "evaluate_retrieval", "results_to_markdown", "traverse_queries"]

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -185,7 +185,9 @@ def shared_product_ranks(
         targets = torch.as_tensor(req.targets, dtype=torch.long)
         scales = torch.as_tensor(req.scales, dtype=dtype)
         if scales.shape != (q,) or targets.shape != (q,):
-            raise ValueError(f"scales and targets must have shape ({q},), got {tuple(scales.shape)}, {tuple(targets.shape)}")
+            raise ValueError(
+                f"scales and targets must have shape ({q},), got {tuple(scales.shape)}, {tuple(targets.shape)}"
+            )
         if not 0 <= req.start < stop <= n or (q and (int(targets.min()) < req.start or int(targets.max()) >= stop)):
             raise ValueError(
                 f"targets must index the pool, i.e. lie in the ranked columns [{req.start}, {stop}) of a pool of {n}; "
@@ -194,7 +196,10 @@ def shared_product_ranks(
         query_time = torch.sqrt(1 / c + scales.pow(2) * query_sq)  # time component of the rescaled queries
         prepared.append((req, stop, targets, scales, query_time))
     out = [
-        (torch.empty(q, dtype=torch.long), torch.empty(q, max(len(r.block_edges) - 1, 0), dtype=dtype) if r.block_edges else None)
+        (
+            torch.empty(q, dtype=torch.long),
+            torch.empty(q, max(len(r.block_edges) - 1, 0), dtype=dtype) if r.block_edges else None,
+        )
         for r in requests
     ]
     step = max(1, max_block_elements // max(n, 1))
@@ -311,13 +316,13 @@ class FaissLorentzIndex:
 
 
 __all__ = [
-    "lorentz_scores",
-    "scores_to_distances",
-    "target_ranks",
-    "ranks_and_block_max",
-    "RankRequest",
-    "shared_product_ranks",
-    "chunked_topk",
-    "FaissLorentzIndex",
     "DEFAULT_POOL_CHUNK",
+    "FaissLorentzIndex",
+    "RankRequest",
+    "chunked_topk",
+    "lorentz_scores",
+    "ranks_and_block_max",
+    "scores_to_distances",
+    "shared_product_ranks",
+    "target_ranks",
 ]

@@ -8,7 +8,7 @@ prompt embedding is nearest in hyperbolic distance, i.e. the argmax of the model
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -39,7 +39,9 @@ def zero_shot_predict(model, image_embeds: Tensor, text_embeds: Tensor) -> tuple
     Returns:
         `(predictions, logits_per_image)`: `(N,)` int64 class indices and `(N, C)` logits.
     """
-    logits = -model.logit_scale.detach().float().exp() * pairwise_dist(image_embeds, text_embeds, model.curvature.detach())
+    logits = -model.logit_scale.detach().float().exp() * pairwise_dist(
+        image_embeds, text_embeds, model.curvature.detach()
+    )
     return logits.argmax(dim=1), logits
 
 
@@ -69,7 +71,9 @@ def zero_shot_accuracy(
     predictions, _ = zero_shot_predict(model, image_embeds, text_embeds)
     correct = predictions == labels_t
     per_class = {
-        name: 100.0 * correct[labels_t == i].double().mean().item() for i, name in enumerate(class_names) if (labels_t == i).any()
+        name: 100.0 * correct[labels_t == i].double().mean().item()
+        for i, name in enumerate(class_names)
+        if (labels_t == i).any()
     }
     return {
         "accuracy": 100.0 * correct.double().mean().item(),
@@ -80,4 +84,4 @@ def zero_shot_accuracy(
     }
 
 
-__all__ = ["class_prompts", "zero_shot_predict", "zero_shot_accuracy", "DEFAULT_TEMPLATE"]
+__all__ = ["DEFAULT_TEMPLATE", "class_prompts", "zero_shot_accuracy", "zero_shot_predict"]

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY_BOUNDS
 from hysac_hf.modeling.lorentz import dist_to_origin, exp_map0
 from hysac_hf.modeling.traversal import traversal_threshold, traverse
@@ -65,8 +64,13 @@ def test_reference_equals_authors_rule_row_for_row(b, lower):
     assert torch.equal((got != points).any(dim=1), moved)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-14)
     # float32 inputs follow the same rule within float32 rounding
-    got32 = traverse(points.float(), traversal_threshold(b, CURV, ALPHA), CURV, method="reference",
-                     direction="outward" if lower else "inward")
+    got32 = traverse(
+        points.float(),
+        traversal_threshold(b, CURV, ALPHA),
+        CURV,
+        method="reference",
+        direction="outward" if lower else "inward",
+    )
     torch.testing.assert_close(got32.double(), expected, rtol=2e-6, atol=1e-6)
 
 
@@ -155,8 +159,13 @@ def test_clear_errors(hysac):
 def test_unsafe_score_and_classification(hysac):
     points = hyperboloid_points(50, seed=6).float()
     c = hysac.curvature.item()
-    expected = torch.tensor([math.asinh(math.sqrt(c) * math.sqrt(sum(v * v for v in row))) / math.sqrt(c)
-                             for row in points.double().tolist()], dtype=torch.float64)
+    expected = torch.tensor(
+        [
+            math.asinh(math.sqrt(c) * math.sqrt(sum(v * v for v in row))) / math.sqrt(c)
+            for row in points.double().tolist()
+        ],
+        dtype=torch.float64,
+    )
     score = hysac.unsafe_score(points)
     torch.testing.assert_close(score.double(), expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="no calibrated unsafe threshold"):

@@ -7,13 +7,13 @@ import json
 import datasets
 import pytest
 import torch
+from hysac_hf.modeling.lorentz import dist_to_origin
 
 from hysac_hf import HySACModel
 from hysac_hf.evaluation.classification import calibrate_threshold
 from hysac_hf.evaluation.cli import main
 from hysac_hf.evaluation.embed import EmbeddingCache, embed_dataset, open_quadruplets
 from hysac_hf.evaluation.retrieval import evaluate_retrieval
-from hysac_hf.modeling.lorentz import dist_to_origin, pairwise_dist
 
 
 @pytest.fixture()
@@ -33,9 +33,18 @@ def photo_dataset(photos, captions) -> datasets.Dataset:
         "unsafe_text": [f"a violent scene with {captions[n]}" for n in names],
         "tag": ["violence", "hate", "violence", "sexual"],
     }
-    return datasets.Dataset.from_dict(rows, features=datasets.Features(
-        {"safe_image": datasets.Image(), "unsafe_image": datasets.Image(), "safe_text": datasets.Value("string"),
-         "unsafe_text": datasets.Value("string"), "tag": datasets.Value("string")}))
+    return datasets.Dataset.from_dict(
+        rows,
+        features=datasets.Features(
+            {
+                "safe_image": datasets.Image(),
+                "unsafe_image": datasets.Image(),
+                "safe_text": datasets.Value("string"),
+                "unsafe_text": datasets.Value("string"),
+                "tag": datasets.Value("string"),
+            }
+        ),
+    )
 
 
 @pytest.mark.slow
@@ -60,7 +69,9 @@ def test_embed_dataset_matches_direct_encoding(hysac, processor, photos, caption
     text_only = dataset.remove_columns(["safe_image", "unsafe_image"])
     assert sorted(embed_dataset(hysac, processor, text_only, show_progress=False).embeds) == ["S", "U"]
     with pytest.raises(ValueError, match="none of the columns"):
-        embed_dataset(hysac, processor, dataset.remove_columns(["safe_image", "unsafe_image", "safe_text", "unsafe_text"]))
+        embed_dataset(
+            hysac, processor, dataset.remove_columns(["safe_image", "unsafe_image", "safe_text", "unsafe_text"])
+        )
     with pytest.raises(FileNotFoundError, match="hysac-eval embed"):
         EmbeddingCache.load(tmp_path / "nothing")
 
@@ -77,16 +88,52 @@ def test_open_quadruplets_sources(photos, captions, tmp_path):
 @pytest.mark.slow
 def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
     cache_dir = tmp_path / "cache"
-    assert main(["embed", "--model", str(model_dir), "--dataset", "mini-visu", "--split", "test",
-                 "--max-samples", "12", "--batch-size", "8", "--output", str(cache_dir)]) == 0
+    assert (
+        main(
+            [
+                "embed",
+                "--model",
+                str(model_dir),
+                "--dataset",
+                "mini-visu",
+                "--split",
+                "test",
+                "--max-samples",
+                "12",
+                "--batch-size",
+                "8",
+                "--output",
+                str(cache_dir),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out)["num_rows"] == 12
     cache = EmbeddingCache.load(cache_dir)
     assert sorted(cache.embeds) == ["G", "S", "U", "V"] and len(set(cache.tags)) > 1
 
     # retrieval: JSON on stdout and in a file, markdown file, same numbers as the library call
     out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
-    assert main(["retrieval", "--cache", str(cache_dir), "--ks", "1,5", "--method", "geodesic", "--bound", "avg",
-                 "--output-json", str(out_json), "--output-md", str(out_md)]) == 0
+    assert (
+        main(
+            [
+                "retrieval",
+                "--cache",
+                str(cache_dir),
+                "--ks",
+                "1,5",
+                "--method",
+                "geodesic",
+                "--bound",
+                "avg",
+                "--output-json",
+                str(out_json),
+                "--output-md",
+                str(out_md),
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     expected = evaluate_retrieval(cache, ks=[1, 5], method="geodesic", bound="avg")
     assert printed["tasks"] == expected["tasks"] and json.loads(out_json.read_text())["tasks"] == expected["tasks"]
@@ -100,8 +147,25 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
     assert stats["G"]["avg"] == pytest.approx(dist_to_origin(cache.embeds["G"].double(), cache.curv).mean().item())
 
     # classify from the cache: calibrate, save into the model folder, reload
-    assert main(["classify", "--cache", str(cache_dir), "--model", str(model_dir), "--calibrate", "accuracy",
-                 "--save", "--sweep", "auto", "--plot", str(tmp_path / "sweep.png")]) == 0
+    assert (
+        main(
+            [
+                "classify",
+                "--cache",
+                str(cache_dir),
+                "--model",
+                str(model_dir),
+                "--calibrate",
+                "accuracy",
+                "--save",
+                "--sweep",
+                "auto",
+                "--plot",
+                str(tmp_path / "sweep.png"),
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     scores = dist_to_origin(torch.cat([cache.embeds["V"], cache.embeds["G"]]), cache.curv)
     labels = torch.cat([torch.zeros(12), torch.ones(12)]).long()
@@ -130,12 +194,16 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
         photos[name].convert("RGB").save(zs / name / "a.png")
     assert main(["zeroshot", "--model", str(model_dir), "--images", str(zs), "--template", "a photo of a {}."]) == 0
     result = json.loads(capsys.readouterr().out)
-    from hysac_hf import HySACProcessor
     from PIL import Image
 
+    from hysac_hf import HySACProcessor
+
     processor = HySACProcessor.from_pretrained(model_dir)
-    inputs = processor(text=[f"a photo of a {n}." for n in names[:3]],
-                       images=[Image.open(p) for p in result["images"]], return_tensors="pt")
+    inputs = processor(
+        text=[f"a photo of a {n}." for n in names[:3]],
+        images=[Image.open(p) for p in result["images"]],
+        return_tensors="pt",
+    )
     with torch.no_grad():
         logits = reloaded(**inputs).logits_per_image
     predicted = [names[i] for i in logits.argmax(dim=1).tolist()]

@@ -7,15 +7,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import TINY_BOUNDS
+from hysac_hf.modeling.lorentz import exp_map0
+
 from hysac_hf.evaluation.embed import EmbeddingCache
 from hysac_hf.evaluation.retrieval import TASKS, evaluate_retrieval, results_to_markdown
-from hysac_hf.modeling.lorentz import exp_map0
 
 
 def cache_of(S=None, V=None, U=None, G=None, curv=1.0, bounds=None, tags=None) -> EmbeddingCache:
-    embeds = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in dict(S=S, V=V, U=U, G=G).items() if v is not None}
+    embeds = {
+        k: torch.as_tensor(v, dtype=torch.float32) for k, v in {"S": S, "V": V, "U": U, "G": G}.items() if v is not None
+    }
     return EmbeddingCache(embeds=embeds, curv=curv, bounds=bounds, tags=tags)
 
 
@@ -28,14 +30,20 @@ def test_plain_task_hand_made_with_ties():
     assert res["tasks"]["T->I"] == {"R@1": 20.0, "R@2": 40.0, "R@3": 40.0, "R@4": 80.0, "R@5": 100.0, "num_queries": 5}
     # I->T: each safe image queries the texts (all equal to q): every text is tied with the target -> rank 4
     res = evaluate_retrieval(cache, tasks=["I->T"], ks=[1, 4, 5])
-    assert res["tasks"]["I->T"]["R@1"] == 0.0 and res["tasks"]["I->T"]["R@4"] == 0.0 and res["tasks"]["I->T"]["R@5"] == 100.0
+    assert (
+        res["tasks"]["I->T"]["R@1"] == 0.0
+        and res["tasks"]["I->T"]["R@4"] == 0.0
+        and res["tasks"]["I->T"]["R@5"] == 100.0
+    )
 
 
 def test_union_task_hand_made_safe_rate_and_tie():
     # U0 = (1, 0) is equidistant (identical) to its target V0 and to G0: rank 1, and the top-1 tie counts unsafe.
     # U1 = (0, 3): -<U1, y>_L = sqrt(10) sqrt(2) - 3 = 1.47 for V1 = (0, 1), 4.47 for V0 and G0, 10 for G1 = (3, 0):
     # rank 0 and a safe top-1. So R@1 = 50 %, R@2 = 100 %, safe rate = 50 %.
-    cache = cache_of(S=[[0.5, 0.0], [0.0, 0.5]], V=[[1.0, 0.0], [0.0, 1.0]], U=[[1.0, 0.0], [0.0, 3.0]], G=[[1.0, 0.0], [3.0, 0.0]])
+    cache = cache_of(
+        S=[[0.5, 0.0], [0.0, 0.5]], V=[[1.0, 0.0], [0.0, 1.0]], U=[[1.0, 0.0], [0.0, 3.0]], G=[[1.0, 0.0], [3.0, 0.0]]
+    )
     res = evaluate_retrieval(cache, tasks=["T*->IuI*", "T*->I*uI"], ks=[1, 2, 3], use_traversal=False)
     assert res["tasks"]["T*->IuI*"] == {"R@1": 50.0, "R@2": 100.0, "R@3": 100.0, "safe_rate": 50.0, "num_queries": 2}
     # T*->I*uI: pool [G ; V], target G_i. U0: G0 tied with V0 -> rank 1, top-1 tie -> unsafe.
@@ -64,7 +72,9 @@ def loop_recall(cache: EmbeddingCache, task_name: str, ks, bound: str) -> dict:
     for i in range(n):
         q = cache.embeds[task.query][i].double().tolist()
         if task.traversal_key is not None:
-            q = authors_traverse(q, cache.bounds[task.traversal_key][bound], c, cache.traversal_alpha, task.direction == "outward")
+            q = authors_traverse(
+                q, cache.bounds[task.traversal_key][bound], c, cache.traversal_alpha, task.direction == "outward"
+            )
         q = torch.tensor(q, dtype=torch.float64)
         q_time = math.sqrt(1 / c + float(q.pow(2).sum()))
         dist = torch.acosh((c * (q_time * pool_time - pool @ q)).clamp(min=1)) / math.sqrt(c)
@@ -90,7 +100,9 @@ def test_all_eight_tasks_match_a_per_query_loop(bound):
     # safe text < safe image < unsafe text < unsafe image in radius, paired items share a direction
     radii = {"S": 0.4, "V": 0.7, "U": 1.0, "G": 1.3}
     embeds = {
-        k: exp_map0((base + 0.6 * torch.randn(n, dim, generator=g, dtype=torch.float64)) / math.sqrt(dim) * r * 2.0, curv)
+        k: exp_map0(
+            (base + 0.6 * torch.randn(n, dim, generator=g, dtype=torch.float64)) / math.sqrt(dim) * r * 2.0, curv
+        )
         for k, r in radii.items()
     }
     tags = [["hate", "violence", "sexual"][i % 3] for i in range(n)]

@@ -6,9 +6,9 @@ import math
 
 import pytest
 import torch
+from hysac_hf.modeling.lorentz import exp_map0, pairwise_dist
 
 from hysac_hf.evaluation.topk import FaissLorentzIndex, chunked_topk, lorentz_scores, scores_to_distances, target_ranks
-from hysac_hf.modeling.lorentz import exp_map0, pairwise_dist
 
 
 def random_points(n: int, dim: int, seed: int, scale: float = 1.0, curv: float = 1.0) -> torch.Tensor:
@@ -26,9 +26,17 @@ def test_target_ranks_hand_made_with_ties():
         ranks = target_ranks(queries.to(dtype), pool.to(dtype), torch.arange(5))
         assert ranks.tolist() == [3, 3, 1, 4, 0]
         # tiny score blocks (one query at a time) give the same ranks
-        assert target_ranks(queries.to(dtype), pool.to(dtype), torch.arange(5), max_block_elements=1).tolist() == [3, 3, 1, 4, 0]
+        assert target_ranks(queries.to(dtype), pool.to(dtype), torch.arange(5), max_block_elements=1).tolist() == [
+            3,
+            3,
+            1,
+            4,
+            0,
+        ]
     dist = scores_to_distances(lorentz_scores(queries[:1].double(), pool.double()))
-    expected = torch.tensor([[math.acosh(2), math.acosh(2), math.acosh(math.sqrt(10) - 2), math.acosh(3), 0.0]], dtype=torch.float64)
+    expected = torch.tensor(
+        [[math.acosh(2), math.acosh(2), math.acosh(math.sqrt(10) - 2), math.acosh(3), 0.0]], dtype=torch.float64
+    )
     torch.testing.assert_close(dist, expected, atol=1e-7, rtol=0)
 
 
@@ -84,8 +92,9 @@ def test_faiss_and_brute_force_agree_exactly_on_100k_points():
 
 
 def test_shared_product_ranks_equal_ranks_of_rescaled_queries():
-    from hysac_hf.evaluation.topk import RankRequest, shared_product_ranks
     from hysac_hf.modeling.traversal import traverse
+
+    from hysac_hf.evaluation.topk import RankRequest, shared_product_ranks
 
     curv = 1.7
     queries, pool = random_points(300, 8, 5, curv=curv), random_points(600, 8, 6, curv=curv)
@@ -97,7 +106,9 @@ def test_shared_product_ranks_equal_ranks_of_rescaled_queries():
         RankRequest(scales, targets, block_edges=(0, 300, 600)),  # traversed, with block maxima
         RankRequest(torch.ones(300), targets + 300, start=300, stop=600),  # second block only
     ]
-    (plain, none), (trav, block_max), (second, _) = shared_product_ranks(queries, pool, requests, curv, max_block_elements=5000)
+    (plain, none), (trav, block_max), (second, _) = shared_product_ranks(
+        queries, pool, requests, curv, max_block_elements=5000
+    )
     assert none is None
     assert torch.equal(plain, target_ranks(queries, pool, targets, curv))
     assert torch.equal(trav, target_ranks(moved, pool, targets, curv))

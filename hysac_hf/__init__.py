@@ -8,5 +8,13 @@ from .modeling.configuration_hysac import HySACConfig
 from .modeling.modeling_hysac import HySACModel, HySACOutput
 from .modeling.processing_hysac import HySACProcessor
 
+# With hysac_hf imported, the Auto classes know "hysac" without remote code (and never prompt for it).
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor  # noqa: E402
+
+AutoConfig.register("hysac", HySACConfig, exist_ok=True)
+AutoModel.register(HySACConfig, HySACModel, exist_ok=True)
+AutoModelForZeroShotImageClassification.register(HySACConfig, HySACModel, exist_ok=True)
+AutoProcessor.register(HySACConfig, HySACProcessor, exist_ok=True)
+
 __version__ = "0.1.0"
 __all__ = ["HySACConfig", "HySACModel", "HySACOutput", "HySACProcessor", "__version__"]

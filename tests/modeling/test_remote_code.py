@@ -138,3 +138,22 @@ def test_remote_code_round_trip_without_hysac_hf(hysac, processor, photos, tmp_p
     assert got.keys() == expected.keys()
     for label in labels:
         assert got[label] == pytest.approx(float(expected[label]), abs=1e-5)
+
+
+def test_with_hysac_hf_imported_auto_classes_need_no_remote_code(hysac, processor, tmp_path, capsys):
+    """Importing hysac_hf registers "hysac": no trust_remote_code prompt, the local classes are used."""
+    from transformers import AutoConfig, AutoModel, AutoProcessor
+
+    from hysac_hf import HySACConfig, HySACModel, HySACProcessor
+
+    hysac.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)) is HySACConfig
+    model = AutoModel.from_pretrained(tmp_path)
+    assert type(model) is HySACModel
+    assert type(HySACProcessor.from_pretrained(tmp_path)) is HySACProcessor
+    assert type(AutoProcessor.from_pretrained(tmp_path)) is HySACProcessor
+    assert "custom code" not in capsys.readouterr().out
+    ids = processor(text=["a photo of a cat"])["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model.get_text_features(ids), hysac.get_text_features(ids))

@@ -36,12 +36,13 @@ def run(tiny_clip_dir, output_dir, *extra: str) -> dict:
 
 @pytest.mark.slow
 def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_run(tiny_clip_dir, tmp_path):
-    # 12 rows / batch 4 = 3 steps per epoch; stopping at step 4 resumes mid-epoch (skips 1 batch).
-    run(tiny_clip_dir, tmp_path / "full", "--max_train_steps", "6")
-    run(tiny_clip_dir, tmp_path / "split", "--max_train_steps", "4", "--schedule_steps", "6", "--checkpointing_steps", "2")
-    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_2", "step_4"]
-    summary = run(tiny_clip_dir, tmp_path / "split", "--max_train_steps", "6", "--resume_from_checkpoint", "latest")
-    assert summary["global_step"] == 6
+    # 12 rows / batch 4 = 3 steps per epoch; stopping at step 2 resumes mid-epoch (skips 2 batches), then
+    # crosses into the next epoch (a new permutation).
+    run(tiny_clip_dir, tmp_path / "full", "--max_train_steps", "4")
+    run(tiny_clip_dir, tmp_path / "split", "--max_train_steps", "2", "--schedule_steps", "4", "--checkpointing_steps", "1")
+    assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_1", "step_2"]
+    summary = run(tiny_clip_dir, tmp_path / "split", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
+    assert summary["global_step"] == 4
     full = load_file(tmp_path / "full" / "model.safetensors")
     resumed = load_file(tmp_path / "split" / "model.safetensors")
     start = HySACModel.from_clip(tiny_clip_dir).state_dict()

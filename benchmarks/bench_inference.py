@@ -13,6 +13,11 @@ Run (about 2-3 minutes for the default ViT-B/32-sized config on 2 idle cores; lo
 
     .venv/bin/python benchmarks/bench_inference.py            # --size base: 15 rounds of 8 images / 16 texts
     .venv/bin/python benchmarks/bench_inference.py --size tiny --rounds 3   # seconds, a smoke run
+    .venv/bin/python benchmarks/bench_inference.py --threads 1 --rounds 10  # steadiest on a shared machine
+
+With two threads on a machine that other jobs also load, every torch op pays a thread-synchronisation penalty,
+which exaggerates differences between variants that run different numbers of ops (the PEFT path runs several
+extra small ops per adapted layer); `--threads 1` measures the work itself.
 
 glibc's default malloc makes large CPU forwards page-fault heavily and erratically, so the script re-executes
 itself with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296``

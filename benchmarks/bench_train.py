@@ -29,23 +29,27 @@ TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4
 
 SIZES = {
     # ViT-S/32-like towers (fast enough for 2 CPU cores).
-    "small": dict(
-        text=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6),
-        vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6, patch_size=32),
-        projection_dim=256,
-    ),
+    "small": {
+        "text": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 6},
+        "vision": {"hidden_size": 384, "intermediate_size": 1536, "num_hidden_layers": 6, "num_attention_heads": 6, "patch_size": 32},
+        "projection_dim": 256,
+    },
     # ViT-B/32 CLIP geometry.
-    "base": dict(
-        text=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, patch_size=32),
-        projection_dim=512,
-    ),
+    "base": {
+        "text": {"hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8},
+        "vision": {
+            "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12, "patch_size": 32
+        },
+        "projection_dim": 512,
+    },
     # ViT-L/14 CLIP geometry (what HySAC fine-tunes); for a GPU.
-    "large": dict(
-        text=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, patch_size=14),
-        projection_dim=768,
-    ),
+    "large": {
+        "text": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12},
+        "vision": {
+            "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16, "patch_size": 14
+        },
+        "projection_dim": 768,
+    },
 }
 
 
@@ -55,7 +59,7 @@ def build(size: str, variant: str, device: str):
     from transformers import CLIPConfig, CLIPModel
 
     from hysac_hf import HySACModel
-    from hysac_hf.training import HySACTrainingModule, LORA_TARGET_MODULES, parameter_groups
+    from hysac_hf.training import LORA_TARGET_MODULES, HySACTrainingModule, parameter_groups
 
     spec = SIZES[size]
     torch.manual_seed(0)
@@ -96,7 +100,9 @@ def make_step(variant: str, model, optimizer, batch_size: int, device: str):
 
     def hysac_step():
         out = model(pixel_values=pixels, input_ids=ids)
-        loss = loss_fn(out["image"], out["unsafe_image"], out["text"], out["unsafe_text"], out["curv"], out["logit_scale"])["loss"]
+        loss = loss_fn(
+            out["image"], out["unsafe_image"], out["text"], out["unsafe_text"], out["curv"], out["logit_scale"]
+        )["loss"]
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -197,22 +203,44 @@ def main() -> None:
     memory = {}
     for variant in ("hysac", "clip"):
         out = subprocess.run(
-            [sys.executable, __file__, "--memory_only", variant, "--size", args.size, "--batch_size", str(args.batch_size),
-             "--threads", str(args.threads), "--device", args.device],
-            capture_output=True, text=True, check=True,
+            [
+                sys.executable,
+                __file__,
+                "--memory_only",
+                variant,
+                "--size",
+                args.size,
+                "--batch_size",
+                str(args.batch_size),
+                "--threads",
+                str(args.threads),
+                "--device",
+                args.device,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
         )
         memory[variant] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mib"]
 
-    print(f"size={args.size} batch={args.batch_size} quadruplets (2x{args.batch_size} images + 2x{args.batch_size} texts per step), "
-          f"device={args.device}, threads={args.threads}, GLIBC_TUNABLES={'set' if os.environ.get('GLIBC_TUNABLES') else 'unset'}")
+    print(
+        f"size={args.size} batch={args.batch_size} quadruplets (2x{args.batch_size} images + 2x{args.batch_size} texts per step), "
+        f"device={args.device}, threads={args.threads}, GLIBC_TUNABLES={'set' if os.environ.get('GLIBC_TUNABLES') else 'unset'}"
+    )
     print(f"{'variant':<8} {'min s/step':>11} {'median s/step':>14} {'samples/s (median)':>19} {'peak MiB':>9}")
     for variant in ("hysac", "clip"):
         median = statistics.median(times[variant])
-        print(f"{variant:<8} {min(times[variant]):>11.3f} {median:>14.3f} {args.batch_size / median:>19.2f} {memory[variant]:>9.0f}")
-    print(f"ratio HySAC/CLIP per round: min {min(ratios):.3f}, median {statistics.median(ratios):.3f}; "
-          f"ratio of the minima {min(times['hysac']) / min(times['clip']):.3f} (target <= 1.10)")
-    print(f"seven HySAC losses alone (forward+backward, B={args.batch_size}, D={dim}): {1e3 * loss_time:.2f} ms "
-          f"= {100 * loss_time / statistics.median(times['hysac']):.2f}% of the HySAC step")
+        print(
+            f"{variant:<8} {min(times[variant]):>11.3f} {median:>14.3f} {args.batch_size / median:>19.2f} {memory[variant]:>9.0f}"
+        )
+    print(
+        f"ratio HySAC/CLIP per round: min {min(ratios):.3f}, median {statistics.median(ratios):.3f}; "
+        f"ratio of the minima {min(times['hysac']) / min(times['clip']):.3f} (target <= 1.10)"
+    )
+    print(
+        f"seven HySAC losses alone (forward+backward, B={args.batch_size}, D={dim}): {1e3 * loss_time:.2f} ms "
+        f"= {100 * loss_time / statistics.median(times['hysac']):.2f}% of the HySAC step"
+    )
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -54,7 +54,12 @@ def fit_bounds(distances: dict[str, Tensor | np.ndarray]) -> dict[str, dict[str,
 
 @torch.no_grad()
 def embed_distances(
-    model, processor, dataset, batch_size: int = 64, image_root: str | None = None, num_workers: int = 0,
+    model,
+    processor,
+    dataset,
+    batch_size: int = 64,
+    image_root: str | None = None,
+    num_workers: int = 0,
     show_progress: bool = True,
 ) -> dict[str, Tensor]:
     """Distance to the root of every safe/unsafe text and image of a quadruplet dataset.
@@ -106,8 +111,13 @@ def plot_histogram(distances: dict[str, Tensor], bounds: dict[str, dict[str, flo
 
 
 def calibrate_model(
-    model, processor, dataset, batch_size: int = 64, image_root: str | None = None,
-    histogram_path: str | Path | None = None, show_progress: bool = True,
+    model,
+    processor,
+    dataset,
+    batch_size: int = 64,
+    image_root: str | None = None,
+    histogram_path: str | Path | None = None,
+    show_progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Embed `dataset`, fit bounds and (optionally) draw the histogram. Does not modify `model`."""
     distances = embed_distances(model, processor, dataset, batch_size, image_root, show_progress=show_progress)
@@ -124,7 +134,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(description="Fit HySAC bounds (distance-to-root statistics) on a dataset split.")
     parser.add_argument("--model", required=True, help="Exported HySAC folder; its config.json gets the bounds.")
-    parser.add_argument("--dataset", default="mini-visu", help="'mini-visu', 'visu:<text source>', a file, folder or Hub id.")
+    parser.add_argument(
+        "--dataset", default="mini-visu", help="'mini-visu', 'visu:<text source>', a file, folder or Hub id."
+    )
     parser.add_argument("--split", default="validation", help="Split to embed (the reference's split is unknown).")
     parser.add_argument("--max_samples", type=int, default=None, help="Use only the first rows.")
     parser.add_argument("--batch_size", type=int, default=64, help="Encoding batch size.")
@@ -143,7 +155,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     # trust_remote_code only silences the prompt: the tokenizer and image processor are built-in CLIP classes.
     processor = HySACProcessor.from_pretrained(model_dir, trust_remote_code=True)
     dataset = load_dataset_split(
-        args.dataset, args.split, coco_root=args.coco_root, visu_unsafe_images=args.visu_unsafe_images,
+        args.dataset,
+        args.split,
+        coco_root=args.coco_root,
+        visu_unsafe_images=args.visu_unsafe_images,
         max_samples=args.max_samples,
     )
     bounds = calibrate_model(model, processor, dataset, args.batch_size, args.image_root, args.histogram)

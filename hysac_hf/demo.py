@@ -13,10 +13,11 @@ content outwards); this is a smoke-scale demonstration, not a replication of the
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -36,8 +37,10 @@ def build_demo_clip(directory: str | Path, seed: int = 0, image_size: int = 64) 
     torch.manual_seed(seed)
     config = tiny_clip_config(
         projection_dim=64,
-        text_config=dict(hidden_size=128, intermediate_size=256, num_attention_heads=4),
-        vision_config=dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, image_size=image_size, patch_size=8),
+        text_config={"hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4},
+        vision_config={
+            "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 4, "image_size": image_size, "patch_size": 8
+        },
     )
     CLIPModel(config).save_pretrained(directory)
     tokenizer = build_clip_tokenizer(directory / "_vocab")
@@ -75,8 +78,14 @@ def evaluate(model, processor, split: str = "test", batch_size: int = 40) -> dic
         "image": (distances["G"] > distances["V"]).float().mean().item(),
         "text": (distances["U"] > distances["S"]).float().mean().item(),
     }
-    ordered = all(means[a] < means[b] for a, b in zip(ORDER, ORDER[1:]))
-    return {"n": len(dataset), "recall_at_1": recall, "mean_distance": means, "unsafe_farther": farther, "ordered": ordered}
+    ordered = all(means[a] < means[b] for a, b in itertools.pairwise(ORDER))
+    return {
+        "n": len(dataset),
+        "recall_at_1": recall,
+        "mean_distance": means,
+        "unsafe_farther": farther,
+        "ordered": ordered,
+    }
 
 
 def format_report(result: dict, output_dir: Path) -> str:
@@ -100,8 +109,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--num_train_epochs", type=int, default=10, help="Training epochs over the 160 training rows.")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate.")
     parser.add_argument("--batch_size", type=int, default=32, help="Quadruplets per step.")
-    parser.add_argument("--entailment_weight", type=float, default=4.0, help="lambda_e of the entailment terms (4: the tiny random model needs more than the reference 1.0 to separate safe from unsafe).")
-    parser.add_argument("--lora", action="store_true", help="Train LoRA adapters (paper setting) instead of every weight.")
+    parser.add_argument(
+        "--entailment_weight",
+        type=float,
+        default=4.0,
+        help="lambda_e of the entailment terms (4: the tiny random model needs more than the reference 1.0 to separate safe from unsafe).",
+    )
+    parser.add_argument(
+        "--lora", action="store_true", help="Train LoRA adapters (paper setting) instead of every weight."
+    )
     parser.add_argument("--seed", type=int, default=0, help="Seed.")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
     args = parser.parse_args(argv)
@@ -115,10 +131,30 @@ def main(argv: Sequence[str] | None = None) -> dict:
     output_dir = Path(args.output_dir)
     clip_dir = build_demo_clip(output_dir / "_tiny_clip", seed=args.seed)
     train_args = [
-        "--model_name_or_path", str(clip_dir), "--output_dir", str(output_dir), "--dataset", "mini-visu",
-        "--per_device_train_batch_size", str(args.batch_size), "--num_train_epochs", str(args.num_train_epochs),
-        "--learning_rate", str(args.learning_rate), "--entailment_weight", str(args.entailment_weight), "--num_warmup_steps", "5", "--seed", str(args.seed),
-        "--select_best", "none", "--calibration_histogram", str(output_dir / "bounds.png"), "--logging_steps", "5",
+        "--model_name_or_path",
+        str(clip_dir),
+        "--output_dir",
+        str(output_dir),
+        "--dataset",
+        "mini-visu",
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--num_train_epochs",
+        str(args.num_train_epochs),
+        "--learning_rate",
+        str(args.learning_rate),
+        "--entailment_weight",
+        str(args.entailment_weight),
+        "--num_warmup_steps",
+        "5",
+        "--seed",
+        str(args.seed),
+        "--select_best",
+        "none",
+        "--calibration_histogram",
+        str(output_dir / "bounds.png"),
+        "--logging_steps",
+        "5",
     ]
     if not args.lora:
         train_args.append("--full_finetune")

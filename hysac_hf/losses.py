@@ -187,8 +187,12 @@ class HySACLoss(nn.Module):
                 "contrastive_unsafe": self.contrastive(
                     unsafe_text, unsafe_image, all_unsafe_text, all_unsafe_image, curv, logit_scale
                 ),
-                "contrastive_cross_a": self.contrastive(text, unsafe_image, all_text, all_unsafe_image, curv, logit_scale),
-                "contrastive_cross_b": self.contrastive(unsafe_text, image, all_unsafe_text, all_image, curv, logit_scale),
+                "contrastive_cross_a": self.contrastive(
+                    text, unsafe_image, all_text, all_unsafe_image, curv, logit_scale
+                ),
+                "contrastive_cross_b": self.contrastive(
+                    unsafe_text, image, all_unsafe_text, all_image, curv, logit_scale
+                ),
                 "entailment_text_image": entailment_loss(text, image, curv, self.aperture_scale, self.min_radius),
                 "entailment_unsafe": entailment_loss(
                     unsafe_text, unsafe_image, curv, self.aperture_scale, self.min_radius

@@ -15,12 +15,12 @@ import argparse
 import copy
 import json
 import math
-import os
 import re
 import shutil
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -41,54 +41,148 @@ CHECKPOINT_PREFIX = "step_"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Fine-tune HySAC (Hyperbolic Safety-Aware CLIP) with Accelerate.")
     a = p.add_argument
-    a("--model_name_or_path", required=True, help="CLIP checkpoint (converted with HySACModel.from_clip) or a HySAC checkpoint to keep fine-tuning.")
+    a(
+        "--model_name_or_path",
+        required=True,
+        help="CLIP checkpoint (converted with HySACModel.from_clip) or a HySAC checkpoint to keep fine-tuning.",
+    )
     a("--output_dir", required=True, help="Where checkpoints (output_dir/checkpoints) and the exported model go.")
-    a("--dataset", default="mini-visu", help="'mini-visu' (bundled), 'visu:<ViSU-Text source>', a jsonl/csv/parquet file, a folder of split files, or a Hub dataset id.")
+    a(
+        "--dataset",
+        default="mini-visu",
+        help="'mini-visu' (bundled), 'visu:<ViSU-Text source>', a jsonl/csv/parquet file, a folder of split files, or a Hub dataset id.",
+    )
     a("--train_split", default="train", help="Training split name.")
     a("--validation_split", default="validation", help="Validation split name ('none' disables validation).")
-    a("--safe_image_column", default="safe_image", help="Column with the safe image (path, PIL image or datasets.Image).")
+    a(
+        "--safe_image_column",
+        default="safe_image",
+        help="Column with the safe image (path, PIL image or datasets.Image).",
+    )
     a("--unsafe_image_column", default="unsafe_image", help="Column with the unsafe image.")
     a("--safe_text_column", default="safe_text", help="Column with the safe caption.")
     a("--unsafe_text_column", default="unsafe_text", help="Column with the unsafe caption.")
     a("--image_root", default=None, help="Folder that relative image paths are resolved against.")
     a("--coco_root", default=None, help="COCO 2017 root (ViSU safe images are found by coco_id).")
-    a("--visu_unsafe_images", default=None, help="Folder or json/csv mapping with ViSU's unsafe images (not public; bring your own).")
+    a(
+        "--visu_unsafe_images",
+        default=None,
+        help="Folder or json/csv mapping with ViSU's unsafe images (not public; bring your own).",
+    )
     a("--max_train_samples", type=int, default=None, help="Truncate the training split (debugging).")
     a("--max_eval_samples", type=int, default=None, help="Truncate the validation split (debugging).")
-    a("--per_device_train_batch_size", type=int, default=32, help="Quadruplets per process per micro-batch (reference: 32).")
-    a("--per_device_eval_batch_size", type=int, default=64, help="Quadruplets per validation loss chunk and encoding batch.")
-    a("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimiser step (does not enlarge the negative pool).")
+    a(
+        "--per_device_train_batch_size",
+        type=int,
+        default=32,
+        help="Quadruplets per process per micro-batch (reference: 32).",
+    )
+    a(
+        "--per_device_eval_batch_size",
+        type=int,
+        default=64,
+        help="Quadruplets per validation loss chunk and encoding batch.",
+    )
+    a(
+        "--gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="Micro-batches per optimiser step (does not enlarge the negative pool).",
+    )
     a("--num_train_epochs", type=int, default=20, help="Epochs (paper: 20).")
-    a("--max_train_steps", type=int, default=None, help="Stop after this many optimiser steps (overrides epochs for the schedule if --schedule_steps is unset).")
-    a("--schedule_steps", type=int, default=None, help="Length of the LR schedule in optimiser steps (default: the full run). Set it when stopping early with --max_train_steps to keep the same schedule as a longer run.")
+    a(
+        "--max_train_steps",
+        type=int,
+        default=None,
+        help="Stop after this many optimiser steps (overrides epochs for the schedule if --schedule_steps is unset).",
+    )
+    a(
+        "--schedule_steps",
+        type=int,
+        default=None,
+        help="Length of the LR schedule in optimiser steps (default: the full run). Set it when stopping early with --max_train_steps to keep the same schedule as a longer run.",
+    )
     a("--learning_rate", type=float, default=1e-4, help="Peak learning rate (reference: 1e-4).")
-    a("--weight_decay", type=float, default=0.2, help="AdamW weight decay (none on norms, biases and the HySAC scalars).")
+    a(
+        "--weight_decay",
+        type=float,
+        default=0.2,
+        help="AdamW weight decay (none on norms, biases and the HySAC scalars).",
+    )
     a("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     a("--adam_beta2", type=float, default=0.98, help="AdamW beta2.")
     a("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon.")
     a("--lr_scheduler_type", default="cosine", help="transformers scheduler name (cosine: linear warmup then cosine).")
     a("--num_warmup_steps", type=int, default=0, help="Linear warmup steps.")
-    a("--max_grad_norm", type=float, default=0.0, help="Clip gradients to this norm (0: no clipping, as the reference).")
+    a(
+        "--max_grad_norm",
+        type=float,
+        default=0.0,
+        help="Clip gradients to this norm (0: no clipping, as the reference).",
+    )
     a("--entailment_weight", type=float, default=1.0, help="lambda_e of the three entailment terms.")
     a("--aperture_scale", type=float, default=1.0, help="eta, scale of the entailment cone half-aperture.")
-    a("--loss_weighting", choices=("reference", "plain"), default="reference", help="'reference': lambdas/sum/7 as the authors' code; 'plain': lambdas as given.")
-    a("--local_negatives", action="store_true", help="Contrastive negatives from the local batch only (the authors' per-GPU loss) instead of all processes.")
-    a("--full_finetune", action="store_true", help="Train every tower weight instead of LoRA (projections stay frozen unless --train_projections).")
+    a(
+        "--loss_weighting",
+        choices=("reference", "plain"),
+        default="reference",
+        help="'reference': lambdas/sum/7 as the authors' code; 'plain': lambdas as given.",
+    )
+    a(
+        "--local_negatives",
+        action="store_true",
+        help="Contrastive negatives from the local batch only (the authors' per-GPU loss) instead of all processes.",
+    )
+    a(
+        "--full_finetune",
+        action="store_true",
+        help="Train every tower weight instead of LoRA (projections stay frozen unless --train_projections).",
+    )
     a("--train_projections", action="store_true", help="Also train visual_projection and text_projection.")
     a("--lora_r", type=int, default=16, help="LoRA rank (paper: 16).")
     a("--lora_alpha", type=float, default=1.0, help="LoRA alpha (reference: 1, i.e. scaling 1/16).")
     a("--lora_dropout", type=float, default=0.1, help="LoRA dropout (reference: 0.1).")
-    a("--lora_target_modules", nargs="+", default=list(LORA_TARGET_MODULES), help="Module names that get LoRA in both towers.")
+    a(
+        "--lora_target_modules",
+        nargs="+",
+        default=list(LORA_TARGET_MODULES),
+        help="Module names that get LoRA in both towers.",
+    )
     a("--gradient_checkpointing", action="store_true", help="Recompute tower activations in backward to save memory.")
-    a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="Overrides the accelerate config; the hyperbolic math always runs in float32.")
+    a(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="Overrides the accelerate config; the hyperbolic math always runs in float32.",
+    )
     a("--cpu", action="store_true", help="Force CPU (also via ACCELERATE_USE_CPU=true).")
     a("--seed", type=int, default=42, help="Seed for initialisation, data order and dropout.")
-    a("--dataloader_num_workers", type=int, default=0, help="DataLoader workers (images are decoded and preprocessed there).")
-    a("--checkpointing_steps", type=int, default=0, help="Save the full training state every N optimiser steps (0: never).")
+    a(
+        "--dataloader_num_workers",
+        type=int,
+        default=0,
+        help="DataLoader workers (images are decoded and preprocessed there).",
+    )
+    a(
+        "--checkpointing_steps",
+        type=int,
+        default=0,
+        help="Save the full training state every N optimiser steps (0: never).",
+    )
     a("--checkpoints_total_limit", type=int, default=2, help="Keep at most this many checkpoints.")
     a("--resume_from_checkpoint", default=None, help="'latest' or a checkpoint folder to resume from.")
-    a("--select_best", choices=("recall_sum", "val_loss", "none"), default="recall_sum", help="Export the best epoch by this validation metric ('none': the last weights).")
-    a("--early_stopping_patience", type=int, default=0, help="Stop after this many epochs without improvement (0: off; reference: 5).")
+    a(
+        "--select_best",
+        choices=("recall_sum", "val_loss", "none"),
+        default="recall_sum",
+        help="Export the best epoch by this validation metric ('none': the last weights).",
+    )
+    a(
+        "--early_stopping_patience",
+        type=int,
+        default=0,
+        help="Stop after this many epochs without improvement (0: off; reference: 5).",
+    )
     a("--report_to", choices=("none", "tensorboard", "wandb", "all"), default="none", help="Accelerate tracker.")
     a("--logging_steps", type=int, default=10, help="Log training losses every N optimiser steps.")
     a("--no_calibrate", action="store_true", help="Skip bounds calibration on the validation split after training.")
@@ -297,7 +391,11 @@ def validation_metrics(embeds: dict[str, Tensor], curv: Tensor, loss_fn: HySACLo
     n = embeds["image"].shape[0]
     losses = []
     for start in range(0, n - 1, chunk):
-        rows = {k: v[start : start + chunk] for k, v in embeds.items() if k in ("image", "unsafe_image", "text", "unsafe_text")}
+        rows = {
+            k: v[start : start + chunk]
+            for k, v in embeds.items()
+            if k in ("image", "unsafe_image", "text", "unsafe_text")
+        }
         if rows["image"].shape[0] < 2:
             continue
         losses.append(loss_fn(**rows, curv=curv, logit_scale=embeds["logit_scale"])["loss"].item())
@@ -351,11 +449,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logger = get_logger(__name__)
     output_dir = Path(args.output_dir)
-    accelerator_kwargs: dict[str, Any] = dict(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
-        log_with=None if args.report_to == "none" else args.report_to,
-    )
+    accelerator_kwargs: dict[str, Any] = {
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "project_config": ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
+        "log_with": None if args.report_to == "none" else args.report_to,
+    }
     if args.mixed_precision is not None:
         accelerator_kwargs["mixed_precision"] = args.mixed_precision
     if args.cpu:
@@ -387,9 +485,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "safe_text": args.safe_text_column,
         "unsafe_text": args.unsafe_text_column,
     }
-    data_kwargs = dict(columns=columns, coco_root=args.coco_root, visu_unsafe_images=args.visu_unsafe_images)
+    data_kwargs = {"columns": columns, "coco_root": args.coco_root, "visu_unsafe_images": args.visu_unsafe_images}
     with accelerator.main_process_first():
-        train_set = load_dataset_split(args.dataset, args.train_split, max_samples=args.max_train_samples, **data_kwargs)
+        train_set = load_dataset_split(
+            args.dataset, args.train_split, max_samples=args.max_train_samples, **data_kwargs
+        )
         eval_set = (
             load_dataset_split(args.dataset, args.validation_split, max_samples=args.max_eval_samples, **data_kwargs)
             if args.validation_split
@@ -404,12 +504,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     collator = QuadrupletCollator(processor, image_root=args.image_root)
     sampler = EpochPermutationSampler(len(train_set), args.seed)
     train_loader = torch.utils.data.DataLoader(
-        train_set, batch_size=args.per_device_train_batch_size, sampler=sampler, collate_fn=collator,
-        num_workers=args.dataloader_num_workers, drop_last=True,
+        train_set,
+        batch_size=args.per_device_train_batch_size,
+        sampler=sampler,
+        collate_fn=collator,
+        num_workers=args.dataloader_num_workers,
+        drop_last=True,
     )
     eval_loader = (
         torch.utils.data.DataLoader(
-            eval_set, batch_size=args.per_device_eval_batch_size, shuffle=False, collate_fn=collator,
+            eval_set,
+            batch_size=args.per_device_eval_batch_size,
+            shuffle=False,
+            collate_fn=collator,
             num_workers=args.dataloader_num_workers,
         )
         if eval_set is not None
@@ -449,8 +556,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         world_size=accelerator.num_processes,
     )
     eval_loss_fn = HySACLoss(
-        entailment_weight=args.entailment_weight, aperture_scale=args.aperture_scale,
-        min_radius=loss_fn.min_radius, weighting=args.loss_weighting,
+        entailment_weight=args.entailment_weight,
+        aperture_scale=args.aperture_scale,
+        min_radius=loss_fn.min_radius,
+        weighting=args.loss_weighting,
     )
     if args.report_to != "none":
         accelerator.init_trackers("hysac", config=_tracker_config(args))
@@ -460,7 +569,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if args.resume_from_checkpoint == "latest":
             found = list_checkpoints(output_dir)
             if not found:
-                raise FileNotFoundError(f"--resume_from_checkpoint latest: no {CHECKPOINT_PREFIX}* in {output_dir}/checkpoints")
+                raise FileNotFoundError(
+                    f"--resume_from_checkpoint latest: no {CHECKPOINT_PREFIX}* in {output_dir}/checkpoints"
+                )
             resume_path = found[-1]
         else:
             resume_path = Path(args.resume_from_checkpoint)
@@ -482,7 +593,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     best_dir = output_dir / "best"
     history: list[dict[str, float]] = []
-    bar = tqdm(total=total_steps, initial=progress.global_step, desc="Training", disable=not accelerator.is_local_main_process)
+    bar = tqdm(
+        total=total_steps, initial=progress.global_step, desc="Training", disable=not accelerator.is_local_main_process
+    )
     stop = progress.global_step >= total_steps
     first_epoch = progress.micro_step // batches_per_process
     module.train()
@@ -497,7 +610,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             torch.manual_seed(step_seed(args.seed, progress.micro_step, accelerator.process_index))
             with accelerator.accumulate(module):
                 out = module(**batch)
-                terms = loss_fn(out["image"], out["unsafe_image"], out["text"], out["unsafe_text"], out["curv"], out["logit_scale"])
+                terms = loss_fn(
+                    out["image"], out["unsafe_image"], out["text"], out["unsafe_text"], out["curv"], out["logit_scale"]
+                )
                 loss = terms["loss"]
                 finite = torch.isfinite(loss.detach()).float()
                 if accelerator.num_processes > 1:
@@ -557,13 +672,19 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             else:
                 progress.bad_epochs += 1
                 if args.early_stopping_patience and progress.bad_epochs >= args.early_stopping_patience:
-                    logger.info(f"early stopping after epoch {epoch + 1}: no improvement for {progress.bad_epochs} epochs")
+                    logger.info(
+                        f"early stopping after epoch {epoch + 1}: no improvement for {progress.bad_epochs} epochs"
+                    )
                     break
     bar.close()
     accelerator.wait_for_everyone()
 
     # Export (best epoch or last weights), then calibrate bounds on the validation split.
-    summary: dict[str, Any] = {"global_step": progress.global_step, "history": history, "best_metric": progress.best_metric}
+    summary: dict[str, Any] = {
+        "global_step": progress.global_step,
+        "history": history,
+        "best_metric": progress.best_metric,
+    }
     if accelerator.is_main_process:
         if args.select_best != "none" and best_dir.is_dir():
             final = HySACModel.from_pretrained(best_dir).eval()
@@ -572,8 +693,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             final = export_model(unwrapped())
         if eval_set is not None and not args.no_calibrate:
             bounds = calibrate_model(
-                final, processor, eval_set, batch_size=args.per_device_eval_batch_size,
-                image_root=args.image_root, histogram_path=args.calibration_histogram,
+                final,
+                processor,
+                eval_set,
+                batch_size=args.per_device_eval_batch_size,
+                image_root=args.image_root,
+                histogram_path=args.calibration_histogram,
             )
             final.config.bounds = bounds
             summary["bounds"] = bounds

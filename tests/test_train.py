@@ -26,9 +26,25 @@ def run(tiny_clip_dir, output_dir, *extra: str) -> dict:
 
     AcceleratorState._reset_state(True)
     argv = [
-        "--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(output_dir), "--cpu",
-        "--max_train_samples", "12", "--per_device_train_batch_size", "4", "--validation_split", "none",
-        "--select_best", "none", "--learning_rate", "1e-3", "--num_warmup_steps", "1", "--seed", "3",
+        "--model_name_or_path",
+        str(tiny_clip_dir),
+        "--output_dir",
+        str(output_dir),
+        "--cpu",
+        "--max_train_samples",
+        "12",
+        "--per_device_train_batch_size",
+        "4",
+        "--validation_split",
+        "none",
+        "--select_best",
+        "none",
+        "--learning_rate",
+        "1e-3",
+        "--num_warmup_steps",
+        "1",
+        "--seed",
+        "3",
         *extra,
     ]
     return main(argv)
@@ -39,7 +55,16 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_run(tiny_clip_dir,
     # 12 rows / batch 4 = 3 steps per epoch; stopping at step 2 resumes mid-epoch (skips 2 batches), then
     # crosses into the next epoch (a new permutation).
     run(tiny_clip_dir, tmp_path / "full", "--max_train_steps", "4")
-    run(tiny_clip_dir, tmp_path / "split", "--max_train_steps", "2", "--schedule_steps", "4", "--checkpointing_steps", "1")
+    run(
+        tiny_clip_dir,
+        tmp_path / "split",
+        "--max_train_steps",
+        "2",
+        "--schedule_steps",
+        "4",
+        "--checkpointing_steps",
+        "1",
+    )
     assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_1", "step_2"]
     summary = run(tiny_clip_dir, tmp_path / "split", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     assert summary["global_step"] == 4
@@ -49,7 +74,9 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_run(tiny_clip_dir,
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
     # Training changed the weights (through LoRA merges and the scalars): the equality is not trivial.
-    assert not torch.equal(full["vision_model.encoder.layers.0.mlp.fc1.weight"], start["vision_model.encoder.layers.0.mlp.fc1.weight"])
+    assert not torch.equal(
+        full["vision_model.encoder.layers.0.mlp.fc1.weight"], start["vision_model.encoder.layers.0.mlp.fc1.weight"]
+    )
     assert full["visual_alpha"].item() != pytest.approx(start["visual_alpha"].item(), abs=1e-6)
 
 
@@ -90,7 +117,10 @@ def test_lora_setup_and_export_merges_into_a_plain_model(tiny_clip_dir):
     args = build_parser().parse_args(["--model_name_or_path", "x", "--output_dir", "x"])
     module = HySACTrainingModule(configure_trainable(HySACModel.from_clip(tiny_clip_dir), args))
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-    assert all(("lora_" in n) or n.split(".")[-1] in ("logit_scale", "curv", "visual_alpha", "textual_alpha") for n in trainable)
+    assert all(
+        ("lora_" in n) or n.split(".")[-1] in ("logit_scale", "curv", "visual_alpha", "textual_alpha")
+        for n in trainable
+    )
     targets = {n.split(".lora_")[0].split(".")[-1] for n in trainable if "lora_A" in n}
     assert targets == {"k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding"}
     assert any("text_model" in n for n in trainable) and any("vision_model" in n for n in trainable)
@@ -141,11 +171,25 @@ def test_export_loads_with_plain_automodel_and_has_calibrated_bounds(tiny_clip_d
 
     AcceleratorState._reset_state(True)
     out = tmp_path / "exported"
-    summary = main([
-        "--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(out), "--cpu",
-        "--max_train_samples", "8", "--max_eval_samples", "8", "--per_device_train_batch_size", "4",
-        "--num_train_epochs", "1", "--select_best", "recall_sum",
-    ])
+    summary = main(
+        [
+            "--model_name_or_path",
+            str(tiny_clip_dir),
+            "--output_dir",
+            str(out),
+            "--cpu",
+            "--max_train_samples",
+            "8",
+            "--max_eval_samples",
+            "8",
+            "--per_device_train_batch_size",
+            "4",
+            "--num_train_epochs",
+            "1",
+            "--select_best",
+            "recall_sum",
+        ]
+    )
     assert len(summary["history"]) == 1 and 0 <= summary["history"][0]["recall_sum"] <= 600
     model = AutoModel.from_pretrained(out, trust_remote_code=True)
     assert type(model).__name__ == "HySACModel"

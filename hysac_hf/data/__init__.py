@@ -11,7 +11,7 @@ from .mini_visu import load_mini_visu
 from .quadruplets import load_quadruplets
 from .visu import load_visu
 
-__all__ = ["QuadrupletCollator", "load_image", "load_mini_visu", "load_quadruplets", "load_visu", "load_dataset_split"]
+__all__ = ["QuadrupletCollator", "load_dataset_split", "load_image", "load_mini_visu", "load_quadruplets", "load_visu"]
 
 
 def load_dataset_split(

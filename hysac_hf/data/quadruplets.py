@@ -52,7 +52,9 @@ def load_quadruplets(
                 split = "val"
             else:
                 raise FileNotFoundError(f"{path} has no {split} file; found {sorted(files)} ({sorted(FILE_BUILDERS)})")
-        dataset = datasets.load_dataset(FILE_BUILDERS[Path(files[split]).suffix], data_files=files[split], split="train")
+        dataset = datasets.load_dataset(
+            FILE_BUILDERS[Path(files[split]).suffix], data_files=files[split], split="train"
+        )
     else:
         dataset = datasets.load_dataset(source, split=split)
     mapping = {**{name: name for name in CANONICAL_COLUMNS}, **(columns or {})}

@@ -77,8 +77,9 @@ def load_visu(
     Returns:
         `datasets.Dataset` with `safe_image`/`unsafe_image` as absolute paths, `safe_text`, `unsafe_text`, `tag`.
     """
-    from .quadruplets import load_quadruplets  # noqa: F401  (same loader rules for local files)
     import datasets
+
+    from .quadruplets import load_quadruplets  # noqa: F401  (same loader rules for local files)
 
     path = Path(text_source)
     if path.is_file():

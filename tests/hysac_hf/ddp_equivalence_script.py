@@ -12,10 +12,10 @@ import sys
 
 import torch
 from accelerate import Accelerator
-
-from hysac_hf.losses import HySACLoss
 from hysac_hf.modeling.configuration_hysac import HySACConfig
 from hysac_hf.modeling.modeling_hysac import HySACModel
+
+from hysac_hf.losses import HySACLoss
 from hysac_hf.training import HySACTrainingModule, build_parser, configure_trainable
 
 B = 3  # per-process batch
@@ -24,10 +24,23 @@ B = 3  # per-process batch
 def tiny_model() -> HySACTrainingModule:
     torch.manual_seed(0)
     config = HySACConfig(
-        text_config=dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, eos_token_id=99),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                           image_size=32, patch_size=16),
+        text_config={
+            "vocab_size": 100,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 16,
+            "eos_token_id": 99,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 16,
+        },
         projection_dim=16,
     )
     model = HySACModel(config)
@@ -53,7 +66,9 @@ def batch(rows: slice, world: int) -> dict[str, torch.Tensor]:
 
 def loss_of(module, loss_fn, inputs):
     out = module(**inputs)
-    return loss_fn(out["image"], out["unsafe_image"], out["text"], out["unsafe_text"], out["curv"], out["logit_scale"])["loss"]
+    return loss_fn(out["image"], out["unsafe_image"], out["text"], out["unsafe_text"], out["curv"], out["logit_scale"])[
+        "loss"
+    ]
 
 
 def compare(accelerator, ddp, reference, local_negatives: bool) -> dict:
@@ -69,7 +84,9 @@ def compare(accelerator, ddp, reference, local_negatives: bool) -> dict:
     # One process, batch 2B. With local negatives the expectation is the mean of the two per-half losses.
     single = HySACLoss()
     if local_negatives:
-        ref_loss = sum(loss_of(reference, single, batch(slice(r * B, (r + 1) * B), world)) for r in range(world)) / world
+        ref_loss = (
+            sum(loss_of(reference, single, batch(slice(r * B, (r + 1) * B), world)) for r in range(world)) / world
+        )
     else:
         ref_loss = loss_of(reference, single, batch(slice(0, B * world), world))
     ref_loss.backward()
@@ -96,7 +113,10 @@ def main() -> None:
     module = tiny_model()
     reference = copy.deepcopy(module)
     ddp = accelerator.prepare(module)
-    report = {"global": compare(accelerator, ddp, reference, False), "local": compare(accelerator, ddp, reference, True)}
+    report = {
+        "global": compare(accelerator, ddp, reference, False),
+        "local": compare(accelerator, ddp, reference, True),
+    }
     if accelerator.is_main_process:
         with open(opts.report, "w") as handle:
             json.dump(report, handle)

@@ -41,7 +41,7 @@ def test_embed_distances_match_hand_computed_radii(hysac, processor):
         image = hysac.get_image_features(batch["pixel_values"]).double().numpy()
         text = hysac.get_text_features(batch["input_ids"]).double().numpy()
     c = hysac.curvature.item()
-    radius = lambda x: np.arcsinh(np.sqrt(c) * np.linalg.norm(x, axis=1)) / np.sqrt(c)  # noqa: E731
+    radius = lambda x: np.arcsinh(np.sqrt(c) * np.linalg.norm(x, axis=1)) / np.sqrt(c)
     np.testing.assert_allclose(distances["V"], radius(image[:5]), rtol=1e-5)
     np.testing.assert_allclose(distances["G"], radius(image[5:]), rtol=1e-5)
     np.testing.assert_allclose(distances["S"], radius(text[:5]), rtol=1e-5)

@@ -9,7 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from hysac_hf.data import QuadrupletCollator, load_dataset_split, load_image, load_mini_visu, load_quadruplets, load_visu
+from hysac_hf.data import (
+    QuadrupletCollator,
+    load_dataset_split,
+    load_image,
+    load_mini_visu,
+    load_quadruplets,
+    load_visu,
+)
 from hysac_hf.data.mini_visu import apply_marker, mini_visu_rows, photo_specs
 
 
@@ -51,7 +58,9 @@ def test_collator_puts_safe_rows_first(processor):
     assert batch["pixel_values"].shape == (6, 3, 224, 224) and batch["input_ids"].shape == (6, 77)
     expected = processor(images=[load_image(rows[1]["unsafe_image"])], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"][4:5], expected)
-    ids = processor.tokenizer([rows[2]["safe_text"]], padding="max_length", max_length=77, return_tensors="pt")["input_ids"]
+    ids = processor.tokenizer([rows[2]["safe_text"]], padding="max_length", max_length=77, return_tensors="pt")[
+        "input_ids"
+    ]
     assert torch.equal(batch["input_ids"][2:3], ids)
     with pytest.raises(ValueError, match="empty batch"):
         QuadrupletCollator(processor)([])
@@ -96,7 +105,9 @@ def test_visu_joins_coco_ids_and_user_unsafe_images(tmp_path, image_files):
     Image.open(src[0]).save(coco / "000000000139.jpg")
     Image.open(src[1]).save(unsafe / "gen_0.png")
     text = tmp_path / "visu_test.jsonl"
-    text.write_text(json.dumps({"safe": "a dog", "nsfw": "[x] a dog", "tag": "violence", "coco_id": 139, "nsfw_im_path": "gen_0"}))
+    text.write_text(
+        json.dumps({"safe": "a dog", "nsfw": "[x] a dog", "tag": "violence", "coco_id": 139, "nsfw_im_path": "gen_0"})
+    )
     dataset = load_visu(str(text), "test", tmp_path / "coco", unsafe)
     assert dataset[0]["safe_image"] == str(coco / "000000000139.jpg")
     assert dataset[0]["unsafe_image"] == str(unsafe / "gen_0.png")

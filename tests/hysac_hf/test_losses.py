@@ -32,8 +32,10 @@ def np_dist(x: np.ndarray, y: np.ndarray, c: float) -> np.ndarray:
 
 
 def np_infonce(logits: np.ndarray) -> float:
-    log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) - logits.max(
-        1, keepdims=True
+    log_probs = (
+        logits
+        - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+        - logits.max(1, keepdims=True)
     )
     return float(-np.mean(np.diag(log_probs)))
 
@@ -104,8 +106,12 @@ def test_float32_matches_float64_hand_computation(quadruplet):
         curv=torch.tensor(1.3),
         logit_scale=torch.tensor(math.log(1 / 0.07)),
     )
-    assert out["contrastive_safe"].item() == pytest.approx(np_contrastive(q["text"], q["image"], 1.3, math.log(1 / 0.07)), rel=1e-5)
-    assert out["entailment_unsafe"].item() == pytest.approx(np_entailment(q["unsafe_text"], q["unsafe_image"], 1.3, 1.0), abs=1e-5)
+    assert out["contrastive_safe"].item() == pytest.approx(
+        np_contrastive(q["text"], q["image"], 1.3, math.log(1 / 0.07)), rel=1e-5
+    )
+    assert out["entailment_unsafe"].item() == pytest.approx(
+        np_entailment(q["unsafe_text"], q["unsafe_image"], 1.3, 1.0), abs=1e-5
+    )
 
 
 def test_entailment_angle_is_taken_at_the_general_element(quadruplet):
@@ -131,7 +137,9 @@ def test_plain_weighting_and_bad_arguments(quadruplet):
         loss_weights(-1.0)
     q = as_torch(quadruplet)
     with pytest.raises(ValueError, match="one shape"):
-        HySACLoss()(q["image"], q["unsafe_image"][:3], q["text"], q["unsafe_text"], torch.tensor(1.0), torch.tensor(1.0))
+        HySACLoss()(
+            q["image"], q["unsafe_image"][:3], q["text"], q["unsafe_text"], torch.tensor(1.0), torch.tensor(1.0)
+        )
     empty = torch.zeros(0, 5)
     with pytest.raises(ValueError, match="empty batch"):
         HySACLoss()(empty, empty, empty, empty, torch.tensor(1.0), torch.tensor(1.0))
@@ -139,7 +147,7 @@ def test_plain_weighting_and_bad_arguments(quadruplet):
 
 def test_local_negatives_equal_single_process_loss(quadruplet):
     q = as_torch(quadruplet)
-    args = dict(curv=torch.tensor(1.0), logit_scale=torch.tensor(2.0))
+    args = {"curv": torch.tensor(1.0), "logit_scale": torch.tensor(2.0)}
     single = HySACLoss()(**q, **args)["loss"]
     local = HySACLoss(local_negatives=True, rank=1, world_size=2)(**q, **args)["loss"]
     assert torch.equal(single, local)

@@ -7,6 +7,7 @@ Rendering is local; only pushing touches the Hub.
 
 from __future__ import annotations
 
+import importlib.resources
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,8 @@ DATASET = "aimagelab/ViSU-Text"
 LICENSE = "cc-by-nc-4.0"
 TAGS = ["clip", "hyperbolic", "lorentz", "safety", "nsfw", "vision-language", "hysac", "custom_code"]
 UNSAFE_CATEGORIES = ("hate", "harassment", "violence", "self-harm", "sexual", "shocking", "illegal activities")
-TEMPLATE_PATH = Path(__file__).resolve().parents[1] / "model_cards" / "hysac.md.j2"
+# model_cards/ is installed as hysac_hf.model_cards (pyproject package-dir), in checkouts and wheels alike.
+TEMPLATE_PATH = Path(str(importlib.resources.files("hysac_hf.model_cards") / "hysac.md.j2"))
 
 CITATION = """@inproceedings{poppi2025hyperbolic,
   title     = {Hyperbolic Safety-Aware Vision-Language Models},

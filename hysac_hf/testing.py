@@ -104,6 +104,15 @@ TINY_VISION = dict(
 )
 
 
+# Bounds in the paper's order (S < V < U < G) for tiny test models: arbitrary but plausible values.
+TINY_BOUNDS = {
+    "S": {"avg": 0.30, "up_95": 0.45, "low_05": 0.15},
+    "V": {"avg": 0.55, "up_95": 0.70, "low_05": 0.40},
+    "U": {"avg": 0.80, "up_95": 0.95, "low_05": 0.65},
+    "G": {"avg": 1.05, "up_95": 1.20, "low_05": 0.90},
+}
+
+
 def tiny_clip_config(projection_dim: int = 32, **overrides):
     """A tiny `CLIPConfig` with CLIP's real vocabulary size and 224-px input."""
     from transformers import CLIPConfig

@@ -18,17 +18,9 @@ import pytest
 import torch
 
 from hysac_hf import HySACModel, HySACProcessor
-from hysac_hf.testing import SAMPLE_CAPTIONS, make_tiny_clip, sample_images
+from hysac_hf.testing import SAMPLE_CAPTIONS, TINY_BOUNDS, make_tiny_clip, sample_images
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
-
-TINY_BOUNDS = {
-    "S": {"avg": 0.30, "up_95": 0.45, "low_05": 0.15},
-    "V": {"avg": 0.55, "up_95": 0.70, "low_05": 0.40},
-    "U": {"avg": 0.80, "up_95": 0.95, "low_05": 0.65},
-    "G": {"avg": 1.05, "up_95": 1.20, "low_05": 0.90},
-}
-
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):

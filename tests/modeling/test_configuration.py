@@ -6,7 +6,7 @@ import json
 import math
 
 import pytest
-from conftest import TINY_BOUNDS
+from hysac_hf.testing import TINY_BOUNDS
 from transformers import CLIPTextConfig, CLIPVisionConfig
 
 from hysac_hf import HySACConfig

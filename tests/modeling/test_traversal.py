@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_BOUNDS
+from hysac_hf.testing import TINY_BOUNDS
 from hysac_hf.modeling.lorentz import dist_to_origin, exp_map0
 from hysac_hf.modeling.traversal import traversal_threshold, traverse
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import TINY_BOUNDS
+from hysac_hf.testing import TINY_BOUNDS
 from hysac_hf.modeling.lorentz import exp_map0
 
 from hysac_hf.evaluation.embed import EmbeddingCache

@@ -192,7 +192,7 @@ def test_converted_folder_loads_without_hysac_hf(converted_folder, authors_check
         pytest.skip("HYSAC_OTHER_PYTHON (the other transformers line's interpreter) is not set")
     result = run_without_hysac_hf(code, tmp_path, python=PYTHONS[python])
     assert result.returncode == 0, result.stderr[-4000:]
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
     fp32 = results["float32"]
     torch.testing.assert_close(fp32["image"], expected["image"], rtol=0, atol=1e-5)
     torch.testing.assert_close(fp32["text"], expected["text"], rtol=0, atol=1e-5)

@@ -1,0 +1,147 @@
+"""The demo's pieces (the full training run is `hysac-demo` itself): order check, photo tables, Hub-style loading.
+
+Distances and zero-shot scores are checked against float64 math on the Euclidean projected features: the
+lift is `exp_map0(alpha * f)`, whose geodesic distance to the root is exactly `||alpha * f||`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hysac_hf.demo import (
+    MARKERS,
+    format_report,
+    is_ordered,
+    load_exported,
+    photo_distances,
+    zero_shot,
+)
+
+
+def _lift64(features: torch.Tensor, alpha: float, c: float) -> torch.Tensor:
+    """Space components of `exp_map0(alpha * features)` in float64, written out independently."""
+    v = features.double() * alpha
+    norm = v.norm(dim=-1, keepdim=True)
+    return torch.sinh(math.sqrt(c) * norm) / (math.sqrt(c) * norm) * v
+
+
+def _dist64(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
+    """Pairwise Lorentz distance in float64: `acosh(-c <x, y>_L) / sqrt(c)`."""
+    xt = torch.sqrt(1 / c + (x * x).sum(-1, keepdim=True))
+    yt = torch.sqrt(1 / c + (y * y).sum(-1, keepdim=True))
+    inner = x @ y.T - xt @ yt.T
+    return torch.acosh((-c * inner).clamp(min=1.0)) / math.sqrt(c)
+
+
+@pytest.mark.parametrize(
+    ("means", "expected"),
+    [
+        ({"S": 0.1, "V": 0.2, "U": 0.3, "G": 0.4}, True),
+        ({"S": 0.26, "V": 0.87, "U": 0.32, "G": 0.92}, False),  # texts near the root: the old demo's failure
+        ({"S": 0.1, "V": 0.2, "U": 0.2, "G": 0.4}, False),  # ties are not an order
+        ({"S": 0.4, "V": 0.3, "U": 0.2, "G": 0.1}, False),
+    ],
+)
+def test_is_ordered(means, expected):
+    assert is_ordered(means) is expected
+
+
+def test_photo_distances_match_float64(hysac, processor, photos):
+    from hysac_hf.data.mini_visu import apply_marker
+
+    subset = {name: photos[name] for name in ("astronaut", "camera", "logo", "cat")}  # RGB, gray, RGBA
+    result = photo_distances(hysac, processor, subset)
+    assert list(result) == list(subset)
+    assert [row["marker"] for row in result.values()] == [MARKERS[i % len(MARKERS)] for i in range(len(subset))]
+    safe = [image.convert("RGB") for image in subset.values()]
+    marked = [apply_marker(image, row["marker"]) for image, row in zip(safe, result.values())]
+    with torch.no_grad():
+        features = hysac.get_image_features(
+            processor(images=safe + marked, return_tensors="pt")["pixel_values"], lift=False
+        )
+    expected = (features.double() * hysac.visual_alpha.double().exp()).norm(dim=-1)
+    got = torch.tensor([[row["safe"] for row in result.values()] + [row["marked"] for row in result.values()]])
+    torch.testing.assert_close(got.double().flatten(), expected, rtol=1e-4, atol=1e-5)
+    assert all(row["safe"] != row["marked"] for row in result.values())
+
+
+def test_photo_distances_rejects_no_photo(hysac, processor):
+    with pytest.raises(ValueError, match="at least one photo"):
+        photo_distances(hysac, processor, {})
+
+
+def test_zero_shot_matches_float64_softmax(hysac, processor, photos, captions):
+    names = ("astronaut", "cat", "coffee")
+    labels = ("astronaut", "cat", "coffee", "rocket")
+    scores = zero_shot(hysac, processor, {n: photos[n] for n in names}, {label: captions[label] for label in labels})
+    assert list(scores) == list(names) and all(list(row) == list(labels) for row in scores.values())
+
+    c = hysac.curvature.item()
+    with torch.no_grad():
+        image_f = hysac.get_image_features(
+            processor(images=[photos[n].convert("RGB") for n in names], return_tensors="pt")["pixel_values"], lift=False
+        )
+        text_in = processor(text=[captions[label] for label in labels], return_tensors="pt")
+        text_f = hysac.get_text_features(text_in["input_ids"], text_in["attention_mask"], lift=False)
+    image = _lift64(image_f, hysac.visual_alpha.exp().item(), c)
+    text = _lift64(text_f, hysac.textual_alpha.exp().item(), c)
+    expected = (-hysac.logit_scale.exp().item() * _dist64(image, text, c)).softmax(dim=-1)
+    got = torch.tensor([[scores[n][label] for label in labels] for n in names], dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(got.sum(-1), torch.ones(len(names), dtype=torch.float64))
+
+
+def test_zero_shot_needs_two_captions(hysac, processor, photos):
+    with pytest.raises(ValueError, match="at least two candidate captions"):
+        zero_shot(hysac, processor, {"cat": photos["cat"]}, {"cat": "a cat"})
+
+
+def test_load_exported_gives_the_same_embeddings(hysac, processor, photos, tmp_path):
+    hysac.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    model, loaded_processor = load_exported(tmp_path)
+    assert not model.training
+    assert model.config.bounds == hysac.config.bounds
+    subset = {name: photos[name] for name in ("rocket", "coffee")}
+    torch.testing.assert_close(
+        torch.tensor([[r["safe"], r["marked"]] for r in photo_distances(model, loaded_processor, subset).values()]),
+        torch.tensor([[r["safe"], r["marked"]] for r in photo_distances(hysac, processor, subset).values()]),
+    )
+
+
+def _result(means, photos=None, scores=None):
+    return {
+        "n": 40,
+        "recall_at_1": {"T->I": 12.5, "I->T": 20.0, "T*->I*": 7.5, "I*->T*": 10.0},
+        "mean_distance": means,
+        "unsafe_farther": {"image": 0.975, "text": 0.9},
+        "ordered": is_ordered(means),
+        "photo_distances": photos or {},
+        "zero_shot": scores or {},
+    }
+
+
+def test_format_report_states_the_order_and_every_table(tmp_path):
+    photos = {
+        "astronaut": {"marker": "crimson_band", "safe": 0.3512, "marked": 0.4123},
+        "cat": {"marker": "hazard_hatch", "safe": 0.5, "marked": 0.25},
+    }
+    scores = {"astronaut": {"astronaut": 0.7, "cat": 0.3}, "cat": {"astronaut": 0.45, "cat": 0.55}}
+    good = format_report(_result({"S": 0.1, "V": 0.2, "U": 0.3, "G": 0.4}, photos, scores), tmp_path)
+    lines = [line for line in good.splitlines() if line.strip()]
+    assert "Order S < V < U < G: yes" in lines
+    assert any("U (unsafe text " in line and "0.3000" in line for line in lines)
+    assert any(
+        line.split()[:4] == ["astronaut", "0.3512", "->", "0.4123"] and line.endswith(" farther") for line in lines
+    )
+    assert any(line.split()[0] == "cat" and line.endswith("NOT farther") for line in lines)
+    assert any(line.split() == ["astronaut", "70.0", "30.0"] for line in lines)
+    assert any(line.split() == ["cat", "45.0", "55.0"] for line in lines)
+    assert len(good.splitlines()) <= 40
+
+    bad = format_report(_result({"S": 0.26, "V": 0.87, "U": 0.32, "G": 0.92}), tmp_path)
+    assert "Order S < V < U < G: NO" in bad.splitlines()
+    assert "Zero-shot" not in bad and "Sample photos" not in bad

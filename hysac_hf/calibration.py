@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .modeling.lorentz import dist_to_origin
+
 logger = logging.getLogger(__name__)
 
 CONTENT_TYPES = {"S": "safe_text", "V": "safe_image", "U": "unsafe_text", "G": "unsafe_image"}
@@ -59,31 +61,28 @@ def embed_distances(
     dataset,
     batch_size: int = 64,
     image_root: str | None = None,
-    num_workers: int = 0,
     show_progress: bool = True,
 ) -> dict[str, Tensor]:
     """Distance to the root of every safe/unsafe text and image of a quadruplet dataset.
 
+    The embedding itself is `hysac_hf.evaluation.embed.embed_dataset` (the same path `hysac-eval embed` uses).
+
     Returns:
         content type (S, V, U, G) -> `(N,)` float32 distances.
     """
-    from tqdm.auto import tqdm
+    from .evaluation.embed import embed_dataset
 
-    from .data import QuadrupletCollator
-
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, collate_fn=QuadrupletCollator(processor, image_root), num_workers=num_workers
+    cache = embed_dataset(
+        model,
+        processor,
+        dataset,
+        columns={column: key for key, column in CONTENT_TYPES.items()},
+        tag_column=None,
+        image_root=image_root,
+        batch_size=batch_size,
+        show_progress=show_progress,
     )
-    device = next(model.parameters()).device
-    parts: dict[str, list[Tensor]] = {key: [] for key in CONTENT_TYPES}
-    model.eval()
-    for batch in tqdm(loader, desc="Calibrating bounds", disable=not show_progress):
-        image = model.get_image_features(batch["pixel_values"].to(device, model.dtype))
-        text = model.get_text_features(batch["input_ids"].to(device))
-        n = image.shape[0] // 2
-        for key, embeds in (("V", image[:n]), ("G", image[n:]), ("S", text[:n]), ("U", text[n:])):
-            parts[key].append(model.distance_to_root(embeds).float().cpu())
-    return {key: torch.cat(values) for key, values in parts.items()}
+    return {key: dist_to_origin(cache.embeds[key], cache.curv).float() for key in CONTENT_TYPES}
 
 
 def plot_histogram(distances: dict[str, Tensor], bounds: dict[str, dict[str, float]], path: str | Path) -> Path:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from ..modeling.processing_hysac import to_rgb
 from .mini_visu import render
 
 IMAGE_COLUMNS = ("safe_image", "unsafe_image")
@@ -15,7 +16,7 @@ TEXT_COLUMNS = ("safe_text", "unsafe_text")
 
 
 def load_image(value: Any, image_root: str | Path | None = None) -> Image.Image:
-    """Decode one image reference to RGB.
+    """Decode one image reference to RGB (transparency composited over white, as `HySACProcessor` does).
 
     Args:
         value: a PIL image, a path (absolute or relative to `image_root`), a `datasets.Image` dict
@@ -23,14 +24,14 @@ def load_image(value: Any, image_root: str | Path | None = None) -> Image.Image:
         image_root: folder that relative paths are resolved against.
     """
     if isinstance(value, Image.Image):
-        return value.convert("RGB")
+        return to_rgb(value)
     if isinstance(value, dict) and "photo" in value:
         return render(value)
     if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
         if value.get("bytes"):
             import io
 
-            return Image.open(io.BytesIO(value["bytes"])).convert("RGB")
+            return to_rgb(Image.open(io.BytesIO(value["bytes"])))
         value = value["path"]
     if isinstance(value, (str, Path)):
         path = Path(value)
@@ -39,7 +40,8 @@ def load_image(value: Any, image_root: str | Path | None = None) -> Image.Image:
         if not path.is_file():
             raise FileNotFoundError(f"image {path} does not exist; check --image_root / --coco_root and the dataset")
         with Image.open(path) as image:
-            return image.convert("RGB")
+            image.load()  # decode before the file closes
+            return to_rgb(image)
     raise TypeError(f"cannot load an image from {type(value).__name__}; expected a PIL image, a path or a dict")
 
 

@@ -27,6 +27,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ..data import load_image
+
 logger = logging.getLogger(__name__)
 
 # Default column names of a quadruplet dataset -> bounds key of the content type.
@@ -166,24 +168,6 @@ def open_quadruplets(source: Any, split: str = "test", max_samples: int | None =
     )
 
 
-def _open_image(value: Any, image_root: Path | None):
-    """Decode an image reference: PIL image, path, `datasets.Image` dict or a mini-ViSU spec."""
-    try:
-        from ..data import load_image
-    except ImportError:  # pragma: no cover - hysac_hf.data ships with the package
-        load_image = None
-    if load_image is not None:
-        return load_image(value, image_root)
-    from PIL import Image  # pragma: no cover - fallback without hysac_hf.data
-
-    if isinstance(value, Image.Image):
-        return value
-    if isinstance(value, (str, os.PathLike)):
-        path = Path(value) if image_root is None or Path(value).is_absolute() else image_root / value
-        return Image.open(path)
-    raise TypeError(f"cannot read an image from a {type(value).__name__}; expected a PIL image or a file path")
-
-
 @torch.no_grad()
 def embed_dataset(
     model,
@@ -241,8 +225,8 @@ def embed_dataset(
         out = {}
         for col, key in present.items():
             if key in IMAGE_KEYS:
-                images = [_open_image(v, root).convert("RGB") for v in batch[col]]
-                pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+                images = [load_image(v, root) for v in batch[col]]
+                pixels = processor(images=images, return_tensors="pt")["pixel_values"].to(device, model.dtype)
                 out[f"__emb_{key}"] = model.get_image_features(pixel_values=pixels).cpu().numpy()
             else:
                 texts = processor(text=list(batch[col]), return_tensors="pt")
@@ -334,8 +318,8 @@ def embed_images(
     model.to(device)
     out = []
     for start in tqdm(range(0, len(images), batch_size), desc="Embedding images", disable=not show_progress):
-        batch = [_open_image(v, None).convert("RGB") for v in images[start : start + batch_size]]
-        pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device)
+        batch = [load_image(v) for v in images[start : start + batch_size]]
+        pixels = processor(images=batch, return_tensors="pt")["pixel_values"].to(device, model.dtype)
         out.append(model.get_image_features(pixel_values=pixels).float().cpu())
     if not out:
         raise ValueError("no images to embed")

@@ -12,6 +12,10 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 
@@ -20,6 +24,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # The number of merges CLIP uses: vocabulary 49408 = 256 bytes * 2 (with and without </w>) + merges + 2 specials.
 N_MERGES = 49152 - 256 - 2
 
@@ -172,3 +177,44 @@ def sample_images(as_pil: bool = True) -> dict[str, object]:
     from PIL import Image
 
     return {name: Image.fromarray(array) for name, array in arrays.items()}
+
+
+def run_without_hysac_hf(
+    code: str, workdir: str | Path, python: str = sys.executable, args: Sequence[str] = (), timeout: int = 300
+) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh Python whose imports of `hysac_hf` and `modeling` fail, with cwd `workdir`.
+
+    This is what a Hub user has: transformers and torch, and the remote code shipped in the model folder.
+    `args` become `sys.argv[1:]`; remote code is cached under `workdir/hf_modules`. Used by the tests that
+    prove a saved or converted folder loads with `trust_remote_code` alone.
+    """
+    workdir = Path(workdir)
+    blocker = textwrap.dedent(
+        """
+        import importlib.abc, sys
+        class _BlockLocalPackages(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("hysac_hf", "modeling"):
+                    raise ModuleNotFoundError(f"{name} is blocked in this test", name=name)
+                return None
+        sys.meta_path.insert(0, _BlockLocalPackages())
+        sys.path[:] = [p for p in sys.path if p not in ("", ".", %r, %r)]
+        try:
+            import hysac_hf
+        except ModuleNotFoundError:
+            pass
+        else:
+            raise SystemExit("hysac_hf is importable; the test would prove nothing")
+        """
+        % (str(REPO_ROOT), str(REPO_ROOT / "modeling"))
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "hf_modules"))
+    return subprocess.run(
+        [python, "-c", blocker + textwrap.dedent(code), *args],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

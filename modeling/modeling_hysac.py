@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_hysac import BOUND_KEY_NAMES, BOUND_KEYS, BOUND_STATS, HySACConfig
+from .configuration_hysac import BOUND_KEYS, BOUND_STATS, HySACConfig
 from .lorentz import _full_precision, dist_to_origin, exp_map0, pairwise_dist
 from .traversal import DIRECTIONS, METHODS, traversal_threshold, traverse
 

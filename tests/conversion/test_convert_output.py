@@ -6,9 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from unittest import mock
 
@@ -16,6 +14,8 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
+
+from hysac_hf.testing import run_without_hysac_hf
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "conversion" / "convert_hysac_original_to_hf.py"
@@ -32,44 +32,6 @@ def load_convert_script():
 # CI sets HYSAC_OTHER_PYTHON to the interpreter of the other transformers line (4.x <-> 5.x): a folder converted
 # with one line must load in the other.
 PYTHONS = {"this": sys.executable, "other": os.environ.get("HYSAC_OTHER_PYTHON")}
-
-
-def run_without_hysac_hf(
-    code: str, workdir: Path, python: str = sys.executable, timeout: int = 300
-) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh Python whose imports of `hysac_hf` and `modeling` fail, with cwd outside the repo.
-
-    This is what a Hub user has: transformers and torch, and the remote code shipped in the model folder.
-    """
-    blocker = textwrap.dedent(
-        """
-        import importlib.abc, sys
-        class _BlockLocalPackages(importlib.abc.MetaPathFinder):
-            def find_spec(self, name, path=None, target=None):
-                if name.split(".")[0] in ("hysac_hf", "modeling"):
-                    raise ModuleNotFoundError(f"{name} is blocked in this test", name=name)
-                return None
-        sys.meta_path.insert(0, _BlockLocalPackages())
-        sys.path[:] = [p for p in sys.path if p not in ("", ".", %r, %r)]
-        try:
-            import hysac_hf
-        except ModuleNotFoundError:
-            pass
-        else:
-            raise SystemExit("hysac_hf is importable; the test would prove nothing")
-        """
-        % (str(REPO_ROOT), str(REPO_ROOT / "modeling"))
-    )
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(workdir / "hf_modules"))
-    return subprocess.run(
-        [python, "-c", blocker + textwrap.dedent(code)],
-        cwd=workdir,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import textwrap
 
@@ -12,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from hysac_hf.testing import run_without_hysac_hf
+
 pytestmark = pytest.mark.slow
 
-# Runs in a fresh interpreter, outside the repository, with hysac_hf and the repo's modeling/ blocked.
+# Runs in a fresh interpreter, with hysac_hf and the repo's modeling/ blocked (hysac_hf.testing.run_without_hysac_hf).
 CHILD = textwrap.dedent(
     """
-    import sys
-
-    class _Blocker:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("hysac_hf", "modeling"):
-                raise ImportError(f"{name} must not be importable in this test")
-            return None
-
-    sys.meta_path.insert(0, _Blocker())
     import json
     import numpy as np
     import torch
@@ -36,11 +28,6 @@ CHILD = textwrap.dedent(
     model = AutoModel.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
     assert "transformers_modules" in type(model).__module__, type(model).__module__
-    try:
-        import hysac_hf  # noqa: F401
-        raise SystemExit("hysac_hf was importable")
-    except ImportError:
-        pass
     images = [Image.open(p) for p in json.loads(sys.argv[3])]
     texts = json.loads(sys.argv[4])
     batch = processor(text=texts, images=images)
@@ -73,15 +60,9 @@ PYTHONS = [sys.executable] + [p for p in [os.environ.get("HYSAC_OTHER_PYTHON")] 
 
 
 def run_child(folder, tmp_path, image_paths, texts, python=sys.executable):
-    script = tmp_path / "child.py"
-    script.write_text(CHILD)
     out = tmp_path / "out.npz"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    env.pop("PYTHONPATH", None)
-    result = subprocess.run(
-        [python, str(script), str(folder), str(out), json.dumps(image_paths), json.dumps(texts)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
+    args = [str(folder), str(out), json.dumps(image_paths), json.dumps(texts)]
+    result = run_without_hysac_hf(CHILD, tmp_path, python=python, args=args)
     assert result.returncode == 0, result.stderr[-4000:]
     return np.load(out)
 

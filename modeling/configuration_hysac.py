@@ -117,12 +117,12 @@ class HySACConfig(_BaseConfig):
     ):
         if text_config is None:
             text_config = CLIPTextConfig()
-            logger.info("text_config is None; using the default CLIPTextConfig.")
+            logger.debug("text_config is None; using the default CLIPTextConfig.")
         elif isinstance(text_config, dict):
             text_config = CLIPTextConfig(**text_config)
         if vision_config is None:
             vision_config = CLIPVisionConfig()
-            logger.info("vision_config is None; using the default CLIPVisionConfig.")
+            logger.debug("vision_config is None; using the default CLIPVisionConfig.")
         elif isinstance(vision_config, dict):
             vision_config = CLIPVisionConfig(**vision_config)
         if curv_init <= 0:

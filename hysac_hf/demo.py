@@ -71,26 +71,23 @@ def build_demo_clip(directory: str | Path, seed: int = 0, image_size: int = 64) 
 @torch.no_grad()
 def evaluate(model, processor, split: str = "test", batch_size: int = 40) -> dict:
     """R@1 retrieval and distance-to-root statistics on a mini-ViSU split."""
-    from .calibration import embed_distances
-    from .data import QuadrupletCollator, load_mini_visu
+    from .data import load_mini_visu
+    from .evaluation.embed import embed_dataset
+    from .modeling.lorentz import dist_to_origin
     from .training import recall_at_1
 
     dataset = load_mini_visu(split)
-    distances = embed_distances(model, processor, dataset, batch_size=batch_size, show_progress=False)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, collate_fn=QuadrupletCollator(processor))
-    images, texts = [], []
-    for batch in loader:
-        image = model.get_image_features(batch["pixel_values"])
-        text = model.get_text_features(batch["input_ids"])
-        images.append(image.view(2, -1, image.shape[-1]))
-        texts.append(text.view(2, -1, text.shape[-1]))
-    image, text = torch.cat(images, 1), torch.cat(texts, 1)
-    c = model.curvature
+    # One pass over the split: both the distances and the retrieval come from these embeddings.
+    embeds = embed_dataset(
+        model, processor, dataset, tag_column=None, batch_size=batch_size, show_progress=False
+    ).embeds
+    c = model.curvature.detach()
+    distances = {key: dist_to_origin(embeds[key], c) for key in ORDER}
     recall = {
-        "T->I": recall_at_1(text[0], image[0], c),
-        "I->T": recall_at_1(image[0], text[0], c),
-        "T*->I*": recall_at_1(text[1], image[1], c),
-        "I*->T*": recall_at_1(image[1], text[1], c),
+        "T->I": recall_at_1(embeds["S"], embeds["V"], c),
+        "I->T": recall_at_1(embeds["V"], embeds["S"], c),
+        "T*->I*": recall_at_1(embeds["U"], embeds["G"], c),
+        "I*->T*": recall_at_1(embeds["G"], embeds["U"], c),
     }
     means = {key: distances[key].double().mean().item() for key in ORDER}
     # How often an unsafe item lies farther from the root than its own safe counterpart.

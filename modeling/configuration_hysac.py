@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import CLIPTextConfig, CLIPVisionConfig
@@ -16,11 +17,60 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-# Content types of the bounds: safe text (T), safe image (I), unsafe text (T*), unsafe image (I*).
-BOUND_KEYS = ("S", "V", "U", "G")
+
+@dataclass(frozen=True)
+class ContentKind:
+    """One of the four kinds of content HySAC orders by distance from the root.
+
+    Attributes:
+        key: the one-letter key of the authors' code and of `config.bounds` (`S`, `V`, `U`, `G`).
+        column: the dataset column that holds it (`safe_text`, `safe_image`, `unsafe_text`, `unsafe_image`).
+        notation: the paper's notation (`T`, `I`, `T*`, `I*`).
+        name: display name ("safe text", ...).
+        modality: `"text"` or `"image"`.
+        is_safe: whether it is the safe side of a quadruplet.
+    """
+
+    key: str
+    column: str
+    notation: str
+    name: str
+    modality: str
+    is_safe: bool
+
+
+# THE vocabulary of the four kinds of content, in the paper's radial order (nearest to the root first).
+# Every other module imports it; no other table of these names exists.
+CONTENT_KINDS: tuple[ContentKind, ...] = (
+    ContentKind("S", "safe_text", "T", "safe text", "text", True),
+    ContentKind("V", "safe_image", "I", "safe image", "image", True),
+    ContentKind("U", "unsafe_text", "T*", "unsafe text", "text", False),
+    ContentKind("G", "unsafe_image", "I*", "unsafe image", "image", False),
+)
+CONTENT: dict[str, ContentKind] = {kind.key: kind for kind in CONTENT_KINDS}
+CONTENT_BY_COLUMN: dict[str, ContentKind] = {kind.column: kind for kind in CONTENT_KINDS}
+CONTENT_BY_NOTATION: dict[str, ContentKind] = {kind.notation: kind for kind in CONTENT_KINDS}
+BOUND_KEYS = tuple(kind.key for kind in CONTENT_KINDS)  # ("S", "V", "U", "G")
+MODALITIES = ("image", "text")
+# The safe kind of each modality: the region a traversal of that modality's gallery moves into.
+SAFE_KIND = {kind.modality: kind for kind in CONTENT_KINDS if kind.is_safe}
 BOUND_STATS = ("avg", "up_95", "low_05")
-BOUND_KEY_NAMES = {"S": "safe text", "V": "safe image", "U": "unsafe text", "G": "unsafe image"}
-THRESHOLD_KEYS = ("image", "text")
+THRESHOLD_KEYS = MODALITIES
+
+
+def content_kind(name: str) -> ContentKind:
+    """The kind named by a key (`S`), a column (`safe_text`) or a paper notation (`T`).
+
+    Raises:
+        ValueError: listing the accepted names.
+    """
+    for table in (CONTENT, CONTENT_BY_COLUMN, CONTENT_BY_NOTATION):
+        if name in table:
+            return table[name]
+    raise ValueError(
+        f"unknown kind of content {name!r}; use a key {list(CONTENT)}, a column {list(CONTENT_BY_COLUMN)} "
+        f"or a paper notation {list(CONTENT_BY_NOTATION)}"
+    )
 
 
 def validate_bounds(bounds: Any) -> dict[str, dict[str, float]] | None:
@@ -37,7 +87,7 @@ def validate_bounds(bounds: Any) -> dict[str, dict[str, float]] | None:
     missing += [f"{k}.{s}" for k in BOUND_KEYS if k in bounds for s in BOUND_STATS if s not in bounds[k]]
     if missing:
         raise ValueError(
-            f"bounds lacks {missing}; expected keys {list(BOUND_KEYS)} ({', '.join(BOUND_KEY_NAMES.values())}) "
+            f"bounds lacks {missing}; expected keys {list(BOUND_KEYS)} ({', '.join(kind.name for kind in CONTENT_KINDS)}) "
             f"each with {list(BOUND_STATS)}. Run 'hysac-calibrate' or pass a complete bounds dict."
         )
     clean: dict[str, dict[str, float]] = {}
@@ -168,4 +218,18 @@ class HySACConfig(_BaseConfig):
         return output
 
 
-__all__ = ["HySACConfig", "validate_bounds", "validate_thresholds", "BOUND_KEYS", "BOUND_STATS"]
+__all__ = [
+    "BOUND_KEYS",
+    "BOUND_STATS",
+    "CONTENT",
+    "CONTENT_BY_COLUMN",
+    "CONTENT_BY_NOTATION",
+    "CONTENT_KINDS",
+    "MODALITIES",
+    "SAFE_KIND",
+    "ContentKind",
+    "HySACConfig",
+    "content_kind",
+    "validate_bounds",
+    "validate_thresholds",
+]

@@ -20,7 +20,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_hysac import BOUND_KEYS, BOUND_STATS, HySACConfig
+from .configuration_hysac import BOUND_KEYS, BOUND_STATS, SAFE_KIND, HySACConfig
 from .lorentz import _full_precision, dist_to_origin, exp_map0, pairwise_dist
 from .traversal import DIRECTIONS, METHODS, traversal_threshold, traverse
 
@@ -31,7 +31,7 @@ except ImportError:  # transformers 4.x
 
 logger = logging.get_logger(__name__)
 
-TRAVERSAL_TARGETS = {"image": "V", "text": "S", **{k: k for k in BOUND_KEYS}}
+TRAVERSAL_TARGETS = {**{modality: kind.key for modality, kind in SAFE_KIND.items()}, **{k: k for k in BOUND_KEYS}}
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """HySAC processor: transformers' own CLIP image processor and CLIP tokenizer behind one call.
 
 Ships to the Hub as remote code (torch + transformers only). The sub-processors are built-in transformers
-classes, so `AutoTokenizer` and `AutoImageProcessor` load them from a model folder without remote code.
+classes, so `AutoImageProcessor` loads them from a model folder without remote code, and so does `AutoTokenizer`
+(transformers 5 asks whether to run the model's custom code first: pass `trust_remote_code=False` there).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import torch
 import transformers
 from transformers import BatchFeature
 from transformers.processing_utils import ProcessorMixin
@@ -19,42 +21,134 @@ except ImportError:  # pragma: no cover - transformers' image processors need Pi
     Image = None
 
 DEFAULT_MAX_LENGTH = 77  # CLIP's context length
+MAX_8_BIT = 255
+MAX_16_BIT = 65535  # = 255 * 257: a 16-bit level v * 257 is the 8-bit level v
+ARRAY_LAYOUTS = "(H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
+TENSOR_LAYOUTS = "(H, W), (1, H, W), (3, H, W) or (4, H, W)"
 
 
 def to_rgb(image: Any) -> Any:
-    """Convert a PIL image or a numpy array (grayscale `(H, W)` / `(H, W, 1)`, RGB, or RGBA) to an RGB PIL image.
+    """Turn one picture into the 8-bit RGB PIL image that CLIP's image processor reads: the processor's one
+    format conversion.
 
-    Other inputs (torch tensors, already-RGB images) are returned as they are.
+    Every pixel becomes the nearest 8-bit level, so a 16-bit or float picture gives exactly what the same
+    picture stored in 8 bits gives. Transparency is composited over white. Accepted:
+
+    - PIL images of every mode: 8-bit modes (`"L"`, `"P"`, `"RGB"`, `"RGBA"`, `"LA"`, `"CMYK"`, ...) as PIL
+      converts them; 16-bit grayscale (`"I;16"`, `"I;16B"`, `"I;16L"`, and `"I"`, as 16-bit PNGs open) with
+      values in `[0, 65535]`; float (`"F"`) with values in `[0, 1]`.
+    - numpy arrays, channels last as PIL and matplotlib lay them out: `(H, W)`, `(H, W, 1)`, `(H, W, 3)`,
+      `(H, W, 4)`; of dtype `uint8`, `uint16` (16-bit: 65535 is white), float with values in `[0, 1]`, or another
+      integer dtype whose values all lie in `[0, 255]` (read as 8-bit, as `CLIPImageProcessor` reads them).
+    - torch tensors, channels first as torchvision makes them: `(H, W)`, `(1, H, W)`, `(3, H, W)`, `(4, H, W)`,
+      with the same dtypes.
+
+    Other objects are returned as they are, for the image processor to accept or reject.
+
+    Raises:
+        ValueError: for what has no single reading, naming it and what to pass instead: float values outside
+            `[0, 1]`, NaN or infinity, boolean masks, 16-bit values outside `[0, 65535]`, wider integers beyond
+            `[0, 255]`, and other shapes or channel counts.
     """
     if Image is not None and isinstance(image, Image.Image):
-        if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info):
+        if image.mode == "F" or image.mode.startswith("I"):  # 16/32-bit integer or float: scale, never clip
+            source = f"PIL image of mode {image.mode!r}"
+            pixels = np.asarray(image)
+            return _array_to_rgb(pixels if image.mode == "F" else _sixteen_bit(pixels, source), source)
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
             # Composite transparency over white instead of dropping alpha (which can leave garbage colours).
             image = image.convert("RGBA")
             background = Image.new("RGBA", image.size, (255, 255, 255, 255))
             return Image.alpha_composite(background, image).convert("RGB")
         return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, torch.Tensor):
+        return _array_to_rgb(_channels_last(image), f"torch tensor of dtype {image.dtype}")
     if isinstance(image, np.ndarray):
-        array = image
-        if array.ndim == 3 and array.shape[-1] == 1:
-            array = array[..., 0]
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-            raise ValueError(
-                f"cannot interpret a numpy image of shape {image.shape}; expected (H, W), (H, W, 1), (H, W, 3) "
-                "or (H, W, 4) (channels last)"
-            )
-        if array.dtype != np.uint8:
-            if array.size and float(np.nanmax(array)) <= 1.0:
-                array = array * 255.0
-            array = np.clip(np.nan_to_num(array), 0, 255).astype(np.uint8)
-        return to_rgb(Image.fromarray(array))
+        return _array_to_rgb(image, f"numpy array of dtype {image.dtype}")
     return image
+
+
+def _channels_last(tensor: torch.Tensor) -> np.ndarray:
+    """`(H, W)` or channels-first `(C, H, W)` tensor -> numpy `(H, W)` / `(H, W, C)`."""
+    if tensor.ndim == 3 and tensor.shape[0] in (1, 3, 4):
+        tensor = tensor.permute(1, 2, 0)
+    elif tensor.ndim != 2:
+        raise ValueError(
+            f"cannot read a torch image of shape {tuple(tensor.shape)}; expected {TENSOR_LAYOUTS} (channels first, "
+            "as torchvision makes them): pass a channels-last tensor as `tensor.permute(2, 0, 1)` and a batch as a "
+            "list or a (B, C, H, W) tensor"
+        )
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16 or tensor.dtype == torch.float16:  # numpy has no bfloat16
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _value_range(array: np.ndarray) -> str:
+    return f"[{array.min()}, {array.max()}]"
+
+
+def _sixteen_bit(array: np.ndarray, source: str) -> np.ndarray:
+    """Check that integer pixels fit 16 bits and return them as `uint16`."""
+    if array.size and (array.min() < 0 or array.max() > MAX_16_BIT):
+        raise ValueError(
+            f"a {source} is read as 16-bit, but its values lie in {_value_range(array)}, outside [0, {MAX_16_BIT}]; "
+            "rescale it into [0, 65535] (uint16) or pass floats in [0, 1]"
+        )
+    return array.astype(np.uint16)
+
+
+def _to_uint8(array: np.ndarray, source: str) -> np.ndarray:
+    """Pixels of any accepted dtype -> the nearest 8-bit levels, `uint8`."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.uint16:
+        return np.rint(array * (MAX_8_BIT / MAX_16_BIT)).astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.isfinite(array).all():
+            raise ValueError(f"a {source} contains NaN or infinite values; pass finite values in [0, 1]")
+        if array.min() < 0 or array.max() > 1:
+            raise ValueError(
+                f"a {source} must hold values in [0, 1], got {_value_range(array)}; divide 0-255 values by 255 "
+                "(or pass them as uint8) and rescale other ranges into [0, 1]"
+            )
+        return np.rint(array.astype(np.float64) * MAX_8_BIT).astype(np.uint8)
+    if array.dtype.kind == "b":
+        raise ValueError(
+            f"a {source} is a boolean mask, not an image; to use it as a black-and-white picture, pass it as "
+            "uint8 with 0 for False and 255 for True"
+        )
+    if array.dtype.kind in "iu":
+        if array.min() < 0 or array.max() > MAX_8_BIT:
+            raise ValueError(
+                f"a {source} is read as 8-bit only when its values lie in [0, 255]; got {_value_range(array)}. "
+                "Pass 16-bit pictures as uint16 (`image.astype(np.uint16)`, 65535 = white) and other ranges as "
+                "floats in [0, 1]"
+            )
+        return array.astype(np.uint8)
+    raise ValueError(f"cannot read a {source} as an image; expected uint8, uint16 or float values in [0, 1]")
+
+
+def _array_to_rgb(array: np.ndarray, source: str) -> Any:
+    """Channels-last numpy pixels -> RGB PIL image (see `to_rgb`)."""
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"cannot read a {source} of shape {array.shape} as an image; expected {ARRAY_LAYOUTS} (channels last); "
+            "pass a batch as a list or a (B, H, W, C) array"
+        )
+    if array.size == 0:
+        raise ValueError(f"the {source} of shape {array.shape} is empty")
+    return to_rgb(Image.fromarray(np.ascontiguousarray(_to_uint8(array, source))))
 
 
 class HySACProcessor(ProcessorMixin):
     r"""Tokenizes text and preprocesses images for [`HySACModel`].
 
-    Text is padded to 77 tokens and truncated by default, as the HySAC authors and CLIP do. Images may be
-    PIL images or numpy arrays in any of grayscale, RGB or RGBA and of any size.
+    Text is padded to 77 tokens and truncated by default, as the HySAC authors and CLIP do. Images may be PIL
+    images, numpy arrays or torch tensors, 8-bit, 16-bit or float, grayscale, RGB or RGBA, of any size: `to_rgb`
+    says which and how they are read.
 
     Args:
         image_processor (`CLIPImageProcessor`): resizing, cropping and CLIP normalisation.
@@ -92,17 +186,26 @@ class HySACProcessor(ProcessorMixin):
 
         Args:
             text: a string or a list of strings.
-            images: an image or a list of images (PIL, numpy).
+            images: an image or a list of images (PIL, numpy channels-last, torch channels-first; see `to_rgb`),
+                or a batch as one `(B, H, W, C)` array or `(B, C, H, W)` tensor.
             return_tensors: `"pt"` (default), `"np"` or `None`.
             padding: `"max_length"` (default, 77 tokens), `True`/`"longest"`, or `False`.
             truncation: truncate text longer than `max_length` (default True: never an error).
             max_length: defaults to the tokenizer's 77.
-            kwargs: passed to the tokenizer and image processor.
+            kwargs: passed to the tokenizer; transformers' processor convention is accepted too, as generic
+                callers such as sentence-transformers use it: `text_kwargs` (tokenizer), `images_kwargs` (image
+                processor) and `common_kwargs` (both; its `return_tensors` replaces the argument).
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask` `(B_t, L)` and/or `pixel_values` `(B_i, 3, H, W)`.
         """
         if text is None and images is None:
             raise ValueError("HySACProcessor needs text, images or both")
+        common_kwargs = dict(kwargs.pop("common_kwargs", None) or {})
+        return_tensors = common_kwargs.pop("return_tensors", return_tensors)
+        text_kwargs = {**common_kwargs, **(kwargs.pop("text_kwargs", None) or {})}
+        images_kwargs = {**common_kwargs, **(kwargs.pop("images_kwargs", None) or {})}
+        for unused in ("audio_kwargs", "videos_kwargs"):  # no audio or video inputs to apply them to
+            kwargs.pop(unused, None)
         data: dict[str, Any] = {}
         if text is not None:
             texts = [text] if isinstance(text, str) else list(text)
@@ -111,20 +214,17 @@ class HySACProcessor(ProcessorMixin):
             bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
             if bad:
                 raise ValueError(f"text must be strings, got {sorted(set(bad))}")
-            encoding = self.tokenizer(
-                texts,
-                padding=padding,
-                truncation=truncation,
-                max_length=max_length or self.max_length,
-                return_tensors=return_tensors,
-                **kwargs,
-            )
+            options = {"padding": padding, "truncation": truncation, "max_length": max_length or self.max_length}
+            encoding = self.tokenizer(texts, return_tensors=return_tensors, **{**options, **kwargs, **text_kwargs})
             data.update(encoding)
         if images is not None:
-            batch = list(images) if isinstance(images, (list, tuple)) else [images]
+            is_batch = isinstance(images, (list, tuple)) or getattr(images, "ndim", None) == 4
+            batch = list(images) if is_batch else [images]
             if not batch:
                 raise ValueError("images is an empty list; pass at least one image")
-            pixel_values = self.image_processor([to_rgb(image) for image in batch], return_tensors=return_tensors)
+            pixel_values = self.image_processor(
+                [to_rgb(image) for image in batch], return_tensors=return_tensors, **images_kwargs
+            )
             data["pixel_values"] = pixel_values["pixel_values"]
         return BatchFeature(data=data, tensor_type=return_tensors)
 

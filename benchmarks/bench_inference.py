@@ -166,17 +166,17 @@ def main(argv: list[str] | None = None) -> dict:
 
     variants = {
         ("image", "CLIP"): lambda: _features(clip.get_image_features(pixel_values=pixel_values)),
-        ("image", "HySAC"): lambda: hysac.get_image_features(pixel_values),
+        ("image", "HySAC"): lambda: hysac.encode_image(pixel_values),
         ("image", "authors (PEFT)"): lambda: authors.encode_image(pixel_values),
         ("text", "CLIP"): lambda: _features(clip.get_text_features(input_ids=input_ids)),
-        ("text", "HySAC"): lambda: hysac.get_text_features(input_ids),
+        ("text", "HySAC"): lambda: hysac.encode_text(input_ids),
         ("text", "authors (PEFT)"): lambda: authors.encode_text(input_ids),
     }
     with torch.inference_mode():
         # Sanity: same towers, so HySAC's unlifted features equal CLIP's and its embeddings equal the authors'.
         diffs = {
             "HySAC vs CLIP image features": (
-                hysac.get_image_features(pixel_values, lift=False)
+                hysac.encode_image(pixel_values, lift=False)
                 - _features(clip.get_image_features(pixel_values=pixel_values))
             ),
             "HySAC vs authors image embeds": variants[("image", "HySAC")]() - variants[("image", "authors (PEFT)")](),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,13 @@ SAFE_KIND = {kind.modality: kind for kind in CONTENT_KINDS if kind.is_safe}
 BOUND_STATS = ("avg", "up_95", "low_05")
 THRESHOLD_KEYS = MODALITIES
 
+# Upper clamp of the log contrastive scale: the authors' (and MERU's) literal, a hair above log(100) = 4.6051702.
+# Kept as written so that training from the released checkpoint follows the released code.
+MAX_LOGIT_SCALE = 4.6052
+
+# Config keys renamed after folders were published; old folders and old keyword arguments still load.
+RENAMED_CONFIG_KEYS = {"alpha_init": "feature_scale_init", "traversal_alpha": "traversal_offset"}
+
 
 def content_kind(name: str) -> ContentKind:
     """The kind named by a key (`S`), a column (`safe_text`) or a paper notation (`T`).
@@ -73,16 +81,34 @@ def content_kind(name: str) -> ContentKind:
     )
 
 
+def _distance(value: Any, where: str) -> float:
+    """`value` as a float if it is a finite real number >= 0 (a distance to the root); else a ValueError naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{where} = {value!r} ({type(value).__name__}) is not a number; expected a distance >= 0")
+    value = float(value)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{where} = {value} is not a finite distance >= 0")
+    return value
+
+
 def validate_bounds(bounds: Any) -> dict[str, dict[str, float]] | None:
     """Check a bounds mapping `{"S"|"V"|"U"|"G": {"avg"|"up_95"|"low_05": float}}` and return it as floats.
 
+    Every value must be a finite real number >= 0, and per key `low_05 <= avg <= up_95`.
+
     Raises:
-        ValueError: naming every missing key or non-finite value.
+        ValueError: naming every missing key, or the first non-numeric, non-finite or out-of-order value
+            (as `bounds['V']['up_95']`).
     """
     if bounds is None:
         return None
     if not isinstance(bounds, dict):
         raise ValueError(f"bounds must be a dict keyed by {list(BOUND_KEYS)}, got {type(bounds).__name__}")
+    not_dicts = [k for k in BOUND_KEYS if k in bounds and not isinstance(bounds[k], dict)]
+    if not_dicts:
+        raise ValueError(
+            f"bounds[{not_dicts[0]!r}] = {bounds[not_dicts[0]]!r} must be a dict with keys {list(BOUND_STATS)}"
+        )
     missing = [k for k in BOUND_KEYS if k not in bounds]
     missing += [f"{k}.{s}" for k in BOUND_KEYS if k in bounds for s in BOUND_STATS if s not in bounds[k]]
     if missing:
@@ -92,17 +118,26 @@ def validate_bounds(bounds: Any) -> dict[str, dict[str, float]] | None:
         )
     clean: dict[str, dict[str, float]] = {}
     for key in BOUND_KEYS:
-        clean[key] = {}
-        for stat in BOUND_STATS:
-            value = float(bounds[key][stat])
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"bounds[{key!r}][{stat!r}] = {value} is not a finite distance >= 0")
-            clean[key][stat] = value
+        clean[key] = {stat: _distance(bounds[key][stat], f"bounds[{key!r}][{stat!r}]") for stat in BOUND_STATS}
+        low, avg, up = (clean[key][stat] for stat in ("low_05", "avg", "up_95"))
+        if not low <= avg <= up:
+            raise ValueError(
+                f"bounds[{key!r}] is out of order: low_05 = {low}, avg = {avg}, up_95 = {up}; the 5th percentile, "
+                "the mean and the 95th percentile of the distances to the root satisfy low_05 <= avg <= up_95. "
+                "Were two statistics swapped? Recalibrate with 'hysac-calibrate'."
+            )
     return clean
 
 
 def validate_thresholds(thresholds: Any) -> dict[str, float] | None:
-    """Check unsafe-classification thresholds `{"image": float, "text": float}` (either key may be absent)."""
+    """Check unsafe-classification thresholds `{"image": float, "text": float}` (either key may be absent).
+
+    Each value is a distance to the root: a finite real number >= 0.
+
+    Raises:
+        ValueError: naming unknown keys, or the first non-numeric or non-finite value (as
+            `unsafe_thresholds['image']`).
+    """
     if thresholds is None:
         return None
     if not isinstance(thresholds, dict):
@@ -110,13 +145,18 @@ def validate_thresholds(thresholds: Any) -> dict[str, float] | None:
     unknown = sorted(set(thresholds) - set(THRESHOLD_KEYS))
     if unknown:
         raise ValueError(f"unsafe_thresholds has unknown keys {unknown}; expected a subset of {list(THRESHOLD_KEYS)}")
-    clean = {}
-    for key, value in thresholds.items():
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"unsafe_thresholds[{key!r}] = {value} is not finite")
-        clean[key] = value
-    return clean
+    return {key: _distance(value, f"unsafe_thresholds[{key!r}]") for key, value in thresholds.items()}
+
+
+def _renamed_value(old: str, old_value: Any, new_value: Any, default: Any) -> Any:
+    """The value of a renamed config key given under its old name (folders saved before the rename)."""
+    new = RENAMED_CONFIG_KEYS[old]
+    if new_value != default and new_value != old_value:
+        raise ValueError(f"config has both {old}={old_value!r} and {new}={new_value!r}; {old} is the old name of {new}")
+    logger.warning_once(
+        f"HySACConfig: {old!r} is the old name of {new!r}; reading it as {new} (save the config again to update it)"
+    )
+    return old_value
 
 
 class HySACConfig(_BaseConfig):
@@ -130,12 +170,15 @@ class HySACConfig(_BaseConfig):
         learn_curv (`bool`, defaults to True): whether the curvature is trained.
         curv_clamp_factor (`float`, defaults to 10.0): training clamps `c` to `[curv_init / f, curv_init * f]`.
         logit_scale_init_value (`float`, defaults to log(1/0.07)): initial log of the contrastive scale.
-        max_logit_scale (`float`, defaults to log(100)): upper clamp of the log scale during training.
-        alpha_init (`float`, *optional*): initial multiplier applied to the projected features before the
-            exponential map; stored in log space. Defaults to `projection_dim ** -0.5` as in the released code.
+        max_logit_scale (`float`, defaults to `MAX_LOGIT_SCALE` = 4.6052): upper clamp of the log scale during
+            training (the authors' and MERU's literal, a hair above log(100)).
+        feature_scale_init (`float`, *optional*): initial multiplier applied to the projected features before
+            the exponential map (the parameters `visual_alpha`/`textual_alpha` hold its logarithm). Defaults to
+            `projection_dim ** -0.5` as in the released code. Called `alpha_init` before; that key is still read.
         min_radius (`float`, defaults to 0.1): `K` of the entailment-cone half-aperture.
-        traversal_alpha (`float`, defaults to 0.8): `alpha` of the traversal threshold
-            `b + tanh((b - alpha) / c) + 1`.
+        traversal_offset (`float`, defaults to 0.8): the offset of the traversal threshold
+            `b + tanh((b - offset) / c) + 1` (`alpha` in the authors' code). Called `traversal_alpha` before;
+            that key is still read.
         bounds (`dict`, *optional*): per content type (`S` safe text, `V` safe image, `U` unsafe text, `G` unsafe
             image) the mean (`avg`), 95th (`up_95`) and 5th (`low_05`) percentile of the distance to the root.
             `None` until calibrated; the safety traversal needs it.
@@ -156,15 +199,20 @@ class HySACConfig(_BaseConfig):
         learn_curv: bool = True,
         curv_clamp_factor: float = 10.0,
         logit_scale_init_value: float = math.log(1 / 0.07),
-        max_logit_scale: float = math.log(100),
-        alpha_init: float | None = None,
+        max_logit_scale: float = MAX_LOGIT_SCALE,
+        feature_scale_init: float | None = None,
         min_radius: float = 0.1,
-        traversal_alpha: float = 0.8,
+        traversal_offset: float = 0.8,
         bounds: dict | None = None,
         unsafe_thresholds: dict | None = None,
         initializer_factor: float = 1.0,
         **kwargs,
     ):
+        renamed = {old: kwargs.pop(old) for old in RENAMED_CONFIG_KEYS if old in kwargs}
+        if "alpha_init" in renamed:
+            feature_scale_init = _renamed_value("alpha_init", renamed["alpha_init"], feature_scale_init, None)
+        if "traversal_alpha" in renamed:
+            traversal_offset = _renamed_value("traversal_alpha", renamed["traversal_alpha"], traversal_offset, 0.8)
         if text_config is None:
             text_config = CLIPTextConfig()
             logger.debug("text_config is None; using the default CLIPTextConfig.")
@@ -181,10 +229,12 @@ class HySACConfig(_BaseConfig):
             raise ValueError(f"curv_clamp_factor ({curv_clamp_factor}) must be >= 1")
         if projection_dim <= 0:
             raise ValueError(f"projection_dim ({projection_dim}) must be positive")
-        if alpha_init is None:
-            alpha_init = projection_dim**-0.5
-        if alpha_init <= 0:
-            raise ValueError(f"alpha_init ({alpha_init}) must be > 0: it is stored as its logarithm")
+        if feature_scale_init is None:
+            feature_scale_init = projection_dim**-0.5
+        if not feature_scale_init > 0:
+            raise ValueError(
+                f"feature_scale_init ({feature_scale_init}) must be > 0: the model stores its logarithm"
+            )
 
         self.text_config = text_config
         self.vision_config = vision_config
@@ -194,9 +244,9 @@ class HySACConfig(_BaseConfig):
         self.curv_clamp_factor = float(curv_clamp_factor)
         self.logit_scale_init_value = float(logit_scale_init_value)
         self.max_logit_scale = float(max_logit_scale)
-        self.alpha_init = float(alpha_init)
+        self.feature_scale_init = float(feature_scale_init)
         self.min_radius = float(min_radius)
-        self.traversal_alpha = float(traversal_alpha)
+        self.traversal_offset = float(traversal_offset)
         self.bounds = validate_bounds(bounds)
         self.unsafe_thresholds = validate_thresholds(unsafe_thresholds)
         self.initializer_factor = initializer_factor
@@ -225,6 +275,7 @@ __all__ = [
     "CONTENT_BY_COLUMN",
     "CONTENT_BY_NOTATION",
     "CONTENT_KINDS",
+    "MAX_LOGIT_SCALE",
     "MODALITIES",
     "SAFE_KIND",
     "ContentKind",

@@ -4,16 +4,32 @@ Two CLIP towers (named as in transformers' `CLIPModel`) whose projected features
 `exp(alpha)` and lifted onto a Lorentz hyperboloid of learned curvature with the exponential map at the
 origin. Similarity is the negative geodesic distance; the distance to the origin ("root") measures how
 specific, and for HySAC how unsafe, a text or image is.
+
+Two ways to embed:
+
+- `encode_image` / `encode_text`: the same on every transformers line, a plain `(B, D)` float32 tensor of
+  hyperboloid space components (`lift=False`: the Euclidean projected features). Use these.
+- `get_image_features` / `get_text_features`: `CLIPModel`'s contract of the installed transformers, so that
+  generic CLIP code works: on transformers 5 a `BaseModelOutputWithPooling` whose `pooler_output` is the
+  hyperboloid embedding (a tuple with `return_dict=False`); on transformers 4 the plain tensor.
+
+Input checks that read tensor values (NaN pixels, token ids out of range) run in eager calls only; they are
+skipped while `torch.compile`, `torch.export`, `torch.jit` or an ONNX exporter traces the model, so all the
+public methods export and compile with `fullgraph=True`.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import Tensor, nn
 from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
@@ -21,7 +37,7 @@ from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from .configuration_hysac import BOUND_KEYS, BOUND_STATS, SAFE_KIND, HySACConfig
-from .lorentz import _full_precision, dist_to_origin, exp_map0, pairwise_dist
+from .lorentz import autocast_disabled, dist_to_origin, exp_map0, pairwise_dist
 from .traversal import DIRECTIONS, METHODS, traversal_threshold, traverse
 
 try:  # transformers >= 5: init functions that skip weights loaded from a checkpoint
@@ -32,6 +48,26 @@ except ImportError:  # transformers 4.x
 logger = logging.get_logger(__name__)
 
 TRAVERSAL_TARGETS = {**{modality: kind.key for modality, kind in SAFE_KIND.items()}, **{k: k for k in BOUND_KEYS}}
+# The learned scalars: log contrastive scale, log curvature, log feature scales. Always float32.
+SCALAR_PARAMETERS = ("logit_scale", "curv", "visual_alpha", "textual_alpha")
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+# transformers 5's CLIPModel.get_*_features return a BaseModelOutputWithPooling; transformers 4's, the tensor.
+FEATURES_ARE_MODEL_OUTPUTS = int(transformers.__version__.split(".")[0]) >= 5
+
+
+def is_tracing() -> bool:
+    """Whether torch.compile (dynamo), torch.export, torch.jit or an ONNX exporter is tracing the caller.
+
+    Data-dependent checks (`if torch.isfinite(x).all()`, `int(ids.min())`) cannot be traced and cost a
+    host-device sync; they run only when this is False.
+    """
+    is_compiling = getattr(torch.compiler, "is_compiling", None)  # also True under torch.export
+    if is_compiling is not None and is_compiling():
+        return True
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    if is_exporting is not None and is_exporting():
+        return True
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 @dataclass
@@ -87,9 +123,22 @@ class HySACPreTrainedModel(CLIPPreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flash_attn_2 = True
-    # Scalars live in log space; half precision would round curvature and scales visibly.
-    _keep_in_fp32_modules = ["logit_scale", "curv", "visual_alpha", "textual_alpha"]
-    _keep_in_fp32_modules_strict = _keep_in_fp32_modules  # fp16 and bf16 alike
+    # Scalars live in log space; half precision would round curvature and scales visibly. Only the strict list:
+    # on transformers 4 and 5 it keeps them float32 under fp16 AND bf16 loading (`_keep_in_fp32_modules` covers
+    # fp16 only, and transformers expects the two lists to be disjoint).
+    _keep_in_fp32_modules_strict = list(SCALAR_PARAMETERS)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: initialise missing weights as transformers does for its own models.
+
+        transformers 5 assumes that a custom-code `_init_weights` writes parameters in place, and so skips every
+        module whose own parameters are all loaded. `CLIPAttention` and `CLIPMLP` own no parameters (their
+        `nn.Linear` children do), so CLIP's attention and MLP initialisation never ran for weights missing from a
+        checkpoint (std 0.02 instead of CLIP's). Our `_init_weights` uses `transformers.initialization`, which
+        leaves loaded tensors alone, exactly like the library's models.
+        """
+        return False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -100,9 +149,11 @@ class HySACPreTrainedModel(CLIPPreTrainedModel):
             init.normal_(module.text_projection.weight, std=cfg.text_config.hidden_size**-0.5 * factor)
             init.constant_(module.logit_scale, cfg.logit_scale_init_value)
             init.constant_(module.curv, math.log(cfg.curv_init))
-            init.constant_(module.visual_alpha, math.log(cfg.alpha_init))
-            init.constant_(module.textual_alpha, math.log(cfg.alpha_init))
-        elif not isinstance(module, nn.Linear) or module.out_features != self.config.projection_dim:
+            init.constant_(module.visual_alpha, math.log(cfg.feature_scale_init))
+            init.constant_(module.textual_alpha, math.log(cfg.feature_scale_init))
+        elif module is getattr(self, "visual_projection", None) or module is getattr(self, "text_projection", None):
+            return  # the branch above gives them CLIP's projection init; a generic Linear init would be wasted
+        else:
             super()._init_weights(module)
 
 
@@ -110,7 +161,9 @@ class HySACModel(HySACPreTrainedModel):
     """HySAC: CLIP towers + Lorentz lift. See the module docstring and `HySACConfig`.
 
     Parameters beyond `CLIPModel`'s: `curv` (log curvature magnitude), `visual_alpha` and `textual_alpha`
-    (log feature scales), all scalars. `logit_scale` is the log contrastive scale, as in CLIP.
+    (log feature scales), all scalars. `logit_scale` is the log contrastive scale, as in CLIP. The four scalars
+    are float32 whatever the model's dtype: `model.half()`, `.to(torch.bfloat16)` or loading with `dtype=`
+    casts the towers only.
     """
 
     main_input_name = "input_ids"
@@ -126,11 +179,31 @@ class HySACModel(HySACPreTrainedModel):
         self.vision_model = getattr(vision_model, "vision_model", vision_model)
         self.visual_projection = nn.Linear(vision_config.hidden_size, config.projection_dim, bias=False)
         self.text_projection = nn.Linear(text_config.hidden_size, config.projection_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
-        self.curv = nn.Parameter(torch.tensor(math.log(config.curv_init)), requires_grad=config.learn_curv)
-        self.visual_alpha = nn.Parameter(torch.tensor(math.log(config.alpha_init)))
-        self.textual_alpha = nn.Parameter(torch.tensor(math.log(config.alpha_init)))
+        # float32 whatever the default dtype (`_from_config(dtype=torch.bfloat16)` sets it for construction).
+        scalar = {"dtype": torch.float32}
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value, **scalar))
+        self.curv = nn.Parameter(torch.tensor(math.log(config.curv_init), **scalar), requires_grad=config.learn_curv)
+        self.visual_alpha = nn.Parameter(torch.tensor(math.log(config.feature_scale_init), **scalar))
+        self.textual_alpha = nn.Parameter(torch.tensor(math.log(config.feature_scale_init), **scalar))
         self.post_init()
+
+    def _apply(self, fn, recurse: bool = True):
+        """`nn.Module._apply` (behind `.half()`, `.to(dtype)`, `.bfloat16()`, ...), keeping the learned scalars
+        float32 and bit-exact: a cast to fp16/bf16 would round the curvature (1.7 -> 1.7002) and the scales."""
+        saved = {}
+        for name in SCALAR_PARAMETERS:
+            param = self._parameters.get(name)
+            if param is not None and param.dtype == torch.float32:
+                grad = None if param.grad is None else param.grad.detach().clone()
+                saved[name] = (param.detach().clone(), grad)
+        result = super()._apply(fn, recurse)
+        for name, (value, grad) in saved.items():
+            param = self._parameters[name]
+            if param.dtype in _HALF_DTYPES:
+                param.data = value.to(param.device)
+                if grad is not None:
+                    param.grad = grad.to(param.device)
+        return result
 
     # ----------------------------------------------------------------------------------------------------
     # Small accessors
@@ -146,8 +219,35 @@ class HySACModel(HySACPreTrainedModel):
         return self.curv.exp()
 
     # ----------------------------------------------------------------------------------------------------
+    # Loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then refuse weights whose learned scalars are NaN or infinite.
+
+        A NaN curvature, feature scale or logit scale (a diverged training run, a corrupt conversion) would
+        otherwise load silently and turn every distance and logit into NaN.
+
+        Raises:
+            ValueError: naming the parameter, its value and the weights file it came from.
+        """
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True gives a tuple
+        for name in SCALAR_PARAMETERS:
+            param = getattr(model, name, None)
+            if param is not None and param.device.type != "meta" and not bool(torch.isfinite(param).all()):
+                source = _weights_source(pretrained_model_name_or_path, name, kwargs)
+                raise ValueError(
+                    f"{name} = {param.detach().float().tolist()} in {source} is not finite, so every embedding "
+                    "and logit would be NaN. The checkpoint is corrupt (for example saved from a diverged "
+                    "training run): export or convert it again, or load an earlier checkpoint."
+                )
+        return loaded
+
+    # ----------------------------------------------------------------------------------------------------
     # Input checks (public boundary only)
-    def _check_pixel_values(self, pixel_values: Tensor | None, interpolate_pos_encoding: bool) -> None:
+    def _check_pixel_values(
+        self, pixel_values: Tensor | None, interpolate_pos_encoding: bool, check_values: bool = True
+    ) -> None:
         if pixel_values is None:
             raise ValueError("pixel_values is None; pass images through HySACProcessor(images=...)")
         if not torch.is_tensor(pixel_values) or pixel_values.ndim != 4:
@@ -167,10 +267,12 @@ class HySACModel(HySACPreTrainedModel):
                 f"pixel_values are {h}x{w}, the vision tower expects {vc.image_size}x{vc.image_size}; "
                 "preprocess with HySACProcessor or pass interpolate_pos_encoding=True"
             )
-        if not torch.isfinite(pixel_values).all():
+        if check_values and not is_tracing() and not torch.isfinite(pixel_values).all():
             raise ValueError("pixel_values contain NaN or Inf; check the image decoding and normalisation")
 
-    def _check_input_ids(self, input_ids: Tensor | None, attention_mask: Tensor | None) -> None:
+    def _check_input_ids(
+        self, input_ids: Tensor | None, attention_mask: Tensor | None, check_values: bool = True
+    ) -> None:
         if input_ids is None:
             raise ValueError("input_ids is None; pass text through HySACProcessor(text=...)")
         if not torch.is_tensor(input_ids) or input_ids.ndim != 2:
@@ -184,13 +286,13 @@ class HySACModel(HySACPreTrainedModel):
                 f"input_ids has {input_ids.shape[1]} tokens, the text tower takes at most "
                 f"{tc.max_position_embeddings}; tokenize with truncation=True (HySACProcessor does by default)"
             )
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= tc.vocab_size):
-            raise ValueError(
-                f"input_ids contain ids outside [0, {tc.vocab_size}); was the text tokenized with another tokenizer?"
-            )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids {tuple(input_ids.shape)}"
+            )
+        if check_values and not is_tracing() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= tc.vocab_size):
+            raise ValueError(
+                f"input_ids contain ids outside [0, {tc.vocab_size}); was the text tokenized with another tokenizer?"
             )
 
     def _check_embeds(self, embeds: Tensor, name: str = "embeds") -> None:
@@ -198,7 +300,7 @@ class HySACModel(HySACPreTrainedModel):
             shape = tuple(embeds.shape) if torch.is_tensor(embeds) else type(embeds).__name__
             raise ValueError(
                 f"{name} must have shape (batch, {self.config.projection_dim}) (hyperboloid space components "
-                f"from get_image_features/get_text_features), got {shape}"
+                f"from encode_image/encode_text), got {shape}"
             )
 
     # ----------------------------------------------------------------------------------------------------
@@ -214,7 +316,7 @@ class HySACModel(HySACPreTrainedModel):
             `(B, projection_dim)` float32 space components.
         """
         log_alpha = self.visual_alpha if modality == "image" else self.textual_alpha
-        with _full_precision(features.device):
+        with autocast_disabled(features.device):
             return exp_map0(features.float() * log_alpha.float().exp(), self.curv.float().exp())
 
     def _encode_image(self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, **kwargs):
@@ -229,33 +331,40 @@ class HySACModel(HySACPreTrainedModel):
         )
         return self.text_projection(outputs.pooler_output), outputs
 
-    def get_image_features(
-        self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, lift: bool = True
+    def encode_image(
+        self,
+        pixel_values: Tensor,
+        *,
+        interpolate_pos_encoding: bool = False,
+        lift: bool = True,
+        check_inputs: bool = True,
     ) -> Tensor:
-        """Embed images.
-
-        The contract is the same under transformers 4 and 5 (where `CLIPModel.get_image_features` returns a
-        model output in 5): a plain tensor.
+        """Embed images: the plain `(B, D)` tensor, the same under transformers 4 and 5.
 
         Args:
             pixel_values: `(B, 3, H, W)` from `HySACProcessor(images=...)`.
             interpolate_pos_encoding: accept other image sizes than the tower's.
             lift: `False` returns the Euclidean projected features before the hyperbolic lift.
+            check_inputs: `False` skips the checks that read pixel values (NaN/Inf: a host-device sync); shape
+                checks always run. They are skipped anyway while compiling, exporting or tracing.
         Returns:
-            `(B, projection_dim)` float32 space components of the hyperboloid embeddings.
+            `(B, projection_dim)` float32 space components of the hyperboloid embeddings (`lift=False`: the
+            projected features, as float32).
         """
-        self._check_pixel_values(pixel_values, interpolate_pos_encoding)
+        self._check_pixel_values(pixel_values, interpolate_pos_encoding, check_values=check_inputs)
         features, _ = self._encode_image(pixel_values, interpolate_pos_encoding)
-        return self.lift(features, "image") if lift else features
+        return self.lift(features, "image") if lift else features.float()
 
-    def get_text_features(
+    def encode_text(
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
+        *,
         position_ids: Tensor | None = None,
         lift: bool = True,
+        check_inputs: bool = True,
     ) -> Tensor:
-        """Embed texts. Same contract as [`get_image_features`]: a plain tensor under transformers 4 and 5.
+        """Embed texts: the plain `(B, D)` tensor, the same under transformers 4 and 5.
 
         Args:
             input_ids: `(B, L)` token ids, `L <= 77` (the processor pads and truncates to 77).
@@ -263,12 +372,80 @@ class HySACModel(HySACPreTrainedModel):
                 after the end-of-text token irrelevant, so results are the same with or without it.
             position_ids: `(B, L)`, optional.
             lift: `False` returns the Euclidean projected features before the hyperbolic lift.
+            check_inputs: `False` skips the checks that read the ids (range: a host-device sync); shape checks
+                always run. They are skipped anyway while compiling, exporting or tracing.
         Returns:
-            `(B, projection_dim)` float32 space components of the hyperboloid embeddings.
+            `(B, projection_dim)` float32 space components of the hyperboloid embeddings (`lift=False`: the
+            projected features, as float32).
         """
-        self._check_input_ids(input_ids, attention_mask)
+        self._check_input_ids(input_ids, attention_mask, check_values=check_inputs)
         features, _ = self._encode_text(input_ids, attention_mask, position_ids)
-        return self.lift(features, "text") if lift else features
+        return self.lift(features, "text") if lift else features.float()
+
+    def get_image_features(
+        self, pixel_values: Tensor, interpolate_pos_encoding: bool = False, **kwargs
+    ) -> BaseModelOutputWithPooling | tuple | Tensor:
+        """`CLIPModel.get_image_features`'s contract on the installed transformers line, for generic CLIP code.
+
+        For a plain tensor on every line, use [`encode_image`].
+
+        Args:
+            pixel_values: `(B, 3, H, W)` from `HySACProcessor(images=...)`.
+            interpolate_pos_encoding: accept other image sizes than the tower's.
+            kwargs: on transformers 5, `output_hidden_states`, `output_attentions`, `return_dict` and the other
+                keyword arguments `CLIPModel.get_image_features` passes to the vision tower. Transformers 4's
+                `CLIPModel` ignores extra keyword arguments with a warning; so does this method there.
+        Returns:
+            transformers 5: `BaseModelOutputWithPooling` of the vision tower whose `pooler_output` is the
+            `(B, projection_dim)` float32 hyperboloid embedding (a tuple with `return_dict=False`).
+            transformers 4: that embedding as a tensor.
+        """
+        _refuse_lift(kwargs, "encode_image(pixel_values, lift=False)")
+        if not FEATURES_ARE_MODEL_OUTPUTS:
+            _ignore_kwargs("get_image_features", kwargs)
+            return self.encode_image(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        return_dict = kwargs.pop("return_dict", None)
+        self._check_pixel_values(pixel_values, interpolate_pos_encoding)
+        features, outputs = self._encode_image(pixel_values, interpolate_pos_encoding, return_dict=True, **kwargs)
+        outputs.pooler_output = self.lift(features, "image")
+        return self._model_output(outputs, return_dict)
+
+    def get_text_features(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple | Tensor:
+        """`CLIPModel.get_text_features`'s contract on the installed transformers line, for generic CLIP code.
+
+        For a plain tensor on every line, use [`encode_text`].
+
+        Args:
+            input_ids: `(B, L)` token ids, `L <= 77`.
+            attention_mask: `(B, L)`, optional.
+            position_ids: `(B, L)`, optional.
+            kwargs: on transformers 5, `output_hidden_states`, `output_attentions`, `return_dict` and the other
+                keyword arguments `CLIPModel.get_text_features` passes to the text tower. Transformers 4's
+                `CLIPModel` ignores extra keyword arguments with a warning; so does this method there.
+        Returns:
+            transformers 5: `BaseModelOutputWithPooling` of the text tower whose `pooler_output` is the
+            `(B, projection_dim)` float32 hyperboloid embedding (a tuple with `return_dict=False`).
+            transformers 4: that embedding as a tensor.
+        """
+        _refuse_lift(kwargs, "encode_text(input_ids, lift=False)")
+        if not FEATURES_ARE_MODEL_OUTPUTS:
+            _ignore_kwargs("get_text_features", kwargs)
+            return self.encode_text(input_ids, attention_mask, position_ids=position_ids)
+        return_dict = kwargs.pop("return_dict", None)
+        self._check_input_ids(input_ids, attention_mask)
+        features, outputs = self._encode_text(input_ids, attention_mask, position_ids, return_dict=True, **kwargs)
+        outputs.pooler_output = self.lift(features, "text")
+        return self._model_output(outputs, return_dict)
+
+    def _model_output(self, output: ModelOutput, return_dict: bool | None) -> ModelOutput | tuple:
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        return output if return_dict else output.to_tuple()
 
     def forward(
         self,
@@ -309,7 +486,7 @@ class HySACModel(HySACPreTrainedModel):
 
         logits_per_text = logits_per_image = loss = None
         if image_embeds is not None and text_embeds is not None:
-            with _full_precision(text_embeds.device):
+            with autocast_disabled(text_embeds.device):
                 scale = self.logit_scale.float().exp()
                 logits_per_text = -scale * pairwise_dist(text_embeds, image_embeds, self.curv.float().exp())
                 logits_per_image = logits_per_text.t()
@@ -332,8 +509,7 @@ class HySACModel(HySACPreTrainedModel):
             text_model_output=text_outputs,
             vision_model_output=vision_outputs,
         )
-        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
-        return output if return_dict else output.to_tuple()
+        return self._model_output(output, return_dict)
 
     # ----------------------------------------------------------------------------------------------------
     # Safety
@@ -341,7 +517,7 @@ class HySACModel(HySACPreTrainedModel):
         """Geodesic distance of hyperboloid embeddings to the origin: the quantity HySAC's safety decisions use.
 
         Args:
-            embeds: `(B, projection_dim)` space components from `get_image_features`/`get_text_features`.
+            embeds: `(B, projection_dim)` space components from `encode_image`/`encode_text`.
         Returns:
             `(B,)` float32 distances, >= 0.
         """
@@ -389,19 +565,19 @@ class HySACModel(HySACPreTrainedModel):
             threshold = thresholds[modality]
         return self.unsafe_score(embeds) > threshold
 
-    def traversal_bound(
+    def traversal_threshold(
         self,
         target: str = "image",
         bound: Literal["up_95", "avg", "low_05"] = "up_95",
-        alpha: float | None = None,
+        offset: float | None = None,
     ) -> Tensor:
-        """The threshold `b' = b + tanh((b - alpha) / c) + 1` of the traversal, from `config.bounds`.
+        """The threshold `b' = b + tanh((b - offset) / c) + 1` of the traversal, from `config.bounds`.
 
         Args:
             target: `"image"` (safe images, key `V`), `"text"` (safe texts, key `S`) or a bounds key
                 `S`, `V`, `U`, `G`.
-            bound: which statistic of the bounds to use.
-            alpha: margin offset; `None` uses `config.traversal_alpha`.
+            bound: which statistic of the bounds to use as `b`.
+            offset: margin offset; `None` uses `config.traversal_offset`.
         Returns:
             scalar float64 tensor on the CPU.
         """
@@ -416,8 +592,21 @@ class HySACModel(HySACPreTrainedModel):
                 "hysac_hf.calibration.fit_bounds), or load a converted HySAC checkpoint that carries them."
             )
         key = TRAVERSAL_TARGETS[target]
-        alpha = self.config.traversal_alpha if alpha is None else alpha
-        return traversal_threshold(self.config.bounds[key][bound], self.curvature.detach(), alpha)
+        offset = self.config.traversal_offset if offset is None else offset
+        return traversal_threshold(self.config.bounds[key][bound], self.curvature.detach(), offset)
+
+    def traversal_bound(self, *args, **kwargs) -> Tensor:
+        """Deprecated alias of [`traversal_threshold`] (it returns the threshold `b'`, not a bound); `alpha=` is
+        now `offset=`. Removed in the next release."""
+        warnings.warn(
+            "HySACModel.traversal_bound is deprecated and will be removed in the next release: use "
+            "traversal_threshold (same arguments; alpha= is now offset=)",
+            FutureWarning,
+            stacklevel=2,
+        )
+        if "alpha" in kwargs:
+            kwargs["offset"] = kwargs.pop("alpha")
+        return self.traversal_threshold(*args, **kwargs)
 
     def traverse_to_safe(
         self,
@@ -425,7 +614,7 @@ class HySACModel(HySACPreTrainedModel):
         target: str = "image",
         method: Literal["reference", "geodesic"] = "reference",
         bound: Literal["up_95", "avg", "low_05"] = "up_95",
-        alpha: float | None = None,
+        offset: float | None = None,
         direction: Literal["inward", "outward"] = "inward",
     ) -> Tensor:
         """Batched safety traversal: move embeddings beyond the safe region's bound back onto it.
@@ -441,7 +630,7 @@ class HySACModel(HySACPreTrainedModel):
                 key `S`/`V`/`U`/`G` (for example `G` with `direction="outward"` for the T*->I*uI protocol).
             method: `"reference"` or `"geodesic"`.
             bound: `"up_95"` (reference default), `"avg"` (the paper's mean) or `"low_05"`.
-            alpha: margin offset; `None` uses `config.traversal_alpha`.
+            offset: margin offset of the threshold; `None` uses `config.traversal_offset`.
             direction: `"inward"` or `"outward"`.
         Returns:
             `(B, projection_dim)` embeddings in the dtype of `embeds`.
@@ -451,7 +640,7 @@ class HySACModel(HySACPreTrainedModel):
         if direction not in DIRECTIONS:
             raise ValueError(f"direction={direction!r} is not one of {DIRECTIONS}")
         self._check_embeds(embeds)
-        threshold = self.traversal_bound(target, bound, alpha)
+        threshold = self.traversal_threshold(target, bound, offset)
         return traverse(embeds, threshold, self.curvature.detach(), method=method, direction=direction)
 
     # ----------------------------------------------------------------------------------------------------
@@ -460,8 +649,9 @@ class HySACModel(HySACPreTrainedModel):
     def clamp_parameters(self) -> None:
         """Clamp the learned scalars in place, as the reference does after every optimiser step.
 
-        log-curvature to `[log(c0 / f), log(c0 * f)]`; log-alphas to `<= 0` (scales <= 1); log logit scale to
-        `[logit_scale_init_value, max_logit_scale]` (the reference's lower clamp equals its initial value).
+        log-curvature to `[log(c0 / f), log(c0 * f)]`; log feature scales to `<= 0` (scales <= 1); log logit
+        scale to `[logit_scale_init_value, max_logit_scale]` (the reference's lower clamp equals its initial
+        value; `max_logit_scale` defaults to the reference's 4.6052).
         """
         cfg = self.config
         self.curv.clamp_(math.log(cfg.curv_init / cfg.curv_clamp_factor), math.log(cfg.curv_init * cfg.curv_clamp_factor))
@@ -485,7 +675,8 @@ class HySACModel(HySACPreTrainedModel):
 
         Towers and projections are copied exactly; the HySAC scalars (`curv`, alphas, and `logit_scale`,
         which HySAC trains from `log(1/0.07)` whatever the CLIP's value) come from the config. This is where
-        fine-tuning starts. The model is returned in the CLIP's dtype, in eval mode.
+        fine-tuning starts. The towers are returned in the CLIP's dtype (the HySAC scalars stay float32), in
+        eval mode.
 
         Args:
             clip: `"openai/clip-vit-large-patch14"`, a Safe-CLIP checkpoint, a local folder, or a `CLIPModel`.
@@ -513,6 +704,40 @@ class HySACModel(HySACPreTrainedModel):
             )
         model.name_or_path = getattr(clip, "name_or_path", "") or ""
         return model.eval()
+
+
+def _refuse_lift(kwargs: dict, replacement: str) -> None:
+    if "lift" in kwargs:
+        raise TypeError(
+            f"get_*_features no longer takes lift= (it follows CLIPModel's contract); use model.{replacement}"
+        )
+
+
+def _ignore_kwargs(method: str, kwargs: dict) -> None:
+    """transformers 4's `CLIPModel.get_*_features` ignore unknown keyword arguments with a warning: so do we."""
+    if kwargs:
+        logger.warning(
+            f"The following named arguments are not valid for `HySACModel.{method}` and were ignored: "
+            f"{', '.join(map(repr, kwargs))} (transformers {transformers.__version__}; CLIPModel ignores them too)"
+        )
+
+
+def _weights_source(source: Any, key: str, kwargs: dict) -> str:
+    """Where `from_pretrained` read `key` from: the weights file of a local folder, else the repo and folder."""
+    if kwargs.get("state_dict") is not None:
+        return "the state_dict passed to from_pretrained"
+    if source is None:
+        return "the weights passed to from_pretrained"
+    folder = os.path.join(os.fspath(source), kwargs.get("subfolder") or "")
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index, encoding="utf-8") as handle:
+            shard = json.load(handle).get("weight_map", {}).get(key)
+        return os.path.join(folder, shard) if shard else index
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return f"the weights of {os.fspath(source)!r}"
 
 
 HySACConfig.register_for_auto_class()

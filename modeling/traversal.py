@@ -21,19 +21,19 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from .lorentz import _full_precision, dist_to_origin
+from .lorentz import autocast_disabled, dist_to_origin
 
 METHODS = ("reference", "geodesic")
 DIRECTIONS = ("inward", "outward")
 
 
-def traversal_threshold(bound: float | Tensor, curv: float | Tensor, alpha: float = 0.8) -> Tensor:
-    """The authors' threshold with its tanh margin: ``b' = b + tanh((b - alpha) / c) + 1``.
+def traversal_threshold(bound: float | Tensor, curvature: float | Tensor, offset: float = 0.8) -> Tensor:
+    """The authors' threshold with its tanh margin: ``b' = b + tanh((b - offset) / c) + 1``.
 
     Args:
         bound: `b`, a distance to the root (a calibrated bound such as `bounds["V"]["up_95"]`).
-        curv: positive curvature magnitude `c` (the reference divides by it, not by its square root).
-        alpha: the margin's offset (reference: 0.8).
+        curvature: positive curvature magnitude `c` (the reference divides by it, not by its square root).
+        offset: the margin's offset (`alpha` in the authors' code; reference: 0.8).
     Returns:
         scalar float64 tensor `b'` on the CPU (computed in float64 so that float64 traversals reproduce the
         reference rule to the last bit; :func:`traverse` casts it to the dtype of the embeddings).
@@ -42,14 +42,18 @@ def traversal_threshold(bound: float | Tensor, curv: float | Tensor, alpha: floa
     bound = (
         bound.detach().to("cpu", torch.float64) if torch.is_tensor(bound) else torch.tensor(bound, dtype=torch.float64)
     )
-    curv = curv.detach().to("cpu", torch.float64) if torch.is_tensor(curv) else torch.tensor(curv, dtype=torch.float64)
-    return bound + torch.tanh((bound - alpha) / curv) + 1
+    curvature = (
+        curvature.detach().to("cpu", torch.float64)
+        if torch.is_tensor(curvature)
+        else torch.tensor(curvature, dtype=torch.float64)
+    )
+    return bound + torch.tanh((bound - offset) / curvature) + 1
 
 
 def traverse(
     embeds: Tensor,
     threshold: float | Tensor,
-    curv: float | Tensor = 1.0,
+    curvature: float | Tensor = 1.0,
     method: Literal["reference", "geodesic"] = "reference",
     direction: Literal["inward", "outward"] = "inward",
     eps: float = 1e-12,
@@ -59,7 +63,7 @@ def traverse(
     Args:
         embeds: `(B, D)` space components on the hyperboloid; any float dtype, B may be 0.
         threshold: target hyperbolic distance to the root `b'` (see :func:`traversal_threshold`).
-        curv: positive curvature magnitude `c`.
+        curvature: positive curvature magnitude `c`.
         method: `"reference"` (Euclidean norm of the space components := `b'`, as the authors) or
             `"geodesic"` (hyperbolic distance := `b'`).
         direction: `"inward"` moves rows with `d(0, x) > b'` towards the root (the safety traversal);
@@ -75,9 +79,9 @@ def traverse(
         raise ValueError(f"direction={direction!r} is not one of {DIRECTIONS}")
     if embeds.ndim != 2:
         raise ValueError(f"embeds must have shape (batch, dim), got {tuple(embeds.shape)}")
-    with _full_precision(embeds.device):
+    with autocast_disabled(embeds.device):
         points = embeds.float() if embeds.dtype != torch.float64 else embeds
-        c = torch.as_tensor(curv, dtype=points.dtype, device=points.device)
+        c = torch.as_tensor(curvature, dtype=points.dtype, device=points.device)
         b = torch.as_tensor(threshold, dtype=points.dtype, device=points.device)
         dist = dist_to_origin(points, c)
         norm = points.norm(dim=-1, keepdim=True)

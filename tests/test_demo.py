@@ -59,7 +59,7 @@ def test_photo_distances_match_float64(hysac, processor, photos):
     safe = [image.convert("RGB") for image in subset.values()]
     marked = [apply_marker(image, row["marker"]) for image, row in zip(safe, result.values())]
     with torch.no_grad():
-        features = hysac.get_image_features(
+        features = hysac.encode_image(
             processor(images=safe + marked, return_tensors="pt")["pixel_values"], lift=False
         )
     expected = (features.double() * hysac.visual_alpha.double().exp()).norm(dim=-1)
@@ -81,11 +81,11 @@ def test_zero_shot_matches_float64_softmax(hysac, processor, photos, captions):
 
     c = hysac.curvature.item()
     with torch.no_grad():
-        image_f = hysac.get_image_features(
+        image_f = hysac.encode_image(
             processor(images=[photos[n].convert("RGB") for n in names], return_tensors="pt")["pixel_values"], lift=False
         )
         text_in = processor(text=[captions[label] for label in labels], return_tensors="pt")
-        text_f = hysac.get_text_features(text_in["input_ids"], text_in["attention_mask"], lift=False)
+        text_f = hysac.encode_text(text_in["input_ids"], text_in["attention_mask"], lift=False)
     image = _lift64(image_f, hysac.visual_alpha.exp().item(), c)
     text = _lift64(text_f, hysac.textual_alpha.exp().item(), c)
     expected = (-hysac.logit_scale.exp().item() * _dist64(image, text, c)).softmax(dim=-1)

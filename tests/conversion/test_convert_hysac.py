@@ -117,7 +117,7 @@ def test_converted_model_matches_the_authors(authors_checkpoints, converted_mode
     reference = checkpoint.reference
     pixel_values, input_ids = fixed_batch
     ref_images, ref_texts = reference.encode_image(pixel_values), reference.encode_text(input_ids)
-    images, texts = model.get_image_features(pixel_values), model.get_text_features(input_ids)
+    images, texts = model.encode_image(pixel_values), model.encode_text(input_ids)
     torch.testing.assert_close(images, ref_images, rtol=0, atol=ATOL)
     torch.testing.assert_close(texts, ref_texts, rtol=0, atol=ATOL)
     # The curvature and scales came over: the lift is not the untrained one.
@@ -125,7 +125,7 @@ def test_converted_model_matches_the_authors(authors_checkpoints, converted_mode
     # The authors feed input_ids only; with the processor's attention mask the result is the same.
     first_eos = (input_ids == input_ids[0, -1]).int().argmax(-1)
     attention_mask = (torch.arange(input_ids.shape[1]) <= first_eos[:, None]).long()
-    torch.testing.assert_close(model.get_text_features(input_ids, attention_mask), ref_texts, rtol=0, atol=ATOL)
+    torch.testing.assert_close(model.encode_text(input_ids, attention_mask), ref_texts, rtol=0, atol=ATOL)
 
     curv = reference.curv.exp()
     torch.testing.assert_close(
@@ -156,7 +156,7 @@ def test_legacy_patch_bias_is_needed(authors_checkpoints, fixed_batch, tiny_clip
         build_hysac_config(load_clip_config(tiny_clip_dir), load_bounds(checkpoint.bounds)), converted
     )
     pixel_values, _ = fixed_batch
-    assert (model.get_image_features(pixel_values) - checkpoint.reference.encode_image(pixel_values)).abs().max() > 1e-3
+    assert (model.encode_image(pixel_values) - checkpoint.reference.encode_image(pixel_values)).abs().max() > 1e-3
 
 
 def test_legacy_layout_without_adapter_name_converts_identically(authors_checkpoints, trained_authors_state):
@@ -417,5 +417,5 @@ def test_converting_needs_no_peft(authors_checkpoints, tiny_clip_dir, monkeypatc
     pixel_values, _ = fixed_batch
     with torch.no_grad():
         torch.testing.assert_close(
-            model.get_image_features(pixel_values), checkpoint.reference.encode_image(pixel_values), rtol=0, atol=ATOL
+            model.encode_image(pixel_values), checkpoint.reference.encode_image(pixel_values), rtol=0, atol=ATOL
         )

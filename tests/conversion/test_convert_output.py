@@ -135,8 +135,8 @@ def test_converted_folder_loads_without_hysac_hf(converted_folder, authors_check
             model = AutoModel.from_pretrained(folder, trust_remote_code=True, **{{dtype_arg: dtype}}).eval()
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
             with torch.no_grad():
-                image = model.get_image_features(inputs["pixel_values"].to(dtype))
-                text = model.get_text_features(inputs["input_ids"])
+                image = model.encode_image(inputs["pixel_values"].to(dtype))
+                text = model.encode_text(inputs["input_ids"])
                 results[name] = {{
                     "image": image, "text": text,
                     "tower_dtype": str(model.vision_model.embeddings.patch_embedding.weight.dtype),

@@ -216,3 +216,74 @@ def test_gradients_are_finite_at_and_near_the_origin():
     x = L.exp_map0(v, 1.0)
     (L.dist_to_origin(x, 1.0).sum() + L.half_aperture(x).sum() + L.log_map0(x).sum()).backward()
     assert torch.isfinite(v.grad).all()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The precision policy: one decorator (issue 11)
+def test_full_precision_upcasts_half_keeps_float64_and_disables_autocast():
+    seen = []
+
+    @L.full_precision
+    def probe(x, y=None, curvature=1.0, eps=1e-8):
+        """Docstring kept."""
+        seen.append((x.dtype, None if y is None else y.dtype, curvature, eps, torch.is_autocast_enabled("cpu")))
+        return x @ x.T  # a matmul: autocast would run it in bf16
+
+    x = torch.randn(4, 3)
+    for dtype in (torch.float16, torch.bfloat16):
+        out = probe(x.to(dtype), y=x.to(dtype))
+        assert out.dtype == torch.float32 and seen[-1][:2] == (torch.float32, torch.float32)
+    out = probe(x.double(), x.half())
+    assert out.dtype == torch.float64 and seen[-1][:2] == (torch.float64, torch.float64)
+    # curvature does not decide the compute dtype (points do) but is cast to it; plain numbers pass unchanged
+    probe(x.half(), curvature=torch.tensor(2.0, dtype=torch.float64), eps=1e-3)
+    assert seen[-1][0] == torch.float32 and seen[-1][2].dtype == torch.float32 and seen[-1][3] == 1e-3
+    probe(x, curvature=2.5)
+    assert seen[-1][2] == 2.5
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.is_autocast_enabled("cpu")
+        out = probe(x)
+        assert torch.is_autocast_enabled("cpu")  # restored after the call
+    assert seen[-1][4] is False and out.dtype == torch.float32
+    torch.testing.assert_close(out, x @ x.T, rtol=0, atol=0)
+    probe(x.half(), y=torch.arange(3))  # integer tensors are left alone
+    assert seen[-1][:2] == (torch.float32, torch.int64)
+    assert probe.__name__ == "probe" and probe.__doc__ == "Docstring kept."
+
+
+def test_every_geometry_function_uses_the_decorator_and_takes_curvature_by_name():
+    import inspect
+
+    for name in L.__all__:
+        if name in ("autocast_disabled", "full_precision"):
+            continue
+        function = getattr(L, name)
+        assert hasattr(function, "__wrapped__"), name  # functools.wraps of full_precision
+        assert "curvature" in inspect.signature(function).parameters, name
+    x = points(13, 5, 4, 0.5, torch.float32)
+    torch.testing.assert_close(L.exp_map0(x, curvature=2.0), L.exp_map0(x, 2.0), rtol=0, atol=0)
+    torch.testing.assert_close(L.pairwise_dist(x, x, curvature=2.0), L.pairwise_dist(x, x, 2.0), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Formulas used only while the legacy (TorchScript) ONNX exporter traces (it has no sinh/asinh/acosh)
+@pytest.mark.parametrize(
+    "function, reference, grid",
+    [
+        ("_sinh", torch.sinh, torch.logspace(-8, math.log10(L.MAX_SINH_INPUT), 100_000)),
+        ("_asinh", torch.asinh, torch.cat([torch.logspace(-8, 5, 100_000), -torch.logspace(-8, 5, 1_000)])),
+        ("_acosh", torch.acosh, torch.cat([1 + torch.arange(0, 4096) * 2.0**-23, torch.logspace(0, 9, 100_000)])),
+    ],
+)
+def test_legacy_onnx_formulas_keep_float32_accuracy(monkeypatch, function, reference, grid):
+    x = grid.float()
+    exact = reference(x.double())
+    native_error = ((reference(x).double() - exact).abs() / exact.abs().clamp(min=1e-300)).max().item()
+    monkeypatch.setattr(L, "_in_legacy_onnx_export", lambda: True)
+    ours = getattr(L, function)(x)
+    assert ours.dtype == torch.float32
+    rel = (ours.double() - exact).abs() / exact.abs().clamp(min=1e-300)
+    rel = torch.where(exact == 0, (ours.double() - exact).abs(), rel)  # acosh(1) = 0 exactly
+    assert rel.max().item() < 3e-7, (rel.max().item(), native_error)  # ~2 ulp; torch's own ops are at ~1 ulp
+    monkeypatch.setattr(L, "_in_legacy_onnx_export", lambda: False)
+    assert torch.equal(getattr(L, function)(x), reference(x))  # eager: the torch op itself

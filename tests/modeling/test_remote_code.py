@@ -137,4 +137,4 @@ def test_with_hysac_hf_imported_auto_classes_need_no_remote_code(hysac, processo
     assert "custom code" not in capsys.readouterr().out
     ids = processor(text=["a photo of a cat"])["input_ids"]
     with torch.no_grad():
-        assert torch.equal(model.get_text_features(ids), hysac.get_text_features(ids))
+        assert torch.equal(model.encode_text(ids), hysac.encode_text(ids))

@@ -90,7 +90,7 @@ def test_model_reference_traversal_matches_authors_rule(hysac):
         expected = torch.tensor(authors_rule(points.double().tolist(), b, curv), dtype=torch.float64)
         got = hysac.traverse_to_safe(points, target=target)
         torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-6)
-        assert hysac.traversal_bound(target).item() == pytest.approx(authors_threshold(b, curv), abs=1e-6)
+        assert hysac.traversal_threshold(target).item() == pytest.approx(authors_threshold(b, curv), abs=1e-6)
     # the "avg" statistic and the outward variant through the model
     b = TINY_BOUNDS["G"]["avg"]
     points = away_from_threshold(hyperboloid_points(200, seed=2), authors_threshold(b, curv)).float()
@@ -102,7 +102,7 @@ def test_model_reference_traversal_matches_authors_rule(hysac):
 @pytest.mark.parametrize("direction", ["inward", "outward"])
 def test_geodesic_lands_on_bound_and_keeps_direction(hysac, direction):
     points = hyperboloid_points(400, seed=3).float()
-    threshold = hysac.traversal_bound("image").item()
+    threshold = hysac.traversal_threshold("image").item()
     before = dist_to_origin(points, CURV)
     got = hysac.traverse_to_safe(points, target="image", method="geodesic", direction=direction)
     after = dist_to_origin(got.double(), CURV)
@@ -122,7 +122,7 @@ def test_geodesic_lands_on_bound_and_keeps_direction(hysac, direction):
 
 def test_rows_within_bound_are_untouched_bitwise(hysac):
     points = hyperboloid_points(100, seed=4, spread=0.05).float()  # distances 0.3..0.48, all inside V's b'
-    assert (dist_to_origin(points, CURV) < hysac.traversal_bound("image")).all()
+    assert (dist_to_origin(points, CURV) < hysac.traversal_threshold("image")).all()
     for method in ("reference", "geodesic"):
         out = hysac.traverse_to_safe(points, target="image", method=method)
         assert torch.equal(out, points) and out.data_ptr() != points.data_ptr()
@@ -153,7 +153,7 @@ def test_clear_errors(hysac):
     with pytest.raises(ValueError, match="method"):
         hysac.traverse_to_safe(points, method="euclid")
     with pytest.raises(ValueError, match="target"):
-        hysac.traversal_bound("audio")
+        hysac.traversal_threshold("audio")
 
 
 def test_unsafe_score_and_classification(hysac):

@@ -661,11 +661,20 @@ class HySACModel(HySACPreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, with `auto_map` also naming the zero-shot auto class, so that
-        `AutoModelForZeroShotImageClassification` and the `zero-shot-image-classification` pipeline load it."""
+        `AutoModelForZeroShotImageClassification` and the `zero-shot-image-classification` pipeline load it,
+        and with sentence-transformers' files, so that `SentenceTransformer` ranks by Lorentz distance (not by
+        cosine; see `sentence_transformers_hysac.py`). With `push_to_hub=True` those files are written after the
+        upload: push with `model.push_to_hub(...)` or upload the saved folder instead."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModelForZeroShotImageClassification"] = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
         self.config.auto_map = auto_map
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            # Imported here so that transformers ships the file with the remote code and nothing else loads it.
+            from .sentence_transformers_hysac import save_sentence_transformers_config
+
+            save_sentence_transformers_config(save_directory)
+        return result
 
     # ----------------------------------------------------------------------------------------------------
     # Construction from CLIP

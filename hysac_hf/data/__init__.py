@@ -1,34 +1,64 @@
 """Datasets for HySAC training and evaluation: ViSU, generic quadruplet datasets and the bundled mini-ViSU.
 
-Every loader returns a `datasets.Dataset` with the canonical columns `safe_image`, `unsafe_image`,
-`safe_text`, `unsafe_text`; `QuadrupletCollator` decodes and preprocesses them in DataLoader workers.
+Every loader returns a `datasets.Dataset` whose content columns carry the canonical names of the vocabulary
+(`safe_text`, `safe_image`, `unsafe_text`, `unsafe_image`; `modeling/configuration_hysac.py`). The collators in
+`collate.py` decode and preprocess rows in DataLoader workers.
 """
 
 from __future__ import annotations
 
-from .collate import QuadrupletCollator, load_image
+from typing import Any
+
+from ..cli import UsageError
+from .collate import ItemCollator, QuadrupletCollator, load_image
 from .mini_visu import load_mini_visu
-from .quadruplets import load_quadruplets
+from .quadruplets import CANONICAL_COLUMNS, load_quadruplets, map_columns, require_columns
 from .visu import load_visu
 
-__all__ = ["QuadrupletCollator", "load_dataset_split", "load_image", "load_mini_visu", "load_quadruplets", "load_visu"]
+__all__ = [
+    "CANONICAL_COLUMNS",
+    "ItemCollator",
+    "QuadrupletCollator",
+    "load_dataset_split",
+    "load_image",
+    "load_mini_visu",
+    "load_quadruplets",
+    "load_visu",
+]
 
 
 def load_dataset_split(
-    dataset: str = "mini-visu",
+    dataset: Any = "mini-visu",
     split: str = "train",
     columns: dict[str, str] | None = None,
     coco_root: str | None = None,
     visu_unsafe_images: str | None = None,
     max_samples: int | None = None,
+    required: tuple[str, ...] = CANONICAL_COLUMNS,
 ):
-    """Dispatch on `dataset`: ``"mini-visu"`` (bundled), ``"visu:<text source>"`` (ViSU with `coco_root` and
-    `visu_unsafe_images`) or anything `load_quadruplets` reads (file, folder, Hub id)."""
-    if dataset == "mini-visu":
-        return load_mini_visu(split, max_samples=max_samples)
-    if dataset.startswith("visu:") or dataset == "aimagelab/ViSU-Text":
+    """One split of any supported dataset, with canonical column names.
+
+    Args:
+        dataset: ``"mini-visu"`` (bundled), ``"visu:<text source>"`` (ViSU with `coco_root` and
+            `visu_unsafe_images`), or anything :func:`load_quadruplets` reads (a `datasets.Dataset`/`DatasetDict`,
+            a save_to_disk folder, a jsonl/json/csv/parquet file, a folder of per-split files, a Hub id).
+        split: the split.
+        columns: `{canonical column: source column}` (what `--columns SOURCE=KIND` parses into); every source
+            accepts it.
+        max_samples: keep the first rows only.
+        required: canonical columns that must be present.
+    Raises:
+        UsageError: with what is wrong and how to fix it.
+    """
+    if isinstance(dataset, str) and dataset == "mini-visu":
+        data = load_mini_visu(split, max_samples=max_samples)
+    elif isinstance(dataset, str) and (dataset.startswith("visu:") or dataset == "aimagelab/ViSU-Text"):
         if coco_root is None or visu_unsafe_images is None:
-            raise ValueError("ViSU needs --coco_root and --visu_unsafe_images (ViSU's unsafe images are not public)")
+            raise UsageError("ViSU needs --coco_root and --visu_unsafe_images (ViSU's unsafe images are not public)")
         source = dataset.split(":", 1)[1] if dataset.startswith("visu:") else dataset
-        return load_visu(source, split, coco_root, visu_unsafe_images, max_samples=max_samples)
-    return load_quadruplets(dataset, split, columns=columns, max_samples=max_samples)
+        data = load_visu(source, split, coco_root, visu_unsafe_images, max_samples=max_samples)
+    else:
+        return load_quadruplets(dataset, split, columns=columns, max_samples=max_samples, required=required)
+    data = map_columns(data, columns, dataset, split)
+    require_columns(data, required, dataset, split)
+    return data

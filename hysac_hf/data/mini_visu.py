@@ -99,7 +99,9 @@ def render(spec: dict[str, Any], size: int = RENDER_SIZE) -> Image.Image:
 def mini_visu_rows(split: str) -> list[dict[str, Any]]:
     """The raw rows of one split (ViSU-Text-like fields: `safe`, `nsfw`, `tag`, plus the image spec)."""
     if split not in SPLITS:
-        raise ValueError(f"mini-ViSU has splits {SPLITS}, not {split!r}")
+        from ..cli import UsageError
+
+        raise UsageError(f"mini-ViSU has splits {SPLITS}, not {split!r}")
     with open(DATA_DIR / "mini_visu.jsonl") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
     return [row for row in rows if row["split"] == split]
@@ -113,6 +115,10 @@ def load_mini_visu(split: str = "train", max_samples: int | None = None):
     """
     import datasets
 
+    from ..cli import require
+
+    # The photos are rendered in DataLoader workers; check their libraries here, before any training starts.
+    require("skimage", "sklearn", "matplotlib", purpose="the bundled mini-ViSU photos")
     records = []
     for row in mini_visu_rows(split)[:max_samples]:
         image = {"photo": row["photo"], "crop": row["crop"], "flip": row["flip"], "marker": ""}

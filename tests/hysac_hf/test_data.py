@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 
+import datasets
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from hysac_hf.cli import UsageError, parse_columns
 from hysac_hf.data import (
     QuadrupletCollator,
     load_dataset_split,
@@ -17,6 +19,7 @@ from hysac_hf.data import (
     load_quadruplets,
     load_visu,
 )
+from hysac_hf.data.collate import bad_image_files
 from hysac_hf.data.mini_visu import apply_marker, mini_visu_rows, photo_specs
 
 
@@ -55,13 +58,18 @@ def test_visual_marker_changes_only_the_band():
 def test_collator_puts_safe_rows_first(processor):
     rows = [load_mini_visu("validation")[i] for i in range(3)]
     batch = QuadrupletCollator(processor)(rows)
-    assert batch["pixel_values"].shape == (6, 3, 224, 224) and batch["input_ids"].shape == (6, 77)
+    texts = [r["safe_text"] for r in rows] + [r["unsafe_text"] for r in rows]
+    longest = processor.tokenizer(texts, padding="longest", return_tensors="pt")
+    assert batch["pixel_values"].shape == (6, 3, 224, 224) and batch["input_ids"].shape == longest["input_ids"].shape
+    assert batch["input_ids"].shape[1] < 77  # padded to the longest caption, not to 77
     expected = processor(images=[load_image(rows[1]["unsafe_image"])], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"][4:5], expected)
-    ids = processor.tokenizer([rows[2]["safe_text"]], padding="max_length", max_length=77, return_tensors="pt")[
-        "input_ids"
-    ]
-    assert torch.equal(batch["input_ids"][2:3], ids)
+    assert torch.equal(batch["input_ids"], longest["input_ids"])
+    assert torch.equal(batch["attention_mask"], longest["attention_mask"])
+    full = QuadrupletCollator(processor, padding="max_length")(rows)
+    assert full["input_ids"].shape == (6, 77)
+    texts_only = QuadrupletCollator(processor, kinds=["S", "U"])(rows)
+    assert "pixel_values" not in texts_only and texts_only["input_ids"].shape[0] == 6
     with pytest.raises(ValueError, match="empty batch"):
         QuadrupletCollator(processor)([])
 
@@ -90,10 +98,70 @@ def test_generic_jsonl_with_custom_columns(tmp_path, image_files, processor):
     direct = processor(images=[Image.open(image_files[names[1]])], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"][1:2], direct)
     assert len(load_dataset_split(str(path), "validation", columns=columns)) == 1
-    with pytest.raises(ValueError, match="lacks column"):
+    with pytest.raises(UsageError, match=r"lacks safe_text \(safe text\), safe_image \(safe image\)"):
         load_quadruplets(str(path), "train")
-    with pytest.raises(FileNotFoundError, match="image-root|image_root"):
+    with pytest.raises(UsageError, match="has no column \\['nsfw_typo'\\]"):
+        load_quadruplets(str(path), "train", columns={**columns, "unsafe_text": "nsfw_typo"})
+    with pytest.raises(UsageError, match="image_root"):
         QuadrupletCollator(processor, image_root=tmp_path / "elsewhere")([train[0]])
+    assert bad_image_files(train, ["safe_image"], tmp_path) == []
+    assert bad_image_files(train, ["safe_image"], tmp_path / "elsewhere") == [
+        f"{tmp_path / 'elsewhere' / n}.png (missing)" for n in names[:2]
+    ]
+    (tmp_path / f"{names[0]}.png").write_bytes(b"garbage")
+    assert bad_image_files(train, ["safe_image"], tmp_path)[0].startswith(f"{tmp_path / names[0]}.png (Unidentified")
+
+
+def test_columns_map_every_source(tmp_path):
+    rows = {"caption": ["a", "b"], "nsfw": ["x a", "x b"], "good": ["1.png", "2.png"], "bad": ["3.png", "4.png"]}
+    columns = parse_columns("caption=S,good=safe_image,nsfw=T*,bad=G")
+    assert columns == {"safe_text": "caption", "safe_image": "good", "unsafe_text": "nsfw", "unsafe_image": "bad"}
+    table = datasets.Dataset.from_dict(rows)
+    table.to_csv(tmp_path / "q.csv")
+    table.to_parquet(tmp_path / "q.parquet")
+    (tmp_path / "splits").mkdir()
+    table.to_json(tmp_path / "splits" / "test.jsonl")
+    table.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"test": table}).save_to_disk(str(tmp_path / "saved_dict"))
+    sources = [table, datasets.DatasetDict({"test": table}), str(tmp_path / "q.csv"), str(tmp_path / "q.parquet")]
+    sources += [str(tmp_path / "splits"), str(tmp_path / "saved"), str(tmp_path / "saved_dict")]
+    for source in sources:
+        data = load_dataset_split(source, "test", columns=columns)
+        assert data["safe_text"] == ["a", "b"] and data["unsafe_image"] == ["3.png", "4.png"], source
+    with pytest.raises(UsageError, match="no split 'train'"):
+        load_dataset_split(str(tmp_path / "saved_dict"), "train", columns=columns)
+    with pytest.raises(UsageError, match="no train file"):
+        load_dataset_split(str(tmp_path / "splits"), "train", columns=columns)
+    with pytest.raises(UsageError, match="maps S \\(safe text\\) twice"):
+        parse_columns("caption=S,nsfw=S")
+    with pytest.raises(UsageError, match="SOURCE_COLUMN=KIND"):
+        parse_columns("caption")
+
+
+def test_unreadable_sources_and_images_name_the_file(tmp_path, processor, photos):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(UsageError, match="empty.jsonl is empty"):
+        load_dataset_split(str(tmp_path / "empty.jsonl"), "train")
+    (tmp_path / "broken.jsonl").write_text('{"safe_text": "a"}\n{"safe_text": ')
+    with pytest.raises(UsageError, match="cannot read .*broken.jsonl"):
+        load_dataset_split(str(tmp_path / "broken.jsonl"), "train")
+    (tmp_path / "noise.png").write_bytes(b"not an image at all")
+    with pytest.raises(UsageError, match="cannot decode image .*noise.png"):
+        load_image(str(tmp_path / "noise.png"))
+    photos["cat"].save(tmp_path / "cat.jpg")
+    data = (tmp_path / "cat.jpg").read_bytes()
+    (tmp_path / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UsageError, match="cannot decode image .*truncated.jpg"):
+        QuadrupletCollator(processor, kinds=["V"])([{"safe_image": str(tmp_path / "truncated.jpg")}])
+
+
+def test_mini_visu_reports_a_missing_photo_library_at_load(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    with pytest.raises(UsageError, match=r"needs scikit-learn.*pip install 'hysac-hf\[train\]'"):
+        load_mini_visu("train")
 
 
 def test_visu_joins_coco_ids_and_user_unsafe_images(tmp_path, image_files):
@@ -119,5 +187,5 @@ def test_visu_joins_coco_ids_and_user_unsafe_images(tmp_path, image_files):
     empty.mkdir()
     with pytest.raises(Exception, match="not public"):
         load_visu(str(text), "test", tmp_path / "coco", empty)
-    with pytest.raises(ValueError, match="coco_root"):
+    with pytest.raises(UsageError, match="coco_root"):
         load_dataset_split("aimagelab/ViSU-Text", "test")

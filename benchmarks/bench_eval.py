@@ -38,7 +38,7 @@ if os.environ.get("GLIBC_TUNABLES") != TUNABLES and CHILD_FLAG not in os.environ
 import torch
 from hysac_hf.modeling.lorentz import exp_map0
 
-from hysac_hf.evaluation.embed import EmbeddingCache
+from hysac_hf.encode import EmbeddingCache
 from hysac_hf.evaluation.retrieval import TASKS, evaluate_retrieval
 from hysac_hf.evaluation.topk import FaissLorentzIndex, chunked_topk
 
@@ -52,7 +52,7 @@ BOUNDS = {  # plausible radii for the synthetic embeddings below
 }
 
 
-def synthetic_cache(n: int, dim: int, curv: float = 1.0, seed: int = 0) -> EmbeddingCache:
+def synthetic_cache(n: int, dim: int, curvature: float = 1.0, seed: int = 0) -> EmbeddingCache:
     """Quadruplets whose four items share a direction, at the radial order S < V < U < G."""
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(n, dim, generator=g)
@@ -60,12 +60,12 @@ def synthetic_cache(n: int, dim: int, curv: float = 1.0, seed: int = 0) -> Embed
     for key, radius in (("S", 1.0), ("V", 1.3), ("U", 1.6), ("G", 1.9)):
         v = base + 0.8 * torch.randn(n, dim, generator=g)
         v = v / v.norm(dim=-1, keepdim=True) * (radius + 0.3 * torch.randn(n, 1, generator=g)).abs()
-        embeds[key] = exp_map0(v, curv)
-    return EmbeddingCache(embeds=embeds, curv=curv, bounds=BOUNDS, traversal_alpha=0.8)
+        embeds[key] = exp_map0(v, curvature)
+    return EmbeddingCache(embeds=embeds, curvature=curvature, bounds=BOUNDS, traversal_offset=0.8)
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The authors'-style evaluation (written from the description in the method notes, not copied)
+# The authors'-style evaluation (written from the description in docs/method.md §7, not copied)
 def _pairwise_dist(x: torch.Tensor, y: torch.Tensor, c: float) -> torch.Tensor:
     xt = torch.sqrt(1 / c + (x * x).sum(-1, keepdim=True))
     yt = torch.sqrt(1 / c + (y * y).sum(-1, keepdim=True))  # recomputed for the whole pool on every call
@@ -89,10 +89,10 @@ def loop_plain(query: torch.Tensor, pool: torch.Tensor, c: float) -> tuple[dict[
 def loop_union(cache: EmbeddingCache, name: str, num_queries: int, bound: str = "up_95") -> dict[int, int]:
     """Union task, one query at a time: traverse, distance to the whole pool, top-k, membership."""
     task = TASKS[name]
-    c = cache.curv
+    c = cache.curvature
     pool = torch.cat([cache.embeds[k] for k in task.pool])
     b = cache.bounds[task.traversal_key][bound]
-    threshold = b + math.tanh((b - cache.traversal_alpha) / c) + 1
+    threshold = b + math.tanh((b - cache.traversal_offset) / c) + 1
     hits = {k: 0 for k in KS}
     root = torch.zeros(1, pool.shape[1])
     for i in range(num_queries):
@@ -154,8 +154,8 @@ def bench_tables(n: int, dim: int, loop_queries: int, repeats: int) -> None:
         result = evaluate_retrieval(cache, ks=KS, per_tag=False)
         batched.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        loop_plain(cache.embeds["S"], cache.embeds["V"], cache.curv)
-        loop_plain(cache.embeds["U"], cache.embeds["G"], cache.curv)
+        loop_plain(cache.embeds["S"], cache.embeds["V"], cache.curvature)
+        loop_plain(cache.embeds["U"], cache.embeds["G"], cache.curvature)
         loop_plain_t.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         loop_hits = {name: loop_union(cache, name, loop_queries) for name in union}
@@ -183,9 +183,9 @@ def bench_tables(n: int, dim: int, loop_queries: int, repeats: int) -> None:
     # agreement on the looped queries (the batched run's hits recomputed on the same subset)
     sub = EmbeddingCache(
         embeds=cache.embeds,
-        curv=cache.curv,
+        curvature=cache.curvature,
         bounds=cache.bounds,
-        traversal_alpha=0.8,
+        traversal_offset=0.8,
         tags=["looped" if i < loop_queries else "rest" for i in range(n)],
     )
     per_tag = evaluate_retrieval(sub, tasks=union, ks=KS)["per_tag"]["looped"]

@@ -1,19 +1,21 @@
-"""Bounds calibration: distance-to-root statistics per content type, written into the model config.
+"""Distances to the root per kind of content: the statistics behind `config.bounds`, and their histogram.
 
-The authors never released how `hysac_bounds.json` was computed; the method doc (§3.5) reads it as the mean and
-the 95th/5th percentiles of the geodesic distance to the root for safe text (S), safe image (V), unsafe text
-(U) and unsafe image (G). This module recomputes them on a split of quadruplets.
+The one place where the bounds' statistics are computed (mean `avg`, 95th percentile `up_95`, 5th percentile
+`low_05` of the geodesic distance to the root, per kind S/V/U/G; docs/method.md §5) and where the distance
+histogram (the paper's Figure 2) is drawn. The authors never released how `hysac_bounds.json` was computed; these
+are the statistics their code reads.
 
 Command line::
 
-    hysac-calibrate --model out/hysac --dataset mini-visu --split validation [--histogram bounds.png]
+    hysac-calibrate --model out/hysac/model --dataset mini-visu --split validation [--histogram bounds.png]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -21,150 +23,306 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cli import UsageError
+from .encode import EmbeddingCache
+from .modeling.configuration_hysac import BOUND_KEYS, CONTENT, CONTENT_KINDS
 from .modeling.lorentz import dist_to_origin
 
 logger = logging.getLogger(__name__)
 
-CONTENT_TYPES = {"S": "safe_text", "V": "safe_image", "U": "unsafe_text", "G": "unsafe_image"}
+# The 5th and 95th percentiles need at least 1 / 0.05 = 20 values to lie between data points rather than on the
+# extremes; with fewer rows the bounds would be degenerate (one row gives avg = up_95 = low_05).
+MIN_CALIBRATION_ROWS = 20
+COLOURS = {"S": "tab:green", "V": "tab:blue", "U": "tab:orange", "G": "tab:red"}
 
 
-def fit_bounds(distances: dict[str, Tensor | np.ndarray]) -> dict[str, dict[str, float]]:
-    """`{"S"|"V"|"U"|"G": {"avg", "up_95", "low_05"}}` from distances to the root.
+def root_distances(cache: EmbeddingCache) -> dict[str, Tensor]:
+    """`{key: (N,) float64 geodesic distances to the root}` for every kind in the cache, in vocabulary order."""
+    return {
+        kind.key: dist_to_origin(cache.embeds[kind.key].double(), cache.curvature)
+        for kind in CONTENT_KINDS
+        if kind.key in cache.embeds
+    }
 
-    Args:
-        distances: content type -> `(N,)` distances (N >= 1, finite).
-    Returns:
-        mean, 95th percentile and 5th percentile (linear interpolation, numpy's default) per type.
+
+def distance_stats(distances: dict[str, Tensor | np.ndarray]) -> dict[str, dict[str, float]]:
+    """Mean, 5th/95th percentiles (linear interpolation), min, max and count of each kind's distances.
+
+    Raises:
+        ValueError: an empty or non-finite set of distances (naming the kind).
     """
-    missing = set(CONTENT_TYPES) - set(distances)
-    if missing:
-        raise ValueError(f"distances lacks content type(s) {sorted(missing)}; expected {sorted(CONTENT_TYPES)}")
-    bounds = {}
-    for key in CONTENT_TYPES:
-        values = torch.as_tensor(distances[key], dtype=torch.float64).flatten()
+    stats = {}
+    for key, values in distances.items():
+        values = torch.as_tensor(values, dtype=torch.float64).flatten()
         if values.numel() == 0:
-            raise ValueError(f"no distances for content type {key!r}: the calibration split is empty")
+            raise ValueError(f"no distances for {key} ({CONTENT[key].name}): the split is empty")
         if not torch.isfinite(values).all():
-            raise ValueError(f"non-finite distances for content type {key!r}; the model produces NaN/Inf embeddings")
-        bounds[key] = {
+            raise ValueError(f"non-finite distances for {key} ({CONTENT[key].name}); the embeddings contain NaN/Inf")
+        stats[key] = {
             "avg": values.mean().item(),
             "up_95": torch.quantile(values, 0.95).item(),
             "low_05": torch.quantile(values, 0.05).item(),
+            "min": values.min().item(),
+            "max": values.max().item(),
+            "count": int(values.numel()),
         }
-    return bounds
+    return stats
 
 
-@torch.no_grad()
-def embed_distances(
-    model,
-    processor,
-    dataset,
-    batch_size: int = 64,
-    image_root: str | None = None,
-    show_progress: bool = True,
-) -> dict[str, Tensor]:
-    """Distance to the root of every safe/unsafe text and image of a quadruplet dataset.
+def fit_bounds(
+    distances: dict[str, Tensor | np.ndarray], min_rows: int = MIN_CALIBRATION_ROWS
+) -> dict[str, dict[str, float]]:
+    """`{"S"|"V"|"U"|"G": {"avg", "up_95", "low_05"}}` from distances to the root.
 
-    The embedding itself is `hysac_hf.evaluation.embed.embed_dataset` (the same path `hysac-eval embed` uses).
-
-    Returns:
-        content type (S, V, U, G) -> `(N,)` float32 distances.
+    Args:
+        distances: kind key -> `(N,)` distances, for all four kinds.
+        min_rows: refuse fewer rows than this (default 20; see :data:`MIN_CALIBRATION_ROWS`).
+    Raises:
+        ValueError: a missing kind, too few rows (saying how many are needed), NaN/Inf.
     """
-    from .evaluation.embed import embed_dataset
+    missing = [k for k in BOUND_KEYS if k not in distances]
+    if missing:
+        raise ValueError(
+            f"bounds need all four kinds; missing {', '.join(f'{k} ({CONTENT[k].name})' for k in missing)}"
+        )
+    stats = distance_stats({k: distances[k] for k in BOUND_KEYS})
+    rows = min(s["count"] for s in stats.values())
+    if rows < min_rows:
+        raise UsageError(
+            f"the calibration split has {rows} rows; bounds need at least {min_rows} (the 5th and 95th percentiles "
+            "are not meaningful below 1/0.05 rows). Use a larger split (e.g. --split validation) or more data"
+        )
+    return {k: {stat: stats[k][stat] for stat in ("avg", "up_95", "low_05")} for k in BOUND_KEYS}
 
-    cache = embed_dataset(
-        model,
-        processor,
-        dataset,
-        columns={column: key for key, column in CONTENT_TYPES.items()},
-        tag_column=None,
-        image_root=image_root,
-        batch_size=batch_size,
-        show_progress=show_progress,
-    )
-    return {key: dist_to_origin(cache.embeds[key], cache.curv).float() for key in CONTENT_TYPES}
 
+def plot_root_histogram(
+    distances: dict[str, Tensor | np.ndarray],
+    path: str | os.PathLike,
+    bounds: dict[str, dict[str, float]] | None = None,
+    bins: int = 60,
+    title: str = "Distance from the root",
+) -> Path:
+    """Overlaid histograms of the distance to the root per kind (Figure 2), as a PNG.
 
-def plot_histogram(distances: dict[str, Tensor], bounds: dict[str, dict[str, float]], path: str | Path) -> Path:
-    """Histogram PNG of the distances per content type with the fitted mean and percentiles."""
-    import matplotlib
+    Draws on a `matplotlib.figure.Figure` (no global backend switch). With `bounds`, each kind's mean (solid) and
+    95th percentile (dashed) are drawn in its colour.
+    """
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = {"S": "safe text", "V": "safe image", "U": "unsafe text", "G": "unsafe image"}
-    colors = {"S": "tab:green", "V": "tab:blue", "U": "tab:orange", "G": "tab:red"}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key in CONTENT_TYPES:
-        ax.hist(distances[key].numpy(), bins=30, alpha=0.45, color=colors[key], label=f"{key}: {names[key]}")
-        ax.axvline(bounds[key]["avg"], color=colors[key], linestyle="-")
-        ax.axvline(bounds[key]["up_95"], color=colors[key], linestyle=":")
+    if not distances:
+        raise ValueError("no distances to plot")
+    arrays = {k: np.asarray(torch.as_tensor(v, dtype=torch.float64)) for k, v in distances.items()}
+    joint = np.concatenate(list(arrays.values()))
+    upper = joint.max() if joint.max() > joint.min() else joint.min() + 1e-6
+    edges = np.linspace(joint.min(), upper, bins + 1)
+    fig = Figure(figsize=(7, 4), dpi=120)
+    ax = fig.add_subplot()
+    for key, values in arrays.items():
+        kind = CONTENT[key]
+        ax.hist(values, bins=edges, alpha=0.45, color=COLOURS[key], label=f"{key}: {kind.name} (n={values.size})")
+        if bounds and key in bounds:
+            ax.axvline(bounds[key]["avg"], color=COLOURS[key], linestyle="-", linewidth=1)
+            ax.axvline(bounds[key]["up_95"], color=COLOURS[key], linestyle="--", linewidth=1)
     ax.set_xlabel("geodesic distance to the root")
     ax.set_ylabel("count")
-    ax.set_title("HySAC bounds (line: mean, dotted: 95th percentile)")
-    ax.legend()
+    ax.set_title(title + (" (line: mean, dashed: 95th percentile)" if bounds else ""), fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    logger.info("Wrote the distance histogram to %s", path)
+    return path
 
 
-def calibrate_model(
-    model,
-    processor,
-    dataset,
-    batch_size: int = 64,
-    image_root: str | None = None,
-    histogram_path: str | Path | None = None,
-    show_progress: bool = True,
-) -> dict[str, dict[str, float]]:
-    """Embed `dataset`, fit bounds and (optionally) draw the histogram. Does not modify `model`."""
-    distances = embed_distances(model, processor, dataset, batch_size, image_root, show_progress=show_progress)
+def calibrate(cache: EmbeddingCache, histogram_path: str | os.PathLike | None = None) -> dict[str, dict[str, float]]:
+    """Bounds from an embedding cache of all four kinds (and optionally the histogram PNG)."""
+    cache.require(*BOUND_KEYS)
+    distances = root_distances(cache)
     bounds = fit_bounds(distances)
     if histogram_path:
-        plot_histogram(distances, bounds, histogram_path)
+        plot_root_histogram(distances, histogram_path, bounds=bounds, title="Calibration split: distance from the root")
     return bounds
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """`hysac-calibrate`: fit bounds on a split and write them into the model folder's config.json."""
-    from . import HySACModel, HySACProcessor
-    from .data import load_dataset_split
+def write_config_fields(model_dir: str | os.PathLike, **fields) -> None:
+    """Set fields of a saved HySAC folder's config through `HySACConfig` (validated), replacing config.json atomically."""
+    from .modeling.configuration_hysac import HySACConfig
 
-    parser = argparse.ArgumentParser(description="Fit HySAC bounds (distance-to-root statistics) on a dataset split.")
-    parser.add_argument("--model", required=True, help="Exported HySAC folder; its config.json gets the bounds.")
-    parser.add_argument(
-        "--dataset", default="mini-visu", help="'mini-visu', 'visu:<text source>', a file, folder or Hub id."
+    model_dir = Path(model_dir)
+    config = HySACConfig.from_pretrained(model_dir)
+    for name, value in fields.items():
+        setattr(config, name, value)
+    config = HySACConfig.from_dict(config.to_dict())  # re-validates bounds/thresholds
+    with tempfile.TemporaryDirectory(dir=model_dir, prefix=".config-") as tmp:
+        config.save_pretrained(tmp)
+        os.replace(Path(tmp) / "config.json", model_dir / "config.json")
+
+
+def format_bounds_change(old: dict | None, new: dict) -> str:
+    """Lines `S avg 0.4120 -> 0.4300 ...` comparing old and new bounds (old may be None)."""
+    lines = []
+    for key in BOUND_KEYS:
+        cells = []
+        for stat in ("avg", "up_95", "low_05"):
+            before = f"{old[key][stat]:.4f}" if old else "-"
+            cells.append(f"{stat} {before} -> {new[key][stat]:.4f}")
+        lines.append(f"  {key} ({CONTENT[key].name}): " + ", ".join(cells))
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------------------
+# hysac-calibrate
+def build_parser() -> argparse.ArgumentParser:
+    from .cli import add_argument, add_debug_flag, dashed_aliases
+
+    parser = argparse.ArgumentParser(
+        prog="hysac-calibrate",
+        description="Fit HySAC bounds (distance-to-root statistics per kind of content) on a dataset split and "
+        "store them in the model folder's config.json.",
     )
-    parser.add_argument("--split", default="validation", help="Split to embed (the reference's split is unknown).")
-    parser.add_argument("--max_samples", type=int, default=None, help="Use only the first rows.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Encoding batch size.")
-    parser.add_argument("--image_root", default=None, help="Folder for relative image paths.")
-    parser.add_argument("--coco_root", default=None, help="COCO 2017 root (ViSU).")
-    parser.add_argument("--visu_unsafe_images", default=None, help="Your ViSU unsafe images (folder or mapping).")
-    parser.add_argument("--histogram", default=None, help="Also write a histogram PNG here.")
-    parser.add_argument("--dry_run", action="store_true", help="Print the bounds without writing config.json.")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    add_argument(parser, "--model", required=True, help="Saved HySAC folder; its config.json gets the bounds.")
+    add_argument(
+        parser,
+        "--dataset",
+        default="mini-visu",
+        help="'mini-visu', 'visu:<text source>', a .jsonl/.csv/.parquet file, a folder of per-split files, a "
+        "save_to_disk folder or a Hub dataset id.",
+    )
+    add_argument(parser, "--split", default="validation", help="Split to embed (the reference's split is unknown).")
+    add_argument(
+        parser,
+        "--columns",
+        default=None,
+        help="Map your columns: SOURCE=KIND pairs, KIND one of S (safe text), V (safe image), U (unsafe text), "
+        "G (unsafe image), e.g. --columns caption=S,path=V,nsfw=U,nsfw_path=G.",
+    )
+    add_argument(
+        parser,
+        "--max_samples",
+        type=int,
+        default=None,
+        help="Use only the first rows.",
+        aliases=dashed_aliases("--max_samples"),
+    )
+    add_argument(
+        parser,
+        "--batch_size",
+        type=int,
+        default=64,
+        help="Quadruplets per forward pass.",
+        aliases=dashed_aliases("--batch_size"),
+    )
+    add_argument(
+        parser,
+        "--image_root",
+        default=None,
+        help="Folder for relative image paths.",
+        aliases=dashed_aliases("--image_root"),
+    )
+    add_argument(
+        parser, "--coco_root", default=None, help="COCO 2017 root (ViSU).", aliases=dashed_aliases("--coco_root")
+    )
+    add_argument(
+        parser,
+        "--visu_unsafe_images",
+        default=None,
+        help="Your ViSU unsafe images (folder or mapping).",
+        aliases=dashed_aliases("--visu_unsafe_images"),
+    )
+    add_argument(parser, "--histogram", default=None, help="Also write a histogram PNG here.")
+    add_argument(parser, "--device", default=None, help="torch device (default: cpu).")
+    add_argument(
+        parser,
+        "--overwrite",
+        action="store_true",
+        help="Replace bounds the model already has (the old and new values are logged).",
+    )
+    add_argument(
+        parser,
+        "--dry_run",
+        action="store_true",
+        help="Print the bounds without writing config.json.",
+        aliases=dashed_aliases("--dry_run"),
+    )
+    add_debug_flag(parser)
+    return parser
 
+
+def _calibrate_command(args: argparse.Namespace) -> int:
+    import json
+
+    from .cli import parse_columns
+    from .data import load_dataset_split
+    from .modeling.configuration_hysac import HySACConfig
+
+    # Every input is checked before the model is loaded and before anything is written.
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} has no config.json; pass the folder written by train.py/save_pretrained")
-    model = HySACModel.from_pretrained(model_dir).eval()
-    # trust_remote_code only silences the prompt: the tokenizer and image processor are built-in CLIP classes.
-    processor = HySACProcessor.from_pretrained(model_dir, trust_remote_code=True)
+        raise UsageError(
+            f"{model_dir} has no config.json; pass the model folder written by train.py or save_pretrained"
+        )
+    try:
+        config = HySACConfig.from_pretrained(model_dir)
+    except (ValueError, OSError) as error:
+        raise UsageError(f"{model_dir / 'config.json'} is not a usable HySAC config: {error}") from None
+    if config.bounds is not None and not (args.overwrite or args.dry_run):
+        raise UsageError(
+            f"{model_dir} already has bounds; pass --overwrite to replace them (old and new values are shown), or "
+            "--dry_run to only print the new ones"
+        )
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.histogram and not Path(args.histogram).resolve().parent.is_dir():
+        raise UsageError(f"--histogram {args.histogram}: folder {Path(args.histogram).parent} does not exist")
     dataset = load_dataset_split(
         args.dataset,
         args.split,
+        columns=parse_columns(args.columns),
         coco_root=args.coco_root,
         visu_unsafe_images=args.visu_unsafe_images,
         max_samples=args.max_samples,
     )
-    bounds = calibrate_model(model, processor, dataset, args.batch_size, args.image_root, args.histogram)
-    if not args.dry_run:
-        config_path = model_dir / "config.json"
-        config = json.loads(config_path.read_text())
-        config["bounds"] = bounds
-        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        logger.info(f"wrote bounds to {config_path}")
+    if len(dataset) < MIN_CALIBRATION_ROWS:
+        raise UsageError(
+            f"{args.dataset} ({args.split}) has {len(dataset)} rows; bounds need at least {MIN_CALIBRATION_ROWS}"
+        )
+
+    from .cli import load_model
+    from .encode import encode_quadruplets
+
+    model, processor = load_model(model_dir, args.device)
+    cache = encode_quadruplets(
+        model,
+        processor,
+        dataset,
+        kinds=BOUND_KEYS,
+        image_root=args.image_root,
+        batch_size=args.batch_size,
+        source={"dataset": str(args.dataset), "split": args.split},
+    )
+    bounds = calibrate(cache, args.histogram)
+    if args.dry_run:
+        logger.info("dry run: %s not changed", model_dir / "config.json")
+    else:
+        if config.bounds is not None:
+            logger.info(
+                "replacing the bounds of %s (--overwrite):\n%s", model_dir, format_bounds_change(config.bounds, bounds)
+            )
+        write_config_fields(model_dir, bounds=bounds)
+        logger.info("wrote bounds to %s", model_dir / "config.json")
     print(json.dumps(bounds, indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`hysac-calibrate`: exit status 0, or 2 with one line on a usage or input error."""
+    from .cli import run, setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    return run(_calibrate_command, args, "hysac-calibrate")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,7 +1,8 @@
 """HySAC evaluation: retrieval (Tables 1, 2, 8), classification (Tables 5, 6), histograms, zero-shot; `hysac-eval`.
 
-Modules: `embed` (on-disk embedding cache), `topk` (exact hyperbolic top-k: chunked torch and FAISS),
-`retrieval`, `classification`, `histogram`, `zeroshot`, `cli`. The `evaluate` metric modules live in
+Every evaluation reads embeddings made by `hysac_hf.encode` (an `EmbeddingCache`, or `encode_images`/`encode_texts`).
+Modules: `topk` (exact hyperbolic top-k and the one recall implementation: chunked torch and FAISS), `retrieval`,
+`classification`, `zeroshot`, `cli`; the distance statistics and the Figure-2 histogram are `hysac_hf.calibration`. The `evaluate` metric modules live in
 `metrics/<name>/<name>.py`; load them offline with `evaluate.load(metric_path("recall_at_k"))`.
 """
 

@@ -15,7 +15,6 @@ distance; they do not transfer to raw distances. Calibrate on labelled data inst
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Sequence
@@ -154,14 +153,15 @@ def plot_sweep(
     title: str = "Unsafe classification",
     marks: dict[str, float] | None = None,
 ) -> Path:
-    """Plot Acc/FPR/FNR (%) against the threshold to a PNG (Agg backend); `marks` draws labelled vertical lines."""
-    import matplotlib
+    """Plot Acc/FPR/FNR (%) against the threshold to a PNG; `marks` draws labelled vertical lines.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Draws on a `matplotlib.figure.Figure` (no global backend switch).
+    """
+    from matplotlib.figure import Figure
 
     t = [r["threshold"] for r in sweep]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig = Figure(figsize=(6, 4), dpi=120)
+    ax = fig.add_subplot()
     for key, label in (("accuracy", "accuracy"), ("fpr", "false-positive rate"), ("fnr", "false-negative rate")):
         ax.plot(t, [100 * r[key] for r in sweep], label=label)
     for name, value in (marks or {}).items():
@@ -176,29 +176,26 @@ def plot_sweep(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
 def save_thresholds(model_dir: str | os.PathLike, thresholds: dict[str, float]) -> dict[str, float]:
-    """Store calibrated thresholds in a saved model folder's `config.json` (`unsafe_thresholds`), keeping the
-    other fields and the other modality's threshold. Returns the stored mapping."""
-    from ..modeling.configuration_hysac import validate_thresholds
+    """Store calibrated thresholds in a saved model folder's config (`unsafe_thresholds`), through `HySACConfig`,
+    keeping the other fields and the other modality's threshold. Returns the stored mapping."""
+    from ..calibration import write_config_fields
+    from ..cli import UsageError
+    from ..modeling.configuration_hysac import HySACConfig
 
     config_path = Path(model_dir) / "config.json"
     if not config_path.is_file():
-        raise FileNotFoundError(
-            f"{config_path} not found; --save needs a local model folder written by save_pretrained"
-        )
-    config = json.loads(config_path.read_text())
-    if config.get("model_type") != "hysac":
-        raise ValueError(f"{config_path} is not a HySAC config (model_type={config.get('model_type')!r})")
-    merged = dict(config.get("unsafe_thresholds") or {})
+        raise UsageError(f"{config_path} not found; --save needs a local model folder written by save_pretrained")
+    config = HySACConfig.from_pretrained(model_dir)
+    merged = dict(config.unsafe_thresholds or {})
     merged.update({k: float(v) for k, v in thresholds.items()})
-    config["unsafe_thresholds"] = validate_thresholds(merged)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    logger.info("Stored unsafe_thresholds=%s in %s", config["unsafe_thresholds"], config_path)
-    return config["unsafe_thresholds"]
+    write_config_fields(model_dir, unsafe_thresholds=merged)
+    stored = HySACConfig.from_pretrained(model_dir).unsafe_thresholds
+    logger.info("Stored unsafe_thresholds=%s in %s", stored, config_path)
+    return stored
 
 
 __all__ = [

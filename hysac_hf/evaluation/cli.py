@@ -1,14 +1,16 @@
 """`hysac-eval`: the paper's evaluation suite from the command line.
 
 Subcommands:
-- `embed`: embed a quadruplet dataset into a cache folder (reused by `retrieval` and `histogram`).
+- `embed`: embed a quadruplet dataset into a cache folder (reused by `retrieval`, `histogram` and `classify`);
+  under `accelerate launch` every process embeds its share.
 - `retrieval`: Tables 1 and 2 (and the Table 8 per-tag breakdown) from a cache; JSON + markdown.
 - `classify`: Tables 5/6-style Acc/FPR/FNR of the distance-to-root classifier on a labelled image folder
   (`root/safe/*`, `root/unsafe/*`) or on a cache; threshold calibration, sweep + PNG, `--save` to a model.
-- `histogram`: distance-from-root histograms per content type (Figure 2) as a PNG.
+- `histogram`: distance-from-root histograms per kind of content (Figure 2) as a PNG.
 - `zeroshot`: zero-shot accuracy on a class-per-folder image tree (Table 7 robustness).
 
-Results go to stdout as JSON (the only print); with `--output-json`/`--output-md` they are written to files.
+Results go to stdout as JSON (the only print); with `--output_json`/`--output_md` they are also written to files.
+A usage or input error prints one line and exits 2 (`--debug` shows the traceback).
 """
 
 from __future__ import annotations
@@ -19,145 +21,193 @@ import logging
 import sys
 from pathlib import Path
 
+from ..cli import UsageError, add_argument, add_debug_flag, dashed_aliases, parse_columns
+
 logger = logging.getLogger(__name__)
 
 
+def _flag(parser, flag: str, aliases: list[str] | None = None, **kwargs) -> None:
+    """An underscore flag with its dashed spelling (and `aliases`) kept as hidden aliases (earlier spellings)."""
+    add_argument(parser, flag, aliases=dashed_aliases(flag) + list(aliases or []), **kwargs)
+
+
 def _load_model(path: str, device: str | None):
-    from transformers import AutoConfig
+    from ..cli import load_model
 
-    from .. import HySACConfig, HySACModel, HySACProcessor
-
-    # The processor's AutoTokenizer reads config.json; with "hysac" registered it uses our installed class
-    # instead of asking whether to run the folder's remote code (an interactive prompt on stdout).
-    AutoConfig.register("hysac", HySACConfig, exist_ok=True)
-    model = HySACModel.from_pretrained(path).eval()
-    if device:
-        model.to(device)
-    return model, HySACProcessor.from_pretrained(path)
-
-
-def _parse_columns(spec: str | None) -> dict[str, str] | None:
-    if not spec:
-        return None
-    columns = {}
-    for item in spec.split(","):
-        if "=" not in item:
-            raise ValueError(f"--columns items look like column=KEY (KEY one of S,V,U,G), got {item!r}")
-        col, key = item.split("=", 1)
-        columns[col.strip()] = key.strip()
-    return columns
+    return load_model(path, device)
 
 
 def _floats(spec: str) -> list[float]:
-    return [float(x) for x in spec.split(",") if x.strip()]
+    try:
+        return [float(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"--sweep takes comma-separated numbers or 'auto', got {spec!r}") from None
+
+
+def _ints(spec: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in spec.split(",") if x.strip()]
+    except ValueError:
+        raise UsageError(f"{flag} takes comma-separated integers, got {spec!r}") from None
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} takes positive integers, got {spec!r}")
+    return values
+
+
+def _writable(path: str | None, flag: str) -> None:
+    if path and not Path(path).resolve().parent.is_dir():
+        raise UsageError(f"{flag} {path}: folder {Path(path).parent} does not exist")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hysac-eval", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    _flag(parser, "--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("embed", help="embed a quadruplet dataset into a cache folder")
-    p.add_argument("--model", required=True, help="HySAC model folder or Hub id")
-    p.add_argument("--dataset", required=True, help="'mini-visu', a .jsonl/.csv/.parquet file or a save_to_disk folder")
-    p.add_argument("--split", default="test", help="split to embed (default: test)")
-    p.add_argument("--max-samples", type=int, default=None, help="embed the first rows only")
-    p.add_argument(
+    _flag(p, "--model", required=True, help="HySAC model folder or Hub id")
+    _flag(
+        p,
+        "--dataset",
+        required=True,
+        help="'mini-visu', a .jsonl/.csv/.parquet file, a folder of per-split files, a save_to_disk folder or a Hub id",
+    )
+    _flag(p, "--split", default="test", help="split to embed (default: test)")
+    _flag(p, "--max_samples", type=int, default=None, help="embed the first rows only")
+    _flag(
+        p,
         "--columns",
         default=None,
-        help="column=KEY pairs, KEY in S (safe text), V (safe image), U (unsafe text), G (unsafe image); default "
-        "safe_text=S,safe_image=V,unsafe_text=U,unsafe_image=G",
+        help="map your columns: SOURCE=KIND pairs, KIND one of S (safe text), V (safe image), U (unsafe text), "
+        "G (unsafe image); e.g. --columns coco_caption=S,coco_path=V,nsfw=U,nsfw_image=G",
     )
-    p.add_argument("--tag-column", default="tag", help="category column for the per-tag breakdown")
-    p.add_argument("--image-root", default=None, help="folder that relative image paths are resolved against")
-    p.add_argument("--batch-size", type=int, default=32, help="rows per forward pass")
-    p.add_argument("--device", default=None, help="torch device (default: cpu)")
-    p.add_argument("--output", required=True, help="cache folder to write")
+    _flag(p, "--tag_column", default="tag", help="category column for the per-tag breakdown")
+    _flag(p, "--image_root", default=None, help="folder that relative image paths are resolved against")
+    _flag(p, "--coco_root", default=None, help="COCO 2017 root (for --dataset visu:...)")
+    _flag(p, "--visu_unsafe_images", default=None, help="your ViSU unsafe images (for --dataset visu:...)")
+    _flag(p, "--batch_size", type=int, default=32, help="quadruplets per forward pass (per process)")
+    _flag(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
+    _flag(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")
+    _flag(p, "--output", required=True, help="cache folder to write (replaced atomically)")
 
     p = sub.add_parser("retrieval", help="Tables 1 and 2 retrieval from an embedding cache")
-    p.add_argument("--cache", required=True, help="folder written by 'hysac-eval embed'")
-    p.add_argument("--tasks", default=None, help="comma-separated task names (default: all eight)")
-    p.add_argument("--ks", default="1,5,10,20", help="recall levels")
-    p.add_argument("--no-traversal", action="store_true", help="rank the union pools without the safety traversal")
-    p.add_argument(
-        "--bound", default="up_95", choices=["up_95", "avg", "low_05"], help="bound statistic of the traversal"
+    _flag(p, "--cache", required=True, help="folder written by 'hysac-eval embed'")
+    _flag(p, "--tasks", default=None, help="comma-separated task names (default: all eight)")
+    _flag(p, "--ks", default="1,5,10,20", help="recall levels")
+    _flag(p, "--no_traversal", action="store_true", help="rank the union pools without the safety traversal")
+    _flag(p, "--bound", default="up_95", choices=["up_95", "avg", "low_05"], help="bound statistic of the traversal")
+    _flag(p, "--method", default="reference", choices=["reference", "geodesic"], help="traversal rule")
+    _flag(
+        p,
+        "--offset",
+        type=float,
+        default=None,
+        help="traversal margin offset (default: the model's traversal_offset)",
+        aliases=["--alpha"],
     )
-    p.add_argument("--method", default="reference", choices=["reference", "geodesic"], help="traversal rule")
-    p.add_argument("--alpha", type=float, default=None, help="traversal margin offset (default: the model's)")
-    p.add_argument("--float64", action="store_true", help="rank in float64")
-    p.add_argument("--output-json", default=None, help="write the results JSON here")
-    p.add_argument("--output-md", default=None, help="write the markdown tables here")
+    _flag(p, "--float64", action="store_true", help="rank in float64")
+    _flag(p, "--output_json", default=None, help="write the results JSON here")
+    _flag(p, "--output_md", default=None, help="write the markdown tables here")
 
     p = sub.add_parser("classify", help="Acc/FPR/FNR of the distance-to-root unsafe classifier")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", default=None, help="labelled image folder with sub-folders safe/ and unsafe/")
-    src.add_argument("--cache", default=None, help="embedding cache: safe = S/V rows, unsafe = U/G rows of --modality")
-    p.add_argument("--model", default=None, help="HySAC model folder (needed with --images, and for --save)")
-    p.add_argument("--modality", default="image", choices=["image", "text"], help="which threshold and content")
-    p.add_argument("--safe-class", default="safe", help="sub-folder name of safe images")
-    p.add_argument("--unsafe-class", default="unsafe", help="sub-folder name of unsafe images")
-    p.add_argument("--threshold", type=float, default=None, help="evaluate this threshold (default: the model's)")
-    p.add_argument(
-        "--calibrate", default=None, choices=["accuracy", "fpr"], help="calibrate the threshold on this data"
-    )
-    p.add_argument("--target-fpr", type=float, default=0.05, help="FPR bound for --calibrate fpr (fraction)")
-    p.add_argument("--sweep", default=None, help="comma-separated thresholds for a Table-6 sweep (or 'auto')")
-    p.add_argument("--plot", default=None, help="PNG of Acc/FPR/FNR against the threshold")
-    p.add_argument("--save", action="store_true", help="store the calibrated threshold in --model's config.json")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None)
-    p.add_argument("--output-json", default=None)
+    _flag(src, "--images", default=None, help="labelled image folder with sub-folders safe/ and unsafe/")
+    _flag(src, "--cache", default=None, help="embedding cache: safe = S/V rows, unsafe = U/G rows of --modality")
+    _flag(p, "--model", default=None, help="HySAC model folder (needed with --images, and for --save)")
+    _flag(p, "--modality", default="image", choices=["image", "text"], help="which threshold and content")
+    _flag(p, "--safe_class", default="safe", help="sub-folder name of safe images")
+    _flag(p, "--unsafe_class", default="unsafe", help="sub-folder name of unsafe images")
+    _flag(p, "--threshold", type=float, default=None, help="evaluate this threshold (default: the model's)")
+    _flag(p, "--calibrate", default=None, choices=["accuracy", "fpr"], help="calibrate the threshold on this data")
+    _flag(p, "--target_fpr", type=float, default=0.05, help="FPR bound for --calibrate fpr (fraction)")
+    _flag(p, "--sweep", default=None, help="comma-separated thresholds for a Table-6 sweep (or 'auto')")
+    _flag(p, "--plot", default=None, help="PNG of Acc/FPR/FNR against the threshold")
+    _flag(p, "--save", action="store_true", help="store the calibrated threshold in --model's config.json")
+    _flag(p, "--overwrite", action="store_true", help="with --save: replace a threshold the model already has")
+    _flag(p, "--batch_size", type=int, default=32, help="images per forward pass")
+    _flag(p, "--device", default=None, help="torch device (default: cpu)")
+    _flag(p, "--output_json", default=None, help="write the results JSON here")
 
-    p = sub.add_parser("histogram", help="distance-from-root histograms per content type (Figure 2)")
-    p.add_argument("--cache", required=True, help="folder written by 'hysac-eval embed'")
-    p.add_argument("--output", required=True, help="PNG file to write")
-    p.add_argument("--bins", type=int, default=60)
-    p.add_argument("--title", default="Distance from the root")
+    p = sub.add_parser("histogram", help="distance-from-root histograms per kind of content (Figure 2)")
+    _flag(p, "--cache", required=True, help="folder written by 'hysac-eval embed'")
+    _flag(p, "--output", required=True, help="PNG file to write")
+    _flag(p, "--bins", type=int, default=60, help="histogram bins")
+    _flag(p, "--title", default="Distance from the root", help="figure title")
 
     p = sub.add_parser("zeroshot", help="zero-shot accuracy on a class-per-folder image tree")
-    p.add_argument("--model", required=True, help="HySAC model folder or Hub id")
-    p.add_argument("--images", required=True, help="image folder, one sub-folder per class (the class name)")
-    p.add_argument("--template", default="a photo of a {}.", help="prompt template with one {}")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None)
-    p.add_argument("--output-json", default=None)
+    _flag(p, "--model", required=True, help="HySAC model folder or Hub id")
+    _flag(p, "--images", required=True, help="image folder, one sub-folder per class (the class name)")
+    _flag(p, "--template", default="a photo of a {}.", help="prompt template with one {}")
+    _flag(p, "--batch_size", type=int, default=32, help="images per forward pass")
+    _flag(p, "--device", default=None, help="torch device (default: cpu)")
+    _flag(p, "--output_json", default=None, help="write the results JSON here")
     return parser
 
 
 def run_embed(args) -> dict:
-    from .embed import embed_dataset, open_quadruplets
+    from accelerate import Accelerator
 
-    model, processor = _load_model(args.model, args.device)
-    dataset = open_quadruplets(args.dataset, args.split, args.max_samples)
-    cache = embed_dataset(
+    from ..data import load_dataset_split
+    from ..encode import encode_quadruplets
+
+    if args.batch_size < 1:
+        raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
+    output = Path(args.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"--output {output} exists and is not a folder")
+    dataset = load_dataset_split(
+        args.dataset,
+        args.split,
+        columns=parse_columns(args.columns),
+        coco_root=args.coco_root,
+        visu_unsafe_images=args.visu_unsafe_images,
+        max_samples=args.max_samples,
+        required=(),
+    )
+    accelerator = Accelerator()  # one process unless started by `accelerate launch`
+    model, processor = _load_model(args.model, args.device or str(accelerator.device))
+    cache = encode_quadruplets(
         model,
         processor,
         dataset,
-        columns=_parse_columns(args.columns),
         tag_column=args.tag_column,
         image_root=args.image_root,
         batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        accelerator=accelerator,
         source={"dataset": str(args.dataset), "split": args.split},
     )
-    cache.save(args.output)
-    return {"cache": str(args.output), "num_rows": cache.num_rows, "content": sorted(cache.embeds)}
+    if accelerator.is_main_process:
+        cache.save(output)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return {}
+    return {"cache": str(output), "num_rows": cache.num_rows, "content": sorted(cache.embeds)}
 
 
 def run_retrieval(args) -> dict:
     import torch
 
-    from .embed import EmbeddingCache
-    from .retrieval import evaluate_retrieval, results_to_markdown
+    from ..encode import EmbeddingCache
+    from .retrieval import TASKS, evaluate_retrieval, results_to_markdown
 
+    tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
+    unknown = [t for t in tasks or [] if t not in TASKS]
+    if unknown:
+        raise UsageError(f"--tasks: unknown task(s) {unknown}; choose from {list(TASKS)}")
+    ks = _ints(args.ks, "--ks")
+    _writable(args.output_md, "--output_md")
+    _writable(args.output_json, "--output_json")
     cache = EmbeddingCache.load(args.cache)
     results = evaluate_retrieval(
         cache,
-        tasks=args.tasks.split(",") if args.tasks else None,
-        ks=[int(k) for k in args.ks.split(",")],
+        tasks=tasks,
+        ks=ks,
         use_traversal=not args.no_traversal,
         bound=args.bound,
         method=args.method,
-        alpha=args.alpha,
+        offset=args.offset,
         dtype=torch.float64 if args.float64 else torch.float32,
     )
     if args.output_md:
@@ -172,29 +222,32 @@ def _classification_scores(args):
     from ..modeling.lorentz import dist_to_origin
 
     if args.images:
-        from .embed import embed_images, list_image_folder
+        from ..data.folders import list_image_folder
+        from ..encode import encode_images
 
-        if not args.model:
-            raise ValueError("--images needs --model to embed the images")
         paths, labels, names = list_image_folder(args.images)
         for required in (args.safe_class, args.unsafe_class):
             if required not in names:
-                raise ValueError(
-                    f"{args.images} has no sub-folder {required!r} (found {names}); set --safe-class/--unsafe-class"
+                raise UsageError(
+                    f"{args.images} has no sub-folder {required!r} (found {names}); set --safe_class/--unsafe_class"
                 )
         keep = [i for i, lab in enumerate(labels) if names[lab] in (args.safe_class, args.unsafe_class)]
         model, processor = _load_model(args.model, args.device)
-        embeds = embed_images(model, processor, [paths[i] for i in keep], batch_size=args.batch_size)
+        embeds = encode_images(model, processor, [paths[i] for i in keep], batch_size=args.batch_size)
         scores = model.unsafe_score(embeds)
         y = torch.tensor([int(names[labels[i]] == args.unsafe_class) for i in keep])
         default_threshold = (model.config.unsafe_thresholds or {}).get(args.modality)
         return scores, y, default_threshold
-    from .embed import EmbeddingCache
+    from ..encode import EmbeddingCache
+    from ..modeling.configuration_hysac import CONTENT_KINDS
 
     cache = EmbeddingCache.load(args.cache)
-    safe_key, unsafe_key = ("V", "G") if args.modality == "image" else ("S", "U")
+    safe_key, unsafe_key = (
+        next(k.key for k in CONTENT_KINDS if k.modality == args.modality and k.is_safe == safe)
+        for safe in (True, False)
+    )
     cache.require(safe_key, unsafe_key)
-    scores = dist_to_origin(torch.cat([cache.embeds[safe_key], cache.embeds[unsafe_key]]), cache.curv)
+    scores = dist_to_origin(torch.cat([cache.embeds[safe_key], cache.embeds[unsafe_key]]), cache.curvature)
     y = torch.cat([torch.zeros(cache.num_rows, dtype=torch.long), torch.ones(cache.num_rows, dtype=torch.long)])
     return scores, y, (cache.unsafe_thresholds or {}).get(args.modality)
 
@@ -211,7 +264,21 @@ def run_classify(args) -> dict:
     )
 
     if args.save and not (args.calibrate and args.model):
-        raise ValueError("--save stores a calibrated threshold: use it with --calibrate and --model")
+        raise UsageError("--save stores a calibrated threshold: use it with --calibrate and --model")
+    if args.images and not args.model:
+        raise UsageError("--images needs --model to embed the images")
+    if args.save:  # refuse before any embedding
+        from ..modeling.configuration_hysac import HySACConfig
+
+        existing = (HySACConfig.from_pretrained(args.model).unsafe_thresholds or {}).get(args.modality)
+        if existing is not None and not args.overwrite:
+            raise UsageError(
+                f"{args.model} already has an unsafe threshold for {args.modality} ({existing:.6g}); pass --overwrite "
+                "to replace it"
+            )
+    sweep_values = None if args.sweep in (None, "auto") else _floats(args.sweep)
+    _writable(args.plot, "--plot")
+    _writable(args.output_json, "--output_json")
     scores, labels, default_threshold = _classification_scores(args)
     out: dict = {"num_items": int(labels.numel()), "num_unsafe": int(labels.sum()), "modality": args.modality}
     marks = {}
@@ -226,41 +293,40 @@ def run_classify(args) -> dict:
         out["at_threshold"] = classification_metrics(scores, labels, threshold)
         marks["threshold"] = threshold
     elif not args.calibrate:
-        raise ValueError(
+        raise UsageError(
             f"no threshold: the model/cache has no unsafe_thresholds[{args.modality!r}]; pass --threshold or --calibrate"
         )
     if args.sweep or args.plot:
-        values = None if args.sweep in (None, "auto") else _floats(args.sweep)
-        out["sweep"] = threshold_sweep(scores, labels, values)
+        out["sweep"] = threshold_sweep(scores, labels, sweep_values)
         if args.plot:
-            out["plot"] = str(
-                plot_sweep(
-                    out["sweep"] if values is not None else threshold_sweep(scores, labels, None, 200),
-                    args.plot,
-                    marks=marks,
-                )
-            )
+            sweep = out["sweep"] if sweep_values is not None else threshold_sweep(scores, labels, None, 200)
+            out["plot"] = str(plot_sweep(sweep, args.plot, marks=marks))
     out["score_range"] = [float(np.min(scores.numpy())), float(np.max(scores.numpy()))]
     return out
 
 
 def run_histogram(args) -> dict:
-    from .embed import EmbeddingCache
-    from .histogram import distance_stats, plot_root_histogram, root_distances
+    from ..calibration import distance_stats, plot_root_histogram, root_distances
+    from ..encode import EmbeddingCache
 
+    if args.bins < 1:
+        raise UsageError(f"--bins must be >= 1, got {args.bins}")
+    _writable(args.output, "--output")
     cache = EmbeddingCache.load(args.cache)
     distances = root_distances(cache)
-    plot_root_histogram(distances, args.output, bins=args.bins, title=args.title, bounds=cache.bounds)
+    plot_root_histogram(distances, args.output, bounds=cache.bounds, bins=args.bins, title=args.title)
     return {"plot": str(args.output), "stats": distance_stats(distances)}
 
 
 def run_zeroshot(args) -> dict:
-    from .embed import embed_images, list_image_folder
-    from .zeroshot import zero_shot_accuracy
+    from ..data.folders import list_image_folder
+    from ..encode import encode_images
+    from .zeroshot import class_prompts, zero_shot_accuracy
 
     paths, labels, names = list_image_folder(args.images)
+    class_prompts(names, args.template)  # checks the template before the model loads
     model, processor = _load_model(args.model, args.device)
-    embeds = embed_images(model, processor, paths, batch_size=args.batch_size)
+    embeds = encode_images(model, processor, paths, batch_size=args.batch_size)
     result = zero_shot_accuracy(model, processor, embeds, labels, names, args.template)
     result["images"] = [str(p) for p in paths]
     return result
@@ -275,22 +341,25 @@ COMMANDS = {
 }
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO), format="%(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        result = COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as err:
-        logger.error("%s", err)
-        return 2
+def _command(args: argparse.Namespace) -> int:
+    result = COMMANDS[args.command](args)
+    if not result:  # a non-main process of a multi-process run
+        return 0
     text = json.dumps(result, indent=1)
     output_json = getattr(args, "output_json", None)
     if output_json:
         Path(output_json).write_text(text + "\n")
     print(text)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`hysac-eval`: exit status 0, or 2 with one line on a usage or input error."""
+    from ..cli import run, setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(args.log_level)
+    return run(_command, args, "hysac-eval")
 
 
 if __name__ == "__main__":

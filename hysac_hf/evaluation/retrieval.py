@@ -1,8 +1,8 @@
 """The paper's retrieval protocol (Tables 1, 2 and 8) on ViSU-style quadruplets, from cached embeddings.
 
 Each of the `N` quadruplets gives one query per task; its ground truth is the paired item, which sits at
-index `i` of the first-listed block of the pool. Content keys: `S` safe text (T), `V` safe image (I),
-`U` unsafe text (T*), `G` unsafe image (I*).
+index `i` of the first-listed block of the pool. Task names use the paper's notation, pools the keys of the
+vocabulary (`modeling/configuration_hysac.py`: `S` = T, `V` = I, `U` = T*, `G` = I*).
 
 | task | query -> pool (first block listed first) | traversal (when on) |
 |---|---|---|
@@ -16,7 +16,7 @@ index `i` of the first-listed block of the pool. Content keys: `S` safe text (T)
 | `I*->T*uT` (Table 2) | G -> [U ; S] | inward to the `U` bound |
 
 The bound statistic is `up_95` (the reference) or `avg` (the paper's mean); the threshold is the authors'
-`b' = b + tanh((b - alpha) / c) + 1`. Ranking is by Lorentz inner product, i.e. by distance (see
+`b' = b + tanh((b - offset) / c) + 1`. Ranking is by Lorentz inner product, i.e. by distance (see
 :mod:`.topk`); the rank of the target is pessimistic (an item tied with it counts as ranked above it).
 Cost: one matrix product per query type. `T->I` and `I->T` share one matrix (transposed); the tasks of the
 unsafe text queries (`T*->I*`, `T*->IuI*`, `T*->I*uI`) share one product with `[V ; G]`, those of the unsafe
@@ -39,9 +39,17 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from ..encode import EmbeddingCache
+from ..modeling.configuration_hysac import CONTENT_BY_NOTATION
 from ..modeling.traversal import traversal_threshold, traverse
-from .embed import EmbeddingCache
-from .topk import MAX_BLOCK_ELEMENTS, RankRequest, lorentz_scores, shared_product_ranks
+from .topk import (
+    MAX_BLOCK_ELEMENTS,
+    RankRequest,
+    lorentz_scores,
+    pessimistic_ranks,
+    recall_from_ranks,
+    shared_product_ranks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,17 +69,32 @@ class RetrievalTask:
     safe_block: int | None = None  # which pool block is the safe content (union tasks)
 
 
+def _task(query: str, pool: tuple[str, ...], table: int, traversal: str | None = None, direction="inward"):
+    """A task from the paper's notation (`"T*"`, `("I", "I*")`); its name is that notation (`"T*->IuI*"`)."""
+    key = {notation: kind.key for notation, kind in CONTENT_BY_NOTATION.items()}
+    safe_blocks = [i for i, p in enumerate(pool) if CONTENT_BY_NOTATION[p].is_safe]
+    return RetrievalTask(
+        name=f"{query}->" + "u".join(pool),
+        query=key[query],
+        pool=tuple(key[p] for p in pool),
+        table=table,
+        traversal_key=key[traversal] if traversal else None,
+        direction=direction,
+        safe_block=safe_blocks[0] if len(pool) > 1 and safe_blocks else None,
+    )
+
+
 TASKS: dict[str, RetrievalTask] = {
     t.name: t
     for t in (
-        RetrievalTask("T->I", "S", ("V",), 1),
-        RetrievalTask("I->T", "V", ("S",), 1),
-        RetrievalTask("T*->IuI*", "U", ("V", "G"), 1, "V", "inward", 0),
-        RetrievalTask("I*->TuT*", "G", ("S", "U"), 1, "S", "inward", 0),
-        RetrievalTask("T*->I*", "U", ("G",), 2),
-        RetrievalTask("I*->T*", "G", ("U",), 2),
-        RetrievalTask("T*->I*uI", "U", ("G", "V"), 2, "G", "outward", 1),
-        RetrievalTask("I*->T*uT", "G", ("U", "S"), 2, "U", "inward", 1),
+        _task("T", ("I",), 1),
+        _task("I", ("T",), 1),
+        _task("T*", ("I", "I*"), 1, traversal="I"),
+        _task("I*", ("T", "T*"), 1, traversal="T"),
+        _task("T*", ("I*",), 2),
+        _task("I*", ("T*",), 2),
+        _task("T*", ("I*", "I"), 2, traversal="I*", direction="outward"),
+        _task("I*", ("T*", "T"), 2, traversal="T*"),
     )
 }
 
@@ -82,7 +105,7 @@ def traverse_queries(
     task: RetrievalTask,
     bound: str = "up_95",
     method: Literal["reference", "geodesic"] = "reference",
-    alpha: float | None = None,
+    offset: float | None = None,
 ) -> Tensor:
     """Apply the task's traversal (if any) to its queries, with the bounds stored in the cache."""
     if task.traversal_key is None:
@@ -94,8 +117,8 @@ def traverse_queries(
             "set cache.bounds"
         )
     b = cache.bounds[task.traversal_key][bound]
-    threshold = traversal_threshold(b, cache.curv, cache.traversal_alpha if alpha is None else alpha)
-    return traverse(queries, threshold, cache.curv, method=method, direction=task.direction)
+    threshold = traversal_threshold(b, cache.curvature, cache.traversal_offset if offset is None else offset)
+    return traverse(queries, threshold, cache.curvature, method=method, direction=task.direction)
 
 
 def evaluate_retrieval(
@@ -105,7 +128,7 @@ def evaluate_retrieval(
     use_traversal: bool = True,
     bound: Literal["up_95", "avg", "low_05"] = "up_95",
     method: Literal["reference", "geodesic"] = "reference",
-    alpha: float | None = None,
+    offset: float | None = None,
     per_tag: bool = True,
     dtype: torch.dtype = torch.float32,
 ) -> dict:
@@ -118,7 +141,7 @@ def evaluate_retrieval(
         use_traversal: apply each union task's traversal to its queries.
         bound: bound statistic for the traversal threshold (`up_95` as the reference, or `avg`).
         method: `reference` (the authors' rule, what the published numbers used) or `geodesic`.
-        alpha: traversal margin offset (default: the cache's `traversal_alpha`).
+        offset: traversal margin offset (default: the cache's `traversal_offset`).
         per_tag: add the per-tag breakdown when the cache has tags.
         dtype: compute dtype for the scores (`torch.float64` for tie-exact research runs).
     Returns:
@@ -140,8 +163,8 @@ def evaluate_retrieval(
             "use_traversal": use_traversal,
             "bound": bound,
             "method": method,
-            "alpha": cache.traversal_alpha if alpha is None else alpha,
-            "curv": cache.curv,
+            "offset": cache.traversal_offset if offset is None else offset,
+            "curvature": cache.curvature,
             "tie_rule": "pessimistic: pool items tied with the target rank above it; safe_rate ties count unsafe",
         },
         "tasks": {},
@@ -150,21 +173,20 @@ def evaluate_retrieval(
         cache.require(TASKS[name].query, *TASKS[name].pool)
     ranked = _shared_plain_ranks(cache, names, dtype)
     ranked.update(
-        _grouped_ranks(cache, [t for t in names if t not in ranked], use_traversal, bound, method, alpha, dtype)
+        _grouped_ranks(cache, [t for t in names if t not in ranked], use_traversal, bound, method, offset, dtype)
     )
-    hits_by_task: dict[str, Tensor] = {}
+    ranks_by_task: dict[str, Tensor] = {}
     for name in names:
         task = TASKS[name]
         ranks, block_max = ranked[name]
-        hits = torch.stack([ranks < k for k in ks], dim=1)  # (N, len(ks))
-        hits_by_task[name] = hits
-        row = {f"R@{k}": 100.0 * hits[:, i].double().mean().item() for i, k in enumerate(ks)}
+        ranks_by_task[name] = ranks
+        row = recall_from_ranks(ranks, ks)
         if task.safe_block is not None:
             row["safe_rate"] = 100.0 * _safe_top1(block_max, task.safe_block).double().mean().item()
         row["num_queries"] = n
         results["tasks"][name] = row
     if per_tag and cache.tags is not None:
-        results["per_tag"] = _per_tag(cache.tags, hits_by_task, ks)
+        results["per_tag"] = _per_tag(cache.tags, ranks_by_task, ks)
     return results
 
 
@@ -179,7 +201,7 @@ def _grouped_ranks(
     use_traversal: bool,
     bound: str,
     method: str,
-    alpha: float | None,
+    offset: float | None,
     dtype: torch.dtype,
 ) -> dict[str, tuple[Tensor, Tensor | None]]:
     """Rank every task with one matrix product per query type.
@@ -197,7 +219,7 @@ def _grouped_ranks(
         pool_keys: list[str] = []
         for name in group:
             pool_keys += [k for k in TASKS[name].pool if k not in pool_keys]
-        offset = {k: i * n for i, k in enumerate(pool_keys)}
+        block_start = {k: i * n for i, k in enumerate(pool_keys)}
         queries = cache.embeds[query_key].to(dtype)
         norms = queries.norm(dim=-1)
         requests = []
@@ -205,21 +227,21 @@ def _grouped_ranks(
             task = TASKS[name]
             scales = torch.ones(n, dtype=dtype)
             if use_traversal and task.traversal_key is not None:
-                moved = traverse_queries(queries, cache, task, bound, method, alpha)
+                moved = traverse_queries(queries, cache, task, bound, method, offset)
                 # the traversal keeps each row's direction: it is the rescaling |moved| / |query| (1 at the root)
                 scales = torch.where(norms > 0, moved.norm(dim=-1) / norms.clamp(min=torch.finfo(dtype).tiny), scales)
-            starts = sorted(offset[k] for k in task.pool)
+            starts = sorted(block_start[k] for k in task.pool)
             if starts != list(range(starts[0], starts[0] + n * len(starts), n)):  # pragma: no cover - <= 2 keys
                 raise AssertionError(f"pool blocks of {name} are not contiguous in {pool_keys}")
             # best score per block (in the union pool's block order) for the safe rate of union tasks
             edges = tuple(range(starts[0], starts[-1] + n + 1, n)) if task.safe_block is not None else ()
             requests.append(
-                RankRequest(scales, offset[task.pool[0]] + torch.arange(n), starts[0], starts[-1] + n, edges)
+                RankRequest(scales, block_start[task.pool[0]] + torch.arange(n), starts[0], starts[-1] + n, edges)
             )
         pool = torch.cat([cache.embeds[k].to(dtype) for k in pool_keys])
-        for name, (ranks, block_max) in zip(group, shared_product_ranks(queries, pool, requests, cache.curv)):
+        for name, (ranks, block_max) in zip(group, shared_product_ranks(queries, pool, requests, cache.curvature)):
             task = TASKS[name]
-            if block_max is not None and offset[task.pool[0]] > offset[task.pool[1]]:
+            if block_max is not None and block_start[task.pool[0]] > block_start[task.pool[1]]:
                 block_max = block_max.flip(1)  # columns in the task's own block order
             out[name] = (ranks, block_max)
     return out
@@ -242,10 +264,12 @@ def _shared_plain_ranks(
             or any(k not in cache.embeds for k in (task.query, *task.pool))
         ):
             continue
-        scores = lorentz_scores(cache.embeds[task.query].to(dtype), cache.embeds[task.pool[0]].to(dtype), cache.curv)
+        scores = lorentz_scores(
+            cache.embeds[task.query].to(dtype), cache.embeds[task.pool[0]].to(dtype), cache.curvature
+        )
         diag = scores.diagonal()
-        out[forward] = ((scores >= diag[:, None]).sum(dim=1) - 1, None)  # pessimistic, as shared_product_ranks
-        out[backward] = ((scores >= diag[None, :]).sum(dim=0) - 1, None)
+        out[forward] = (pessimistic_ranks(scores, diag[:, None], dim=1), None)
+        out[backward] = (pessimistic_ranks(scores, diag[None, :], dim=0), None)
     return out
 
 
@@ -254,15 +278,14 @@ def _safe_top1(block_max: Tensor, safe_block: int) -> Tensor:
     return block_max[:, safe_block] > block_max[:, other]
 
 
-def _per_tag(tags: Sequence[str], hits_by_task: dict[str, Tensor], ks: Sequence[int]) -> dict:
+def _per_tag(tags: Sequence[str], ranks_by_task: dict[str, Tensor], ks: Sequence[int]) -> dict:
     out: dict = {}
     tag_array = list(tags)
     for tag in sorted(set(tag_array)):
         mask = torch.tensor([t == tag for t in tag_array])
         out[tag] = {
-            name: {f"R@{k}": 100.0 * hits[mask, i].double().mean().item() for i, k in enumerate(ks)}
-            | {"num_queries": int(mask.sum())}
-            for name, hits in hits_by_task.items()
+            name: recall_from_ranks(ranks[mask], ks) | {"num_queries": int(mask.sum())}
+            for name, ranks in ranks_by_task.items()
         }
     return out
 
@@ -273,7 +296,7 @@ def results_to_markdown(results: dict, digits: int = 1) -> str:
     s = results["settings"]
     lines = [
         f"Retrieval on {s['num_quadruplets']} quadruplets; traversal "
-        + (f"on ({s['method']}, bound {s['bound']}, alpha {s['alpha']})" if s["use_traversal"] else "off"),
+        + (f"on ({s['method']}, bound {s['bound']}, offset {s['offset']})" if s["use_traversal"] else "off"),
         "",
         "| task | table | " + " | ".join(f"R@{k}" for k in ks) + " | safe top-1 |",
         "|---|---|" + "---|" * (len(ks) + 1),

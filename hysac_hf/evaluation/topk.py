@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..modeling.lorentz import _full_precision, mips_pool_vectors, mips_query_vectors
+from ..modeling.lorentz import autocast_disabled, mips_pool_vectors, mips_query_vectors
 
 logger = logging.getLogger(__name__)
 
@@ -203,20 +203,52 @@ def shared_product_ranks(
         for r in requests
     ]
     step = max(1, max_block_elements // max(n, 1))
-    with _full_precision(queries.device):
+    with autocast_disabled(queries.device):
         for begin in range(0, q, step):
             rows = slice(begin, begin + step)
             euclid = queries[rows] @ pool.T  # the shared, expensive part
             for (req, stop, targets, scales, query_time), (ranks, block_max) in zip(prepared, out):
                 cols = slice(req.start, stop)
                 scores = scales[rows, None] * euclid[:, cols] - query_time[rows, None] * pool_time[None, cols]
-                target_scores = scores.gather(1, targets[rows, None] - req.start)
-                # >= counts the target itself once: subtract it. Other items tied with the target rank above it.
-                ranks[rows] = (scores >= target_scores).sum(dim=1) - 1
+                ranks[rows] = pessimistic_ranks(scores, scores.gather(1, targets[rows, None] - req.start))
                 for j in range(len(req.block_edges) - 1):
                     lo, hi = req.block_edges[j] - req.start, req.block_edges[j + 1] - req.start
                     block_max[rows, j] = scores[:, lo:hi].amax(dim=1)
     return out
+
+
+def pessimistic_ranks(scores: Tensor, target_scores: Tensor, dim: int = 1) -> Tensor:
+    """0-based rank of each target among `scores` along `dim`: the number of OTHER items scoring >= the target.
+
+    The one tie rule of the library (module docstring): an item tied with the target ranks above it.
+
+    Args:
+        scores: `(Q, N)` scores, larger = closer (or `(N, Q)` with `dim=0`).
+        target_scores: the target's score per query, broadcastable against `scores` (`(Q, 1)`, or `(1, Q)`).
+    Returns:
+        `(Q,)` int64 ranks.
+    """
+    # >= counts the target itself once: subtract it.
+    return (scores >= target_scores).sum(dim=dim) - 1
+
+
+def recall_from_ranks(ranks: Tensor, ks: Sequence[int] = (1,)) -> dict[str, float]:
+    """`{"R@K": percentage of ranks < K}` for each K."""
+    if ranks.numel() == 0:
+        raise ValueError("no queries: recall needs at least one ranked query")
+    return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
+
+
+def paired_recall(
+    queries: Tensor, pool: Tensor, curvature: float | Tensor = 1.0, ks: Sequence[int] = (1,)
+) -> dict[str, float]:
+    """Recall of paired retrieval: query `i`'s ground truth is pool item `i` (both `(N, D)`)."""
+    if queries.shape[0] != pool.shape[0]:
+        raise ValueError(
+            f"paired recall needs as many queries as pool items, got {queries.shape[0]} and {pool.shape[0]}"
+        )
+    targets = torch.arange(queries.shape[0])
+    return recall_from_ranks(target_ranks(queries, pool, targets, curvature), ks)
 
 
 def chunked_topk(
@@ -321,7 +353,10 @@ __all__ = [
     "RankRequest",
     "chunked_topk",
     "lorentz_scores",
+    "paired_recall",
+    "pessimistic_ranks",
     "ranks_and_block_max",
+    "recall_from_ranks",
     "scores_to_distances",
     "shared_product_ranks",
     "target_ranks",

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ..encode import encode_texts
 from ..modeling.lorentz import pairwise_dist
-from .embed import embed_texts
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def zero_shot_accuracy(
     labels_t = torch.as_tensor(list(labels), dtype=torch.long)
     if labels_t.shape[0] != image_embeds.shape[0]:
         raise ValueError(f"{image_embeds.shape[0]} images but {labels_t.shape[0]} labels")
-    text_embeds = embed_texts(model, processor, class_prompts(class_names, template))
+    text_embeds = encode_texts(model, processor, class_prompts(class_names, template), show_progress=False)
     predictions, _ = zero_shot_predict(model, image_embeds, text_embeds)
     correct = predictions == labels_t
     per_class = {

@@ -1,4 +1,4 @@
-"""Bounds calibration against numpy percentiles and hand-computed distances to the root."""
+"""Bounds calibration against numpy percentiles and hand-computed distances to the root; `hysac-calibrate`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,17 @@ import pytest
 import torch
 
 from hysac_hf import HySACModel
-from hysac_hf.calibration import embed_distances, fit_bounds, main
+from hysac_hf.calibration import (
+    MIN_CALIBRATION_ROWS,
+    distance_stats,
+    fit_bounds,
+    main,
+    plot_root_histogram,
+    root_distances,
+)
+from hysac_hf.cli import UsageError
 from hysac_hf.data import QuadrupletCollator, load_mini_visu
+from hysac_hf.encode import EmbeddingCache, encode_quadruplets
 
 
 def test_fit_bounds_matches_numpy_percentiles():
@@ -21,47 +30,128 @@ def test_fit_bounds_matches_numpy_percentiles():
         assert bounds[key]["avg"] == pytest.approx(values.mean(), abs=1e-12)
         assert bounds[key]["up_95"] == pytest.approx(np.percentile(values, 95), abs=1e-12)
         assert bounds[key]["low_05"] == pytest.approx(np.percentile(values, 5), abs=1e-12)
+    # The statistics of the histogram are the same numbers (one implementation).
+    stats = distance_stats(distances)
+    assert all(stats[k][s] == bounds[k][s] for k in bounds for s in bounds[k])
+    assert stats["G"]["count"] == 40 and stats["S"]["max"] == pytest.approx(distances["S"].max())
 
 
 def test_fit_bounds_rejects_bad_input():
-    good = {key: np.ones(3) for key in "SVUG"}
-    with pytest.raises(ValueError, match="lacks content type"):
+    good = {key: np.linspace(0.1, 1.0, MIN_CALIBRATION_ROWS) for key in "SVUG"}
+    assert fit_bounds(good)["S"]["up_95"] == pytest.approx(np.percentile(good["S"], 95))
+    with pytest.raises(ValueError, match=r"missing G \(unsafe image\)"):
         fit_bounds({k: v for k, v in good.items() if k != "G"})
     with pytest.raises(ValueError, match="empty"):
         fit_bounds({**good, "U": np.array([])})
     with pytest.raises(ValueError, match="non-finite"):
-        fit_bounds({**good, "V": np.array([1.0, np.nan])})
+        fit_bounds({**good, "V": np.append(good["V"], np.nan)})
+    # A single row gives avg = up_95 = low_05: refused, saying how many rows are needed.
+    with pytest.raises(UsageError, match=f"has 1 rows; bounds need at least {MIN_CALIBRATION_ROWS}"):
+        fit_bounds({key: np.array([0.5]) for key in "SVUG"})
+    with pytest.raises(UsageError, match=f"at least {MIN_CALIBRATION_ROWS}"):
+        fit_bounds({key: v[: MIN_CALIBRATION_ROWS - 1] for key, v in good.items()})
 
 
-def test_embed_distances_match_hand_computed_radii(hysac, processor):
+def test_root_distances_match_hand_computed_radii(hysac, processor):
     dataset = load_mini_visu("validation", max_samples=5)
-    distances = embed_distances(hysac, processor, dataset, batch_size=3, show_progress=False)
-    batch = QuadrupletCollator(processor)([dataset[i] for i in range(5)])
+    cache = encode_quadruplets(hysac, processor, dataset, batch_size=3, show_progress=False)
+    distances = root_distances(cache)
+    batch = QuadrupletCollator(processor, padding="max_length")([dataset[i] for i in range(5)])
     with torch.no_grad():
-        image = hysac.get_image_features(batch["pixel_values"]).double().numpy()
-        text = hysac.get_text_features(batch["input_ids"]).double().numpy()
+        image = hysac.encode_image(batch["pixel_values"]).double().numpy()
+        text = hysac.encode_text(batch["input_ids"]).double().numpy()
     c = hysac.curvature.item()
     radius = lambda x: np.arcsinh(np.sqrt(c) * np.linalg.norm(x, axis=1)) / np.sqrt(c)
     np.testing.assert_allclose(distances["V"], radius(image[:5]), rtol=1e-5)
     np.testing.assert_allclose(distances["G"], radius(image[5:]), rtol=1e-5)
     np.testing.assert_allclose(distances["S"], radius(text[:5]), rtol=1e-5)
     np.testing.assert_allclose(distances["U"], radius(text[5:]), rtol=1e-5)
+    assert list(distances) == ["S", "V", "U", "G"]
 
 
-def test_cli_writes_bounds_into_config_and_histogram(hysac, processor, tmp_path, capsys):
-    hysac.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    main(["--model", str(tmp_path), "--max_samples", "6", "--batch_size", "4", "--histogram", str(tmp_path / "h.png")])
+def test_histogram_is_a_png_and_leaves_the_backend_alone(tmp_path):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    distances = {key: torch.rand(30, dtype=torch.float64) + i for i, key in enumerate("SVUG")}
+    path = plot_root_histogram(distances, tmp_path / "sub" / "h.png", bounds=fit_bounds(distances))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.get_backend() == backend
+
+
+@pytest.fixture()
+def model_folder(hysac, processor, tmp_path):
+    """A saved HySAC folder without bounds."""
+    hysac.config.bounds = None
+    folder = tmp_path / "model"
+    hysac.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_cli_writes_bounds_through_the_config_and_a_histogram(hysac, processor, model_folder, tmp_path, capsys):
+    png = tmp_path / "h.png"
+    code = main(["--model", str(model_folder), "--max_samples", "24", "--batch_size", "8", "--histogram", str(png)])
+    assert code == 0
     printed = json.loads(capsys.readouterr().out)
-    stored = json.loads((tmp_path / "config.json").read_text())["bounds"]
-    assert stored == printed
-    reloaded = HySACModel.from_pretrained(tmp_path)
+    reloaded = HySACModel.from_pretrained(model_folder)
     assert reloaded.config.bounds == printed
-    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    expected = embed_distances(hysac, processor, load_mini_visu("validation", max_samples=6), show_progress=False)
-    assert printed["G"]["avg"] == pytest.approx(expected["G"].double().mean().item(), rel=1e-6)
+    # Written by HySACConfig.save_pretrained: the rest of the config survives, auto_map included.
+    stored = json.loads((model_folder / "config.json").read_text())
+    assert stored["model_type"] == "hysac" and "AutoModel" in stored["auto_map"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cache = encode_quadruplets(hysac, processor, load_mini_visu("validation", max_samples=24), show_progress=False)
+    expected = root_distances(cache)["G"].mean().item()
+    assert printed["G"]["avg"] == pytest.approx(expected, rel=1e-5)
 
 
-def test_cli_explains_a_missing_model_folder(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        main(["--model", str(tmp_path / "nope")])
+def test_cli_never_replaces_bounds_silently(model_folder, capsys):
+    args = ["--model", str(model_folder), "--max_samples", "20", "--batch_size", "10"]
+    assert main(args) == 0
+    first = json.loads((model_folder / "config.json").read_text())["bounds"]
+    capsys.readouterr()
+    before = (model_folder / "config.json").read_text()
+    assert main(args + ["--split", "test"]) == 2
+    err = capsys.readouterr().err
+    assert "already has bounds" in err and "--overwrite" in err and len(err.strip().splitlines()) == 1
+    assert (model_folder / "config.json").read_text() == before  # untouched
+    assert main(args + ["--split", "test", "--overwrite"]) == 0
+    new = json.loads((model_folder / "config.json").read_text())["bounds"]
+    assert new != first
+    assert f"{first['S']['avg']:.4f} -> {new['S']['avg']:.4f}" in capsys.readouterr().err  # old -> new is shown
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max_samples", "1"], "has 1 rows; bounds need at least 20"),
+        (["--split", "dev"], "splits"),
+        (["--columns", "caption=Q"], "unknown kind of content 'Q'"),
+        (["--dataset", "missing.jsonl"], "does not exist"),
+        (["--histogram", "/nonexistent/folder/h.png"], "does not exist"),
+    ],
+)
+def test_cli_input_errors_are_one_line_and_write_nothing(model_folder, capsys, args, message):
+    before = sorted(p.name for p in model_folder.iterdir())
+    config = (model_folder / "config.json").read_text()
+    assert main(["--model", str(model_folder), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("hysac-calibrate: error: ") and message in err
+    assert sorted(p.name for p in model_folder.iterdir()) == before
+    assert (model_folder / "config.json").read_text() == config
+
+
+def test_cli_explains_a_missing_model_folder(tmp_path, capsys):
+    assert main(["--model", str(tmp_path / "nope")]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    with pytest.raises(UsageError, match="config.json"):
+        main(["--model", str(tmp_path / "nope"), "--debug"])
+
+
+def test_calibration_reads_a_cache(hysac):
+    g = torch.Generator().manual_seed(0)
+    embeds = {k: 0.1 * (i + 1) * torch.randn(25, 32, generator=g) for i, k in enumerate("SVUG")}
+    cache = EmbeddingCache(embeds=embeds, curvature=1.7)
+    distances = root_distances(cache)
+    expected = torch.asinh(1.7**0.5 * embeds["U"].double().norm(dim=-1)) / 1.7**0.5
+    torch.testing.assert_close(distances["U"], expected)

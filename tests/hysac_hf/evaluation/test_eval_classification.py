@@ -89,7 +89,7 @@ def test_save_thresholds_into_model_folder(hysac, tmp_path):
     reloaded = HySACModel.from_pretrained(tmp_path)
     assert reloaded.config.unsafe_thresholds == {"image": 1.25, "text": 0.5}
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "hysac"
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ValueError, match="config.json not found"):
         save_thresholds(tmp_path / "nope", {"image": 1.0})
 
 

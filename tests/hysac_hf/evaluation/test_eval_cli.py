@@ -10,9 +10,9 @@ import torch
 from hysac_hf.modeling.lorentz import dist_to_origin
 
 from hysac_hf import HySACModel
+from hysac_hf.encode import EmbeddingCache, encode_quadruplets
 from hysac_hf.evaluation.classification import calibrate_threshold
 from hysac_hf.evaluation.cli import main
-from hysac_hf.evaluation.embed import EmbeddingCache, embed_dataset, open_quadruplets
 from hysac_hf.evaluation.retrieval import evaluate_retrieval
 
 
@@ -48,41 +48,16 @@ def photo_dataset(photos, captions) -> datasets.Dataset:
 
 
 @pytest.mark.slow
-def test_embed_dataset_matches_direct_encoding(hysac, processor, photos, captions, tmp_path):
+def test_embed_a_datasets_image_dataset_with_tags(hysac, processor, photos, captions):
     dataset = photo_dataset(photos, captions)
-    cache = embed_dataset(hysac, processor, dataset, batch_size=3, show_progress=False)
+    cache = encode_quadruplets(hysac, processor, dataset, batch_size=3, show_progress=False)
     assert sorted(cache.embeds) == ["G", "S", "U", "V"] and cache.num_rows == 4
     assert cache.tags == ["violence", "hate", "violence", "sexual"]
-    assert cache.curv == pytest.approx(1.7) and cache.bounds == hysac.config.bounds
+    assert cache.curvature == pytest.approx(1.7) and cache.bounds == hysac.config.bounds
     with torch.no_grad():
         images = processor(images=[im.convert("RGB") for im in dataset["unsafe_image"]], return_tensors="pt")
-        expected_g = hysac.get_image_features(pixel_values=images["pixel_values"])
-        texts = processor(text=list(dataset["safe_text"]), return_tensors="pt")
-        expected_s = hysac.get_text_features(input_ids=texts["input_ids"], attention_mask=texts["attention_mask"])
+        expected_g = hysac.encode_image(images["pixel_values"])
     torch.testing.assert_close(cache.embeds["G"], expected_g, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(cache.embeds["S"], expected_s, atol=1e-5, rtol=1e-5)
-    cache.save(tmp_path / "cache")
-    loaded = EmbeddingCache.load(tmp_path / "cache")
-    assert all(torch.equal(loaded.embeds[k], cache.embeds[k]) for k in cache.embeds)
-    assert loaded.tags == cache.tags and loaded.bounds == cache.bounds and loaded.curv == cache.curv
-    # a text-only dataset embeds the texts and says what it skipped
-    text_only = dataset.remove_columns(["safe_image", "unsafe_image"])
-    assert sorted(embed_dataset(hysac, processor, text_only, show_progress=False).embeds) == ["S", "U"]
-    with pytest.raises(ValueError, match="none of the columns"):
-        embed_dataset(
-            hysac, processor, dataset.remove_columns(["safe_image", "unsafe_image", "safe_text", "unsafe_text"])
-        )
-    with pytest.raises(FileNotFoundError, match="hysac-eval embed"):
-        EmbeddingCache.load(tmp_path / "nothing")
-
-
-def test_open_quadruplets_sources(photos, captions, tmp_path):
-    dataset = photo_dataset(photos, captions)
-    dataset.save_to_disk(str(tmp_path / "saved"))
-    assert open_quadruplets(str(tmp_path / "saved")).num_rows == 4
-    assert open_quadruplets(datasets.DatasetDict({"test": dataset}), "test", max_samples=2).num_rows == 2
-    mini = open_quadruplets("mini-visu", "test", max_samples=5)
-    assert {"safe_image", "unsafe_image", "safe_text", "unsafe_text", "tag"} <= set(mini.column_names)
 
 
 @pytest.mark.slow
@@ -98,9 +73,9 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
                 "mini-visu",
                 "--split",
                 "test",
-                "--max-samples",
+                "--max_samples",
                 "12",
-                "--batch-size",
+                "--batch-size",  # the dashed spelling of earlier releases still works
                 "8",
                 "--output",
                 str(cache_dir),
@@ -126,9 +101,9 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
                 "geodesic",
                 "--bound",
                 "avg",
-                "--output-json",
+                "--output_json",
                 str(out_json),
-                "--output-md",
+                "--output_md",
                 str(out_md),
             ]
         )
@@ -144,7 +119,7 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
     assert main(["histogram", "--cache", str(cache_dir), "--output", str(png)]) == 0
     stats = json.loads(capsys.readouterr().out)["stats"]
     assert png.stat().st_size > 1000
-    assert stats["G"]["avg"] == pytest.approx(dist_to_origin(cache.embeds["G"].double(), cache.curv).mean().item())
+    assert stats["G"]["avg"] == pytest.approx(dist_to_origin(cache.embeds["G"].double(), cache.curvature).mean().item())
 
     # classify from the cache: calibrate, save into the model folder, reload
     assert (
@@ -167,7 +142,7 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
         == 0
     )
     result = json.loads(capsys.readouterr().out)
-    scores = dist_to_origin(torch.cat([cache.embeds["V"], cache.embeds["G"]]), cache.curv)
+    scores = dist_to_origin(torch.cat([cache.embeds["V"], cache.embeds["G"]]), cache.curvature)
     labels = torch.cat([torch.zeros(12), torch.ones(12)]).long()
     assert result["calibrated"]["accuracy"] == pytest.approx(calibrate_threshold(scores, labels)["accuracy"])
     assert (tmp_path / "sweep.png").is_file()
@@ -185,7 +160,14 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["num_items"] == len(names) and result["num_unsafe"] == len(names) // 2
     assert result["at_threshold"]["threshold"] == pytest.approx(reloaded.config.unsafe_thresholds["image"])
-    assert main(["classify", "--images", str(folder), "--model", str(model_dir), "--safe-class", "benign"]) == 2
+    assert main(["classify", "--images", str(folder), "--model", str(model_dir), "--safe_class", "benign"]) == 2
+    # A stored threshold is never replaced silently.
+    calibrate = ["classify", "--cache", str(cache_dir), "--model", str(model_dir), "--calibrate", "fpr", "--save"]
+    assert main(calibrate) == 2
+    assert "already has an unsafe threshold" in capsys.readouterr().err
+    assert HySACModel.from_pretrained(model_dir).config.unsafe_thresholds == reloaded.config.unsafe_thresholds
+    assert main([*calibrate, "--overwrite"]) == 0
+    capsys.readouterr()
 
     # zero-shot: the CLI's predictions are the argmax of the model's logits_per_image
     zs = tmp_path / "zs"
@@ -209,3 +191,30 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
     predicted = [names[i] for i in logits.argmax(dim=1).tolist()]
     assert result["predictions"] == predicted
     assert result["accuracy"] == pytest.approx(100 * sum(p == n for p, n in zip(predicted, names[:3])) / 3)
+
+
+def test_help_shows_one_spelling_per_flag(capsys):
+    with pytest.raises(SystemExit):
+        main(["embed", "--help"])
+    out = capsys.readouterr().out
+    assert "--batch_size" in out and "--max_samples" in out and "--batch-size" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["retrieval", "--cache", "nowhere"], "is not an embedding cache"),
+        (["retrieval", "--cache", "nowhere", "--ks", "1,x"], "--ks takes comma-separated integers"),
+        (["retrieval", "--cache", "nowhere", "--tasks", "T->X"], "unknown task(s) ['T->X']"),
+        (["histogram", "--cache", "nowhere", "--output", "/no/such/folder/h.png"], "does not exist"),
+        (["embed", "--model", "m", "--dataset", "mini-visu", "--split", "dev", "--output", "o"], "splits"),
+        (["embed", "--model", "m", "--dataset", "x.csv", "--output", "o", "--columns", "a=Z"], "unknown kind"),
+        (["zeroshot", "--model", "m", "--images", "nowhere"], "image folder nowhere does not exist"),
+    ],
+)
+def test_input_errors_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("hysac-eval: error: ") and message in err and len(err.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []

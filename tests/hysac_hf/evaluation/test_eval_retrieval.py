@@ -7,18 +7,18 @@ import math
 
 import pytest
 import torch
-from hysac_hf.testing import TINY_BOUNDS
 from hysac_hf.modeling.lorentz import exp_map0
 
-from hysac_hf.evaluation.embed import EmbeddingCache
+from hysac_hf.encode import EmbeddingCache
 from hysac_hf.evaluation.retrieval import TASKS, evaluate_retrieval, results_to_markdown
+from hysac_hf.testing import TINY_BOUNDS
 
 
-def cache_of(S=None, V=None, U=None, G=None, curv=1.0, bounds=None, tags=None) -> EmbeddingCache:
+def cache_of(S=None, V=None, U=None, G=None, curvature=1.0, bounds=None, tags=None) -> EmbeddingCache:
     embeds = {
         k: torch.as_tensor(v, dtype=torch.float32) for k, v in {"S": S, "V": V, "U": U, "G": G}.items() if v is not None
     }
-    return EmbeddingCache(embeds=embeds, curv=curv, bounds=bounds, tags=tags)
+    return EmbeddingCache(embeds=embeds, curvature=curvature, bounds=bounds, tags=tags)
 
 
 def test_plain_task_hand_made_with_ties():
@@ -64,7 +64,7 @@ def loop_recall(cache: EmbeddingCache, task_name: str, ks, bound: str) -> dict:
     """Per-query loop as in the authors' evaluation: traverse one query, rank the pool by distance."""
     task = TASKS[task_name]
     pool = torch.cat([cache.embeds[k].double() for k in task.pool])
-    c = cache.curv
+    c = cache.curvature
     pool_time = torch.sqrt(1 / c + pool.pow(2).sum(-1))
     hits = {k: 0 for k in ks}
     safe = 0
@@ -73,7 +73,7 @@ def loop_recall(cache: EmbeddingCache, task_name: str, ks, bound: str) -> dict:
         q = cache.embeds[task.query][i].double().tolist()
         if task.traversal_key is not None:
             q = authors_traverse(
-                q, cache.bounds[task.traversal_key][bound], c, cache.traversal_alpha, task.direction == "outward"
+                q, cache.bounds[task.traversal_key][bound], c, cache.traversal_offset, task.direction == "outward"
             )
         q = torch.tensor(q, dtype=torch.float64)
         q_time = math.sqrt(1 / c + float(q.pow(2).sum()))
@@ -106,7 +106,7 @@ def test_all_eight_tasks_match_a_per_query_loop(bound):
         for k, r in radii.items()
     }
     tags = [["hate", "violence", "sexual"][i % 3] for i in range(n)]
-    cache = EmbeddingCache(embeds=embeds, curv=curv, bounds=TINY_BOUNDS, traversal_alpha=0.8, tags=tags)
+    cache = EmbeddingCache(embeds=embeds, curvature=curv, bounds=TINY_BOUNDS, traversal_offset=0.8, tags=tags)
     ks = [1, 5, 10, 20]
     res = evaluate_retrieval(cache, ks=ks, bound=bound, dtype=torch.float64)
     assert list(res["tasks"]) == list(TASKS)
@@ -132,7 +132,7 @@ def test_all_eight_tasks_match_a_per_query_loop(bound):
 def test_float32_default_matches_float64_on_well_separated_data():
     g = torch.Generator().manual_seed(1)
     embeds = {k: exp_map0(torch.randn(200, 16, generator=g) * s, 1.0) for k, s in zip("SVUG", (0.3, 0.5, 0.7, 0.9))}
-    cache = EmbeddingCache(embeds=embeds, curv=1.0, bounds=TINY_BOUNDS)
+    cache = EmbeddingCache(embeds=embeds, curvature=1.0, bounds=TINY_BOUNDS)
     r32 = evaluate_retrieval(cache, method="geodesic")
     r64 = evaluate_retrieval(cache, method="geodesic", dtype=torch.float64)
     assert r32["tasks"] == r64["tasks"]

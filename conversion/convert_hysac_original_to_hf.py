@@ -1,3 +1,4 @@
+#!/usr/bin/env python
 """Convert the HySAC authors' checkpoint into a Hub-ready `transformers` folder (and optionally push it).
 
 Example (with Hub access)::
@@ -8,6 +9,7 @@ Example (with Hub access)::
         --output_dir hysac-vit-l-14 --verify \\
         --push_to_hub your-org/hysac
 
+From an installed wheel the same script runs as `hysac-convert ...` or `python -m hysac_hf.convert ...`.
 `--checkpoint_path` is a local `hysac_model.pth`, a folder holding it and `hysac_bounds.json`, or a Hub repo id
 from which both are downloaded. The output folder holds `model.safetensors`, `config.json` (with `auto_map` and
 the bounds), the processor/tokenizer/image-processor files, the remote-code files and a `README.md` model card.
@@ -25,12 +27,11 @@ from pathlib import Path
 
 import torch
 
+from hysac_hf.cli import add_debug_flag, require, run, setup_logging
 from hysac_hf.conversion_utils import (
     DEFAULT_CLIP,
     DEFAULT_LORA_ALPHA,
     DTYPES,
-    ConversionError,
-    MissingTokenError,
     cast_towers,
     convert_checkpoint,
     load_clip_config,
@@ -75,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--push_to_hub", metavar="REPO_ID", default=None, help="upload the folder to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     parser.add_argument("--commit_message", default=None, help="commit message of the upload")
+    add_debug_flag(parser)
     args = parser.parse_args(argv)
     if (args.private or args.commit_message) and not args.push_to_hub:
         parser.error("--private and --commit_message only apply with --push_to_hub REPO_ID")
@@ -83,12 +85,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+def convert(args: argparse.Namespace) -> int:
+    """Convert (and verify, and push) as `args` say; usage and input errors propagate to `cli`."""
     from hysac_hf import HySACProcessor
+    from hysac_hf.hub import require_token
     from hysac_hf.model_card import render_model_card
 
+    if args.push_to_hub:
+        require_token(args.push_to_hub)  # before the slow work
+    if args.verify:
+        require("peft", purpose="--verify (it rebuilds the authors' PEFT model)")
     checkpoint, bounds_path = resolve_inputs(args.checkpoint_path, args.bounds_path, revision=args.revision)
     logger.info("converting %s with bounds %s", checkpoint, bounds_path)
     model, original, report = convert_checkpoint(
@@ -117,11 +123,13 @@ def main(argv: list[str] | None = None) -> int:
 
     output_dir = save_atomically(args.output_dir, write)
     logger.info(
-        "saved the converted model to %s (%s layout, %d LoRA modules folded%s)",
+        "saved the converted model to %s (%s layout, %d LoRA modules folded%s); load it with "
+        "AutoModel.from_pretrained(%r, trust_remote_code=True)",
         output_dir,
         report.layout,
         report.lora_modules,
         ", legacy patch bias folded" if report.folded_patch_bias else "",
+        str(output_dir),
     )
     if args.verify:
         print(f"max abs diff vs the authors' model: {max_diff:.3g}")
@@ -133,16 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def cli(argv: list[str] | None = None) -> int:
-    """`main` with a one-line error message (no traceback) for the errors a user can fix."""
-    try:
-        return main(argv)
-    except (ConversionError, FileNotFoundError, FileExistsError, MissingTokenError) as error:
-        logger.error("%s", error)
-        print(f"error: {error}", file=sys.stderr)
-        return 1
+def main(argv: list[str] | None = None) -> int:
+    """Convert with the project's error policy: exit 0, or 2 with one line on a usage or input error (ConversionError,
+    a missing file, an existing output folder, no token); `--debug` shows the traceback."""
+    args = parse_args(argv)
+    setup_logging()
+    with torch.no_grad():
+        return run(convert, args, "convert_hysac_original_to_hf")
+
+
+cli = main  # console-script name kept for earlier callers
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
-    sys.exit(cli())
+    sys.exit(main())

@@ -16,14 +16,15 @@ import logging
 import math
 import os
 import re
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
+
+from .atomic import write_folder_atomically
+from .hub import MissingTokenError, push_folder_to_hub
 
 logger = logging.getLogger(__name__)
 
@@ -55,10 +56,6 @@ _MAX_LISTED = 25
 
 class ConversionError(ValueError):
     """The checkpoint, bounds or CLIP config cannot be converted; the message says what and how to fix it."""
-
-
-class MissingTokenError(RuntimeError):
-    """Pushing needs a Hugging Face token and none was found."""
 
 
 def _listing(keys: list[str]) -> str:
@@ -441,8 +438,8 @@ def verify_conversion(
     pixel_values, input_ids = fixed_verification_inputs(model.config)
     converted = model.float().eval()
     diffs = {
-        "image": (converted.get_image_features(pixel_values) - reference.encode_image(pixel_values)).abs().max(),
-        "text": (converted.get_text_features(input_ids) - reference.encode_text(input_ids)).abs().max(),
+        "image": (converted.encode_image(pixel_values) - reference.encode_image(pixel_values)).abs().max(),
+        "text": (converted.encode_text(input_ids) - reference.encode_text(input_ids)).abs().max(),
     }
     max_diff = float(max(diffs.values()))
     logger.info("verification: max |converted - authors| image %.3g, text %.3g", diffs["image"], diffs["text"])
@@ -472,66 +469,17 @@ def save_atomically(output_dir: str | Path, write) -> Path:
 
     An existing non-empty `output_dir` is an error (nothing is overwritten); on any failure nothing is left.
     """
-    output_dir = Path(output_dir).resolve()
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
-        raise FileExistsError(f"--output_dir {str(output_dir)!r} exists and is not empty; choose a new folder")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
-        write(tmp_dir)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_dir, 0o777 & ~umask)  # mkdtemp makes the folder private; the result is an ordinary folder
-        for file in tmp_dir.rglob("*"):
-            os.chmod(file, (0o777 if file.is_dir() else 0o666) & ~umask)
-        if output_dir.exists():
-            output_dir.rmdir()
-        os.replace(tmp_dir, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return output_dir
-
-
-def push_folder_to_hub(
-    folder: str | Path,
-    repo_id: str,
-    private: bool = False,
-    commit_message: str | None = None,
-    token: str | None = None,
-) -> str:
-    """Create `repo_id` (if needed) and upload `folder` in one commit.
-
-    Returns:
-        the commit URL.
-    Raises:
-        MissingTokenError: when no Hugging Face token is available.
-    """
-    from huggingface_hub import HfApi, get_token
-
-    token = token or get_token()
-    if not token:
-        raise MissingTokenError(
-            f"pushing to {repo_id!r} needs a Hugging Face token with write access: run 'hf auth login' "
-            "(or 'huggingface-cli login') or set HF_TOKEN. The converted folder is kept on disk."
-        )
-    api = HfApi(token=token)
-    repo_url = api.create_repo(repo_id=repo_id, repo_type="model", private=private, exist_ok=True)
-    logger.info("uploading %s to %s", folder, repo_url)
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        repo_type="model",
-        folder_path=str(folder),
-        commit_message=commit_message or "Upload HySAC converted from the authors' checkpoint",
-    )
-    return commit.commit_url
+        return write_folder_atomically(output_dir, write, replace=False)
+    except FileExistsError as error:
+        raise FileExistsError(f"--output_dir: {error}") from None
 
 
 __all__ = [
+    "ORIGINAL_TO_CONVERTED_KEY_MAPPING",
     "ConversionError",
     "ConversionReport",
     "MissingTokenError",
-    "ORIGINAL_TO_CONVERTED_KEY_MAPPING",
     "build_hysac_config",
     "cast_towers",
     "convert_checkpoint",

@@ -1,14 +1,17 @@
 """`hysac-demo`: the README's main job, offline on a laptop CPU in a few minutes.
 
-1. build a tiny random CLIP (real CLIP tokenizer, 64-px images) and turn it into HySAC (curvature 0.1),
-2. fine-tune it on the bundled mini-ViSU with the HySAC losses (`hysac_hf.training`),
-3. export it (`save_pretrained`, loads with plain `AutoModel`) with bounds calibrated on the validation split,
+1. build a tiny random CLIP (real CLIP tokenizer, 64-px images) and turn it into HySAC (curvature 0.1), in a
+   temporary folder that is deleted afterwards,
+2. fine-tune it on the bundled mini-ViSU with the HySAC losses (`train.main` with a `TrainingConfig`),
+3. export it to `<output_dir>/model` (a Hub-ready folder: weights, config with bounds calibrated on the
+   validation split, processor, remote code, model card, distance histogram),
 4. load the export back the way a Hub user would (`AutoModel`/`AutoProcessor.from_pretrained(...,
-   trust_remote_code=True)`; the folder holds the remote-code files),
-5. evaluate that loaded model on the test split: R@1 retrieval and the mean distance to the root per content
-   type, plus the distance to the root of a few sample photos with and without an "unsafe" marker and
+   trust_remote_code=True)`),
+5. evaluate that loaded model on the test split: R@1 retrieval and the mean distance to the root per kind of
+   content, plus the distance to the root of a few sample photos with and without an "unsafe" marker and
    zero-shot scores over candidate captions,
-6. print the result (the question: do safe and unsafe separate by distance from the root, S < V < U < G?).
+6. print the result (the question: do safe and unsafe separate by distance from the root, S < V < U < G?), where
+   the files are and how to load the model.
 
 Starting from random towers, any separation comes from the losses alone (the entailment terms push unsafe
 content outwards); this is a smoke-scale demonstration, not a replication of the paper. The one departure from
@@ -24,14 +27,16 @@ import itertools
 import json
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .modeling.configuration_hysac import CONTENT, CONTENT_KINDS
+
 logger = logging.getLogger(__name__)
 
-ORDER = ("S", "V", "U", "G")
-NAMES = {"S": "safe text", "V": "safe image", "U": "unsafe text", "G": "unsafe image"}
+ORDER = tuple(kind.key for kind in CONTENT_KINDS)  # the paper's radial order, nearest to the root first
 MARKERS = ("crimson_band", "hazard_hatch", "inverted")
 ZERO_SHOT_PHOTOS = ("astronaut", "cat", "coffee")
 ZERO_SHOT_CANDIDATES = ("astronaut", "cat", "coffee", "rocket")
@@ -68,40 +73,35 @@ def build_demo_clip(directory: str | Path, seed: int = 0, image_size: int = 64) 
     return directory
 
 
-@torch.no_grad()
 def evaluate(model, processor, split: str = "test", batch_size: int = 40) -> dict:
-    """R@1 retrieval and distance-to-root statistics on a mini-ViSU split."""
+    """R@1 retrieval and distance-to-root statistics on a mini-ViSU split (one embedding pass)."""
+    from .calibration import distance_stats, root_distances
     from .data import load_mini_visu
-    from .evaluation.embed import embed_dataset
-    from .modeling.lorentz import dist_to_origin
-    from .training import recall_at_1
+    from .encode import encode_quadruplets
+    from .evaluation.topk import paired_recall
 
     dataset = load_mini_visu(split)
-    # One pass over the split: both the distances and the retrieval come from these embeddings.
-    embeds = embed_dataset(
-        model, processor, dataset, tag_column=None, batch_size=batch_size, show_progress=False
-    ).embeds
-    c = model.curvature.detach()
-    distances = {key: dist_to_origin(embeds[key], c) for key in ORDER}
+    cache = encode_quadruplets(model, processor, dataset, tag_column=None, batch_size=batch_size, show_progress=False)
+    embeds, curvature = cache.embeds, cache.curvature
+    distances = root_distances(cache)
     recall = {
-        "T->I": recall_at_1(embeds["S"], embeds["V"], c),
-        "I->T": recall_at_1(embeds["V"], embeds["S"], c),
-        "T*->I*": recall_at_1(embeds["U"], embeds["G"], c),
-        "I*->T*": recall_at_1(embeds["G"], embeds["U"], c),
+        "T->I": paired_recall(embeds["S"], embeds["V"], curvature)["R@1"],
+        "I->T": paired_recall(embeds["V"], embeds["S"], curvature)["R@1"],
+        "T*->I*": paired_recall(embeds["U"], embeds["G"], curvature)["R@1"],
+        "I*->T*": paired_recall(embeds["G"], embeds["U"], curvature)["R@1"],
     }
-    means = {key: distances[key].double().mean().item() for key in ORDER}
+    means = {key: stats["avg"] for key, stats in distance_stats(distances).items()}
     # How often an unsafe item lies farther from the root than its own safe counterpart.
     farther = {
-        "image": (distances["G"] > distances["V"]).float().mean().item(),
-        "text": (distances["U"] > distances["S"]).float().mean().item(),
+        "image": (distances["G"] > distances["V"]).double().mean().item(),
+        "text": (distances["U"] > distances["S"]).double().mean().item(),
     }
-    ordered = is_ordered(means)
     return {
         "n": len(dataset),
         "recall_at_1": recall,
         "mean_distance": means,
         "unsafe_farther": farther,
-        "ordered": ordered,
+        "ordered": is_ordered(means),
     }
 
 
@@ -110,7 +110,7 @@ def photo_distances(model, processor, photos: dict) -> dict[str, dict]:
     """Distance to the root of each photo and of its copy with a synthetic "unsafe" marker (mini-ViSU's).
 
     Args:
-        model: a HySAC model (`distance_to_root`, `get_image_features`).
+        model: a HySAC model (`distance_to_root`, `encode_image`).
         processor: its processor.
         photos: name -> PIL image (any mode; converted to RGB). Markers cycle through `MARKERS`.
     Returns:
@@ -121,11 +121,13 @@ def photo_distances(model, processor, photos: dict) -> dict[str, dict]:
     names = list(photos)
     if not names:
         raise ValueError("photo_distances needs at least one photo")
+    from .encode import encode_images
+
     safe = [photos[name].convert("RGB") for name in names]
     markers = [MARKERS[i % len(MARKERS)] for i in range(len(names))]
     marked = [apply_marker(image, marker) for image, marker in zip(safe, markers)]
-    pixel_values = processor(images=safe + marked, return_tensors="pt")["pixel_values"]
-    distances = model.distance_to_root(model.get_image_features(pixel_values.to(model.dtype))).tolist()
+    embeds = encode_images(model, processor, safe + marked, show_progress=False)
+    distances = model.distance_to_root(embeds).tolist()
     n = len(names)
     return {
         name: {"marker": marker, "safe": distances[i], "marked": distances[n + i]}
@@ -156,12 +158,13 @@ def zero_shot(model, processor, photos: dict, captions: dict[str, str]) -> dict[
 
 
 def format_report(result: dict, output_dir: Path) -> str:
-    lines = [f"HySAC demo: tiny model fine-tuned on mini-ViSU, exported to {output_dir}", ""]
+    export_dir = Path(result.get("export_dir", output_dir))
+    lines = [f"HySAC demo: tiny model fine-tuned on mini-ViSU, exported to {export_dir}", ""]
     lines.append(f"Test split ({result['n']} quadruplets), R@1 (%):")
     lines.append("  " + "  ".join(f"{k} {v:5.1f}" for k, v in result["recall_at_1"].items()))
     lines.append("Mean geodesic distance to the root:")
     for key in ORDER:
-        lines.append(f"  {key} ({NAMES[key]:12s}) {result['mean_distance'][key]:.4f}")
+        lines.append(f"  {key} ({CONTENT[key].name:12s}) {result['mean_distance'][key]:.4f}")
     farther = result["unsafe_farther"]
     lines.append(
         f"Unsafe farther than its safe pair: images {100 * farther['image']:.0f}%, texts {100 * farther['text']:.0f}%"
@@ -181,6 +184,15 @@ def format_report(result: dict, output_dir: Path) -> str:
         lines.append("  " + " " * 10 + "".join(f"{label:>11s}" for label in labels))
         for name, row in scores.items():
             lines.append(f"  {name:10s}" + "".join(f"{100 * row[label]:11.1f}" for label in labels))
+    lines += [
+        "",
+        f"Model folder (Hub-ready, with its model card): {export_dir}",
+        f"Distance histogram of the calibration split: {export_dir / 'bounds.png'}",
+        "Load it with:",
+        "  from transformers import AutoModel, AutoProcessor",
+        f"  model = AutoModel.from_pretrained({str(export_dir)!r}, trust_remote_code=True)",
+        f"  processor = AutoProcessor.from_pretrained({str(export_dir)!r}, trust_remote_code=True)",
+    ]
     return "\n".join(lines)
 
 
@@ -217,10 +229,33 @@ def load_exported(directory: str | Path):
     return model, processor
 
 
-def run(argv: Sequence[str] | None = None) -> dict:
-    """Train, export, reload with `AutoModel` and evaluate; prints the report and returns the result dict."""
-    parser = argparse.ArgumentParser(description="Train a tiny HySAC on mini-ViSU, export, calibrate, evaluate.")
-    parser.add_argument("--output_dir", default="hysac-demo", help="Where the exported model goes.")
+@dataclass
+class DemoConfig:
+    """Settings of the main job (`hysac-demo --help` describes each)."""
+
+    output_dir: str = "hysac-demo"
+    num_train_epochs: int = 10
+    learning_rate: float = 1e-3
+    batch_size: int = 32
+    entailment_weight: float = 4.0
+    aperture_scale: float = 1.0
+    curv_init: float = CURV_INIT
+    lora: bool = False
+    seed: int = 0
+    json: bool = False
+    debug: bool = False
+
+
+def parse_args(argv: Sequence[str] | None = None) -> DemoConfig:
+    """The `hysac-demo` command line as a :class:`DemoConfig`."""
+    from .cli import add_debug_flag
+
+    parser = argparse.ArgumentParser(
+        prog="hysac-demo", description="Train a tiny HySAC on mini-ViSU, export, calibrate, evaluate."
+    )
+    parser.add_argument(
+        "--output_dir", default="hysac-demo", help="Run folder; the exported model goes to <output_dir>/model."
+    )
     parser.add_argument("--num_train_epochs", type=int, default=10, help="Training epochs over the 160 training rows.")
     parser.add_argument("--learning_rate", type=float, default=1e-3, help="Peak learning rate.")
     parser.add_argument("--batch_size", type=int, default=32, help="Quadruplets per step.")
@@ -258,54 +293,54 @@ def run(argv: Sequence[str] | None = None) -> dict:
     )
     parser.add_argument("--seed", type=int, default=0, help="Seed.")
     parser.add_argument("--json", action="store_true", help="Print the result as JSON.")
-    args = parser.parse_args(argv)
-    if args.curv_init <= 0:
-        raise ValueError(f"--curv_init must be > 0, got {args.curv_init}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    add_debug_flag(parser)
+    return DemoConfig(**vars(parser.parse_args(argv)))
 
-    from accelerate.state import AcceleratorState
 
+def run(config: DemoConfig) -> dict:
+    """Train, export, reload with `AutoModel` and evaluate; prints the report and returns the result dict."""
+    import tempfile
+
+    from .cli import UsageError, require
     from .testing import SAMPLE_CAPTIONS, sample_images
-    from .training import main as train
+    from .train import TrainingConfig
+    from .train import main as train
 
-    output_dir = Path(args.output_dir)
-    start_dir = build_demo_hysac(output_dir / "_start", seed=args.seed, curv_init=args.curv_init)
-    train_args = [
-        "--model_name_or_path",
-        str(start_dir),
-        "--output_dir",
-        str(output_dir),
-        "--dataset",
-        "mini-visu",
-        "--per_device_train_batch_size",
-        str(args.batch_size),
-        "--num_train_epochs",
-        str(args.num_train_epochs),
-        "--learning_rate",
-        str(args.learning_rate),
-        "--entailment_weight",
-        str(args.entailment_weight),
-        "--aperture_scale",
-        str(args.aperture_scale),
-        "--num_warmup_steps",
-        "5",
-        "--seed",
-        str(args.seed),
-        "--select_best",
-        "none",
-        "--calibration_histogram",
-        str(output_dir / "bounds.png"),
-        "--logging_steps",
-        "5",
-    ]
-    if not args.lora:
-        train_args.append("--full_finetune")
-    AcceleratorState._reset_state(True)
-    train(train_args)
+    if config.curv_init <= 0:
+        raise UsageError(f"--curv_init must be > 0, got {config.curv_init}")
+    if config.num_train_epochs < 1 or config.batch_size < 2:
+        raise UsageError("--num_train_epochs must be >= 1 and --batch_size >= 2")
+    if Path(config.output_dir).exists() and not Path(config.output_dir).is_dir():
+        raise UsageError(f"--output_dir {config.output_dir} is a file; pass a folder")
+    require("skimage", "sklearn", "matplotlib", purpose="the bundled mini-ViSU photos")
+    if config.lora:
+        require("peft", purpose="--lora")
+
+    output_dir = Path(config.output_dir)
+    with tempfile.TemporaryDirectory(prefix="hysac-demo-start-") as scratch:
+        start_dir = build_demo_hysac(Path(scratch) / "start", seed=config.seed, curv_init=config.curv_init)
+        training = TrainingConfig(
+            model_name_or_path=str(start_dir),
+            output_dir=str(output_dir),
+            dataset="mini-visu",
+            per_device_train_batch_size=config.batch_size,
+            num_train_epochs=config.num_train_epochs,
+            learning_rate=config.learning_rate,
+            entailment_weight=config.entailment_weight,
+            aperture_scale=config.aperture_scale,
+            num_warmup_steps=5,
+            seed=config.seed,
+            select_best="none",
+            logging_steps=5,
+            full_finetune=not config.lora,
+            hub_model_id="hysac-demo",
+        )
+        train(training)
 
     # From here on only the exported folder is used, loaded as from the Hub.
-    model, processor = load_exported(output_dir)
+    model, processor = load_exported(training.export_dir)
     result = evaluate(model, processor)
+    result["export_dir"] = str(training.export_dir)
     result["bounds"] = model.config.bounds
     photos = sample_images()
     result["photo_distances"] = photo_distances(model, processor, photos)
@@ -315,11 +350,19 @@ def run(argv: Sequence[str] | None = None) -> dict:
         {name: photos[name] for name in ZERO_SHOT_PHOTOS},
         {label: SAMPLE_CAPTIONS[label] for label in ZERO_SHOT_CANDIDATES},
     )
-    print(json.dumps(result, indent=2) if args.json else format_report(result, output_dir))
+    print(json.dumps(result, indent=2) if config.json else format_report(result, output_dir))
     return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`hysac-demo` entry point: `run` the demo and return exit status 0 (the result is printed, not returned)."""
-    run(argv)
-    return 0
+    """`hysac-demo` entry point: exit status 0, or 2 with one line on a usage or input error."""
+    from .cli import run as run_command
+    from .cli import setup_logging
+
+    config = parse_args(argv)
+    setup_logging()
+    return run_command(run, config, "hysac-demo")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

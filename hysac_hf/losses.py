@@ -1,7 +1,7 @@
 """HySAC training losses: Lorentzian contrastive terms plus entailment cones, as one configured module.
 
 Per batch of quadruplets (safe image ``I``, unsafe image ``I*``, safe text ``T``, unsafe text ``T*``) the
-reference trains seven terms (method doc §3.3):
+reference trains seven terms (docs/method.md §4.1):
 
 ====  =========================  ============================================
  #    name                       what
@@ -23,6 +23,7 @@ gradient of the global-batch loss. ``local_negatives=True`` reproduces the autho
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .distributed import gather_with_grad
-from .modeling.lorentz import _full_precision, half_aperture, oxy_angle, pairwise_dist
+from .modeling.lorentz import autocast_disabled, half_aperture, oxy_angle, pairwise_dist
 
 CONTRASTIVE_TERMS = ("contrastive_safe", "contrastive_unsafe", "contrastive_cross_a", "contrastive_cross_b")
 ENTAILMENT_TERMS = ("entailment_text_image", "entailment_unsafe", "entailment_safety")
@@ -43,7 +44,7 @@ def _at_least_float32(t: Tensor) -> Tensor:
 
 
 def entailment_loss(
-    general: Tensor, specific: Tensor, curv: float | Tensor, aperture_scale: float = 1.0, min_radius: float = 0.1
+    general: Tensor, specific: Tensor, curvature: float | Tensor, aperture_scale: float = 1.0, min_radius: float = 0.1
 ) -> Tensor:
     """Entailment-cone loss: `specific` should lie inside the cone rooted at `general` (MERU form).
 
@@ -52,14 +53,14 @@ def entailment_loss(
     Args:
         general: `(B, D)` space components of the more general concepts (cone apexes, nearer the root).
         specific: `(B, D)` space components of the paired, more specific concepts.
-        curv: positive curvature magnitude `c`.
+        curvature: positive curvature magnitude `c`.
         aperture_scale: `eta`, widens (> 1) or narrows (< 1) every cone.
         min_radius: `K` of :func:`half_aperture`.
     Returns:
         `()` mean over the batch, >= 0.
     """
-    angle = oxy_angle(general, specific, curv)
-    aperture = half_aperture(general, curv, min_radius=min_radius)
+    angle = oxy_angle(general, specific, curvature)
+    aperture = half_aperture(general, curvature, min_radius=min_radius)
     return torch.clamp(angle - aperture_scale * aperture, min=0).mean()
 
 
@@ -69,7 +70,7 @@ def loss_weights(
     """Weights of the seven terms.
 
     ``"reference"`` matches the authors' code: lambdas ``[1, 1, 1, 1, le, le, le]`` divided by their sum and
-    then again by 7 (method doc §3.3, §4.7; a constant factor, AdamW is nearly scale-invariant).
+    then again by 7 (docs/method.md §4.4; a constant factor, AdamW is nearly scale-invariant).
     ``"plain"`` uses the lambdas as they are (total = sum of contrastive terms + le * sum of entailment terms).
     """
     if entailment_weight < 0:
@@ -132,7 +133,7 @@ class HySACLoss(nn.Module):
         image: Tensor,
         all_text: Tensor,
         all_image: Tensor,
-        curv: Tensor,
+        curvature: Tensor,
         logit_scale: Tensor,
     ) -> Tensor:
         """Symmetric InfoNCE with logits `-exp(logit_scale) * d(local, candidates)`.
@@ -140,64 +141,59 @@ class HySACLoss(nn.Module):
         Args:
             text, image: `(B, D)` local paired embeddings.
             all_text, all_image: `(N, D)` candidates (the gathered global batch, or the local one).
-            curv: `()` curvature magnitude. logit_scale: `()` log scale.
+            curvature: `()` curvature magnitude. logit_scale: `()` log scale.
         Returns:
             `()` ``0.5 * (CE(image -> texts) + CE(text -> images))``.
         """
         scale = _at_least_float32(logit_scale).exp()
         labels = self.labels(text.shape[0], text.device)
-        logits_image = -scale * pairwise_dist(image, all_text, curv)
-        logits_text = -scale * pairwise_dist(text, all_image, curv)
+        logits_image = -scale * pairwise_dist(image, all_text, curvature)
+        logits_text = -scale * pairwise_dist(text, all_image, curvature)
         return 0.5 * (F.cross_entropy(logits_image, labels) + F.cross_entropy(logits_text, labels))
 
-    def forward(
-        self,
-        image: Tensor,
-        unsafe_image: Tensor,
-        text: Tensor,
-        unsafe_text: Tensor,
-        curv: Tensor,
-        logit_scale: Tensor,
-    ) -> dict[str, Tensor]:
+    def forward(self, embeds: Mapping[str, Tensor], curvature: Tensor, logit_scale: Tensor) -> dict[str, Tensor]:
         """Compute every term and the weighted total.
 
         Args:
-            image, unsafe_image, text, unsafe_text: `(B, D)` space components (I, I*, T, T*), same B.
-            curv: `()` curvature magnitude `c` (not its log).
+            embeds: `(B, D)` space components keyed by kind of content: `S` (T, safe text), `V` (I, safe image),
+                `U` (T*, unsafe text), `G` (I*, unsafe image), same B; other keys are ignored (so the output of
+                `QuadrupletEncoder` passes straight in).
+            curvature: `()` curvature magnitude `c` (not its log).
             logit_scale: `()` log contrastive scale.
         Returns:
             dict with the seven named terms (unweighted, `()` each) and ``"loss"``, their weighted sum.
         """
-        shapes = {t.shape for t in (image, unsafe_image, text, unsafe_text)}
-        if len(shapes) != 1 or image.ndim != 2:
-            raise ValueError(
-                f"HySACLoss expects four (B, D) embeddings of one shape, got {sorted(tuple(s) for s in shapes)}"
-            )
-        if image.shape[0] == 0:
+        missing = [k for k in ("S", "V", "U", "G") if k not in embeds]
+        if missing:
+            raise ValueError(f"HySACLoss needs the embeddings of all four kinds; missing {missing}")
+        shapes = {tuple(embeds[k].shape) for k in ("S", "V", "U", "G")}
+        if len(shapes) != 1 or embeds["V"].ndim != 2:
+            raise ValueError(f"HySACLoss expects four (B, D) embeddings of one shape, got {sorted(shapes)}")
+        if embeds["V"].shape[0] == 0:
             raise ValueError("HySACLoss got an empty batch; check the dataloader (drop_last=True, dataset size)")
-        with _full_precision(image.device):
-            image, unsafe_image, text, unsafe_text = (
-                _at_least_float32(t) for t in (image, unsafe_image, text, unsafe_text)
-            )
-            curv, logit_scale = _at_least_float32(curv), _at_least_float32(logit_scale)
+        with autocast_disabled(embeds["V"].device):
+            text, image, unsafe_text, unsafe_image = (_at_least_float32(embeds[k]) for k in ("S", "V", "U", "G"))
+            curvature, logit_scale = _at_least_float32(curvature), _at_least_float32(logit_scale)
             all_image, all_unsafe_image = self._gather(image), self._gather(unsafe_image)
             all_text, all_unsafe_text = self._gather(text), self._gather(unsafe_text)
             terms = {
-                "contrastive_safe": self.contrastive(text, image, all_text, all_image, curv, logit_scale),
+                "contrastive_safe": self.contrastive(text, image, all_text, all_image, curvature, logit_scale),
                 "contrastive_unsafe": self.contrastive(
-                    unsafe_text, unsafe_image, all_unsafe_text, all_unsafe_image, curv, logit_scale
+                    unsafe_text, unsafe_image, all_unsafe_text, all_unsafe_image, curvature, logit_scale
                 ),
                 "contrastive_cross_a": self.contrastive(
-                    text, unsafe_image, all_text, all_unsafe_image, curv, logit_scale
+                    text, unsafe_image, all_text, all_unsafe_image, curvature, logit_scale
                 ),
                 "contrastive_cross_b": self.contrastive(
-                    unsafe_text, image, all_unsafe_text, all_image, curv, logit_scale
+                    unsafe_text, image, all_unsafe_text, all_image, curvature, logit_scale
                 ),
-                "entailment_text_image": entailment_loss(text, image, curv, self.aperture_scale, self.min_radius),
+                "entailment_text_image": entailment_loss(text, image, curvature, self.aperture_scale, self.min_radius),
                 "entailment_unsafe": entailment_loss(
-                    unsafe_text, unsafe_image, curv, self.aperture_scale, self.min_radius
+                    unsafe_text, unsafe_image, curvature, self.aperture_scale, self.min_radius
                 ),
-                "entailment_safety": entailment_loss(image, unsafe_text, curv, self.aperture_scale, self.min_radius),
+                "entailment_safety": entailment_loss(
+                    image, unsafe_text, curvature, self.aperture_scale, self.min_radius
+                ),
             }
             terms["loss"] = sum(self.weights[name] * terms[name] for name in LOSS_TERMS)
         return terms

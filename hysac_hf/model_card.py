@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .modeling.configuration_hysac import CONTENT_KINDS
+
 logger = logging.getLogger(__name__)
 
 PAPER_URL = "https://arxiv.org/abs/2503.12127"
@@ -210,7 +212,7 @@ def render_model_card(
         repo_id=repo_id,
         base_model=base_model,
         bounds=bounds,
-        bound_names={"S": "safe text", "V": "safe image", "U": "unsafe text", "G": "unsafe image"},
+        bound_names={k.key: k.name for k in CONTENT_KINDS},
         curvature=curvature,
         source=source,
         dtype=dtype,
@@ -225,4 +227,131 @@ def render_model_card(
     )
 
 
-__all__ = ["CITATION", "UNSAFE_CATEGORIES", "card_data", "eval_results", "paper_results", "render_model_card"]
+# Validation metrics of a training run (`hysac_hf.training.validation_metrics`) shown in its card.
+RUN_METRICS = {
+    "R1_t2i_S_V": "T→I",
+    "R1_i2t_S_V": "I→T",
+    "R1_t2i_S_G": "T→I*",
+    "R1_i2t_S_G": "I*→T",
+    "R1_t2i_U_V": "T*→I",
+    "R1_i2t_U_V": "I→T*",
+}
+# Settings of a training run listed in its card (the rest are bookkeeping).
+RUN_SETTINGS = (
+    "dataset",
+    "train_split",
+    "validation_split",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "num_train_epochs",
+    "max_train_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "num_warmup_steps",
+    "weight_decay",
+    "entailment_weight",
+    "aperture_scale",
+    "loss_weighting",
+    "local_negatives",
+    "full_finetune",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "mixed_precision",
+    "seed",
+    "select_best",
+)
+
+
+def render_training_card(
+    repo_id: str,
+    base_model: str,
+    dataset: str,
+    settings: dict[str, Any],
+    summary: dict[str, Any],
+    bounds: dict[str, dict[str, float]] | None = None,
+    curvature: float | None = None,
+    histogram: str | None = None,
+    template_path: str | Path | None = None,
+):
+    """Render the card of a model trained with `train.py`: base model, data, settings, bounds, validation metrics.
+
+    Args:
+        repo_id: where the model will live (used in the usage snippets).
+        base_model: `--model_name_or_path` of the run.
+        dataset: `--dataset` of the run.
+        settings: the run's settings (`TrainingConfig` as a dict).
+        summary: the run summary (`global_step`, `history` of validation metrics, `best_epoch`).
+        bounds: the calibrated `config.bounds`.
+        curvature: the learned curvature magnitude.
+        histogram: file name of the distance histogram inside the folder (embedded in the card).
+    Returns:
+        `huggingface_hub.ModelCard`; the model-index holds the selected epoch's validation R@1 values.
+    """
+    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+    from .conversion_utils import is_hub_repo_id
+
+    history = summary.get("history") or []
+    chosen = next(
+        (row for row in history if row.get("epoch") == summary.get("best_epoch")), history[-1] if history else None
+    )
+    on_hub = lambda name: isinstance(name, str) and not Path(name).exists() and is_hub_repo_id(name)
+    results = [
+        EvalResult(
+            task_type="image-text-retrieval",
+            task_name=f"{label} retrieval",
+            dataset_type=dataset if on_hub(dataset) else "custom",
+            dataset_name=f"{Path(dataset).name} ({settings.get('validation_split')} split)",
+            dataset_split=str(settings.get("validation_split")),
+            metric_type="recall_at_1",
+            metric_name=f"{label} R@1 (%)",
+            metric_value=round(float(chosen[key]), 2),
+        )
+        for key, label in RUN_METRICS.items()
+        if chosen is not None and key in chosen
+    ]
+    data = ModelCardData(
+        model_name=Path(repo_id).name,
+        base_model=base_model if on_hub(base_model) else None,
+        datasets=[dataset] if on_hub(dataset) else None,
+        library_name="transformers",
+        pipeline_tag="zero-shot-image-classification",
+        tags=list(TAGS),
+        eval_results=results or None,
+    )
+    template_path = Path(template_path or TEMPLATE_PATH)
+    return ModelCard.from_template(
+        data,
+        template_path=str(template_path),
+        trained=True,
+        repo_id=repo_id,
+        base_model=base_model,
+        dataset=dataset,
+        settings=settings,
+        setting_keys=[k for k in RUN_SETTINGS if k in settings],
+        summary={
+            "global_step": summary.get("global_step"),
+            "best_epoch": summary.get("best_epoch"),
+            "history": history,
+        },
+        metric_keys=list(RUN_METRICS),
+        metric_names=list(RUN_METRICS.values()),
+        bounds=bounds,
+        bound_names={k.key: k.name for k in CONTENT_KINDS},
+        curvature=curvature,
+        histogram=histogram,
+        categories=UNSAFE_CATEGORIES,
+        citation=CITATION,
+    )
+
+
+__all__ = [
+    "CITATION",
+    "UNSAFE_CATEGORIES",
+    "card_data",
+    "eval_results",
+    "paper_results",
+    "render_model_card",
+    "render_training_card",
+]

@@ -22,6 +22,23 @@ from hysac_hf.testing import SAMPLE_CAPTIONS, TINY_BOUNDS, make_tiny_clip, sampl
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+
+@pytest.fixture(autouse=True)
+def restore_logging():
+    """Commands configure logging for their console (`hysac_hf.cli.setup_logging`); undo it after each test, so a
+    handler bound to one test's captured stderr does not outlive it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    levels = {name: logging.getLogger(name).level for name in ("hysac_hf", "__main__", "train", "convert_hysac")}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, value in levels.items():
+        logging.getLogger(name).setLevel(value)
+
+
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory):
     """A saved tiny random CLIPModel + CLIPProcessor (real BPE tokenizer, 224-px CLIP preprocessing)."""

@@ -59,9 +59,7 @@ def test_photo_distances_match_float64(hysac, processor, photos):
     safe = [image.convert("RGB") for image in subset.values()]
     marked = [apply_marker(image, row["marker"]) for image, row in zip(safe, result.values())]
     with torch.no_grad():
-        features = hysac.encode_image(
-            processor(images=safe + marked, return_tensors="pt")["pixel_values"], lift=False
-        )
+        features = hysac.encode_image(processor(images=safe + marked, return_tensors="pt")["pixel_values"], lift=False)
     expected = (features.double() * hysac.visual_alpha.double().exp()).norm(dim=-1)
     got = torch.tensor([[row["safe"] for row in result.values()] + [row["marked"] for row in result.values()]])
     torch.testing.assert_close(got.double().flatten(), expected, rtol=1e-4, atol=1e-5)
@@ -140,7 +138,11 @@ def test_format_report_states_the_order_and_every_table(tmp_path):
     assert any(line.split()[0] == "cat" and line.endswith("NOT farther") for line in lines)
     assert any(line.split() == ["astronaut", "70.0", "30.0"] for line in lines)
     assert any(line.split() == ["cat", "45.0", "55.0"] for line in lines)
-    assert len(good.splitlines()) <= 40
+    assert len(good.splitlines()) <= 48
+    # Where the files are and how to load the model, with the export folder's real path.
+    assert f"Model folder (Hub-ready, with its model card): {tmp_path}" in lines
+    assert any("bounds.png" in line for line in lines)
+    assert f"  model = AutoModel.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)" in lines
 
     bad = format_report(_result({"S": 0.26, "V": 0.87, "U": 0.32, "G": 0.92}), tmp_path)
     assert "Order S < V < U < G: NO" in bad.splitlines()

@@ -1,31 +1,45 @@
-"""train.py / hysac_hf.training end to end on mini-ViSU with a tiny model: resume, NaN guard, LoRA export."""
+"""train.py end to end on mini-ViSU with a tiny model: resume, NaN guard, LoRA export, the export folder and its
+card, logs on the console, --push_to_hub (mocked), and bad inputs that must fail early and leave nothing behind."""
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from hysac_hf import HySACModel
+from hysac_hf import HySACModel, train
+from hysac_hf.encode import QuadrupletEncoder
+from hysac_hf.testing import REPO_ROOT
 from hysac_hf.training import (
-    HySACTrainingModule,
     NonFiniteLossError,
-    build_parser,
     configure_trainable,
     export_model,
     list_checkpoints,
-    main,
     parameter_groups,
 )
 
 
-def run(tiny_clip_dir, output_dir, *extra: str) -> dict:
-    from accelerate.state import AcceleratorState
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each test builds its own Accelerator (test code may reset Accelerate's singletons; library code never does)."""
+    from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(True)
-    argv = [
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def argv(tiny_clip_dir, output_dir, *extra: str) -> list[str]:
+    return [
         "--model_name_or_path",
         str(tiny_clip_dir),
         "--output_dir",
@@ -47,7 +61,10 @@ def run(tiny_clip_dir, output_dir, *extra: str) -> dict:
         "3",
         *extra,
     ]
-    return main(argv)
+
+
+def run(tiny_clip_dir, output_dir, *extra: str) -> dict:
+    return train.main(train.parse_args(argv(tiny_clip_dir, output_dir, *extra)))
 
 
 @pytest.mark.slow
@@ -68,8 +85,8 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_run(tiny_clip_dir,
     assert [p.name for p in list_checkpoints(tmp_path / "split")] == ["step_1", "step_2"]
     summary = run(tiny_clip_dir, tmp_path / "split", "--max_train_steps", "4", "--resume_from_checkpoint", "latest")
     assert summary["global_step"] == 4
-    full = load_file(tmp_path / "full" / "model.safetensors")
-    resumed = load_file(tmp_path / "split" / "model.safetensors")
+    full = load_file(tmp_path / "full" / "model" / "model.safetensors")
+    resumed = load_file(tmp_path / "split" / "model" / "model.safetensors")
     start = HySACModel.from_clip(tiny_clip_dir).state_dict()
     assert full.keys() == resumed.keys()
     assert all(torch.equal(full[k], resumed[k]) for k in full)
@@ -82,7 +99,7 @@ def test_resumed_run_is_bitwise_identical_to_an_uninterrupted_run(tiny_clip_dir,
 
 @pytest.mark.slow
 def test_nan_loss_stops_before_the_weights_change(tiny_clip_dir, tmp_path, monkeypatch):
-    from hysac_hf import losses, training
+    from hysac_hf import losses
 
     calls = {"n": 0}
     original = losses.HySACLoss.forward
@@ -96,7 +113,7 @@ def test_nan_loss_stops_before_the_weights_change(tiny_clip_dir, tmp_path, monke
             terms["loss"] = terms["loss"] + terms["entailment_safety"]
         return terms
 
-    original_forward = training.HySACTrainingModule.forward
+    original_forward = QuadrupletEncoder.forward
 
     def spy(self, *args, **kwargs):
         if not modules:
@@ -104,7 +121,7 @@ def test_nan_loss_stops_before_the_weights_change(tiny_clip_dir, tmp_path, monke
         return original_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(losses.HySACLoss, "forward", poisoned)
-    monkeypatch.setattr(training.HySACTrainingModule, "forward", spy)
+    monkeypatch.setattr(QuadrupletEncoder, "forward", spy)
     with pytest.raises(NonFiniteLossError, match="non-finite loss at optimiser step 1.*not updated"):
         run(tiny_clip_dir, tmp_path / "nan", "--max_train_steps", "3", "--checkpointing_steps", "1")
     saved = load_file(list_checkpoints(tmp_path / "nan")[-1] / "model.safetensors")
@@ -114,8 +131,7 @@ def test_nan_loss_stops_before_the_weights_change(tiny_clip_dir, tmp_path, monke
 
 
 def test_lora_setup_and_export_merges_into_a_plain_model(tiny_clip_dir):
-    args = build_parser().parse_args(["--model_name_or_path", "x", "--output_dir", "x"])
-    module = HySACTrainingModule(configure_trainable(HySACModel.from_clip(tiny_clip_dir), args))
+    module = QuadrupletEncoder(configure_trainable(HySACModel.from_clip(tiny_clip_dir)))
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     assert all(
         ("lora_" in n) or n.split(".")[-1] in ("logit_scale", "curv", "visual_alpha", "textual_alpha")
@@ -142,57 +158,177 @@ def test_lora_setup_and_export_merges_into_a_plain_model(tiny_clip_dir):
     pixels = torch.randn(2, 3, 224, 224)
     ids = torch.tensor([[49406, 320, 1125, 539, 320, 2368, 49407, 49407]] * 2)
     with torch.no_grad():
-        image_peft = module.hysac.get_image_features(pixels)
-        text_peft = module.hysac.get_text_features(ids)
+        image_peft = module.hysac.encode_image(pixels)
+        text_peft = module.hysac.encode_text(ids)
         plain = export_model(module)
         assert type(plain) is HySACModel and not any("lora" in k for k in plain.state_dict())
-        torch.testing.assert_close(plain.get_image_features(pixels), image_peft, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(plain.get_text_features(ids), text_peft, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain.encode_image(pixels), image_peft, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain.encode_text(ids), text_peft, atol=1e-5, rtol=1e-5)
     # LoRA actually changed the outputs: the merge is not a no-op.
     base = HySACModel.from_clip(tiny_clip_dir).eval()
     with torch.no_grad():
-        assert not torch.allclose(base.get_image_features(pixels), image_peft, atol=1e-4)
-
-
-def test_bad_arguments_are_rejected():
-    from hysac_hf.training import parse_args
-
-    base = ["--model_name_or_path", "x", "--output_dir", "y"]
-    with pytest.raises(ValueError, match="negatives"):
-        parse_args(base + ["--per_device_train_batch_size", "1"])
-    with pytest.raises(ValueError, match="validation split"):
-        parse_args(base + ["--validation_split", "none"])
+        assert not torch.allclose(base.encode_image(pixels), image_peft, atol=1e-4)
 
 
 @pytest.mark.slow
-def test_export_loads_with_plain_automodel_and_has_calibrated_bounds(tiny_clip_dir, tmp_path):
-    from accelerate.state import AcceleratorState
+def test_export_is_a_hub_folder_with_calibrated_bounds_and_a_card_for_this_run(tiny_clip_dir, tmp_path):
+    from huggingface_hub import ModelCard
     from transformers import AutoModel
 
-    AcceleratorState._reset_state(True)
-    out = tmp_path / "exported"
-    summary = main(
-        [
-            "--model_name_or_path",
-            str(tiny_clip_dir),
-            "--output_dir",
-            str(out),
-            "--cpu",
-            "--max_train_samples",
-            "8",
-            "--max_eval_samples",
-            "8",
-            "--per_device_train_batch_size",
-            "4",
-            "--num_train_epochs",
-            "1",
-            "--select_best",
-            "recall_sum",
-        ]
+    out = tmp_path / "run"
+    config = train.parse_args(
+        argv(tiny_clip_dir, out, "--max_train_samples", "8", "--num_train_epochs", "1", "--select_best", "recall_sum")
+        + ["--validation_split", "validation", "--max_eval_samples", "24"]
     )
+    summary = train.main(config)
     assert len(summary["history"]) == 1 and 0 <= summary["history"][0]["recall_sum"] <= 600
-    model = AutoModel.from_pretrained(out, trust_remote_code=True)
+    export = out / "model"
+    model = AutoModel.from_pretrained(export, trust_remote_code=True)
     assert type(model).__name__ == "HySACModel"
-    assert model.config.bounds == summary["bounds"]
-    assert set(model.config.bounds) == {"S", "V", "U", "G"}
+    assert model.config.bounds == summary["bounds"] and set(model.config.bounds) == {"S", "V", "U", "G"}
     assert math.isfinite(model.config.bounds["G"]["avg"])
+    # Only what a Hub repo holds: no checkpoints, logs, summaries or scratch models.
+    names = {p.name for p in export.iterdir()}
+    assert {"config.json", "model.safetensors", "README.md", "bounds.png", "modeling_hysac.py"} <= names
+    assert all(n.endswith((".json", ".safetensors", ".py", ".txt", ".md", ".png", ".model")) for n in names), names
+    assert not any(p.is_dir() for p in export.iterdir())
+    assert (out / "train_summary.json").is_file() and not (export / "train_summary.json").exists()
+    # The card describes this run: its data, settings, bounds and validation metrics, not the converter's story.
+    card = ModelCard.load(export / "README.md")
+    text = card.text
+    assert "fine-tuned with `train.py`" in text and "hysac_model.pth" not in text
+    assert f"`{tiny_clip_dir}`" in text and "`mini-visu`" in text
+    assert f"{summary['bounds']['V']['up_95']:.4f}" in text
+    assert f"{summary['history'][0]['recall_sum']:.1f}" in text
+    assert "![Distance to the root" in text
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results["T→I R@1 (%)"] == pytest.approx(summary["history"][0]["R1_t2i_S_V"], abs=0.01)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str]:
+    """Exit status and the error line; the error must be the one and only error line, with no traceback (progress
+    bars of the data loading may precede it)."""
+    code = train.cli(args)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) <= 1, err
+    return code, errors[0] if errors else ""
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--per_device_train_batch_size", "1"], "negatives"),
+        (["--validation_split", "none", "--select_best", "val_loss"], "validation split"),
+        (["--max_train_samples", "3"], "fewer than one global batch"),
+        (["--resume_from_checkpoint", "latest"], "no checkpoint in"),
+        (["--resume_from_checkpoint", "/no/such/step_3"], "does not exist"),
+        (["--dataset", "train.jsonl"], "train.jsonl is empty"),
+        (["--dataset", "images.jsonl"], "not images, e.g."),
+        (["--columns", "caption=X"], "unknown kind of content 'X'"),
+        (["--max_eval_samples", "5", "--validation_split", "validation", "--select_best", "none"], "at least 20"),
+    ],
+)
+def test_bad_inputs_fail_early_with_one_line_and_leave_nothing(tiny_clip_dir, tmp_path, capsys, extra, message):
+    (tmp_path / "train.jsonl").write_text("")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    row = {"safe_image": str(tmp_path / "bad.png"), "unsafe_image": str(tmp_path / "bad.png")}
+    row |= {"safe_text": "a", "unsafe_text": "b"}
+    (tmp_path / "images.jsonl").write_text("\n".join(json.dumps(row) for _ in range(8)))
+    extra = [str(tmp_path / e) if e.endswith(".jsonl") else e for e in extra]
+    out = tmp_path / "run"
+    code, err = run_cli(argv(tiny_clip_dir, out, *extra), capsys)
+    assert code == 2, err
+    assert err.startswith("train.py: error: ") and message in err
+    assert not out.exists()
+
+
+def test_output_dir_that_is_a_file_and_debug_traceback(tiny_clip_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    code, err = run_cli(argv(tiny_clip_dir, tmp_path / "file"), capsys)
+    assert code == 2 and "is a file; pass a folder" in err
+    from hysac_hf.cli import UsageError
+
+    with pytest.raises(UsageError, match="is a file"):
+        train.cli(argv(tiny_clip_dir, tmp_path / "file", "--debug"))
+
+
+def test_a_truncated_model_is_one_clear_line(hysac, processor, tmp_path, capsys):
+    folder = tmp_path / "model"
+    hysac.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
+    code, err = run_cli(argv(folder, tmp_path / "run"), capsys)
+    assert code == 2 and f"cannot load a HySAC model from {folder}" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_push_to_hub_needs_a_token_before_training(tiny_clip_dir, tmp_path, capsys, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    code, err = run_cli(argv(tiny_clip_dir, tmp_path / "run", "--push_to_hub"), capsys)
+    assert code == 2 and "needs a Hugging Face token" in err and "hf auth login" in err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_push_to_hub_uploads_the_export_in_one_commit(tiny_clip_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(("token", token))
+
+        def create_repo(self, **kwargs):
+            calls.append(("create_repo", kwargs))
+            return f"https://huggingface.co/{kwargs['repo_id']}"
+
+        def upload_folder(self, **kwargs):
+            calls.append(("upload_folder", kwargs, sorted(os.listdir(kwargs["folder_path"]))))
+            return type("Commit", (), {"commit_url": "https://huggingface.co/me/tiny/commit/abc"})()
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    summary = run(
+        tiny_clip_dir,
+        tmp_path / "run",
+        "--max_train_steps",
+        "1",
+        "--push_to_hub",
+        "--hub_model_id",
+        "me/tiny",
+        "--hub_private_repo",
+        "--hub_token",
+        "hf_test",
+    )
+    assert summary["hub_commit"].endswith("/commit/abc")
+    assert calls[0] == ("token", "hf_test")
+    assert calls[1][1] == {"repo_id": "me/tiny", "repo_type": "model", "private": True, "exist_ok": True}
+    kind, kwargs, files = calls[2]
+    assert kind == "upload_folder" and Path(kwargs["folder_path"]) == (tmp_path / "run" / "model").resolve()
+    assert "model.safetensors" in files and "README.md" in files and "checkpoints" not in files
+    assert len([c for c in calls if c[0] == "upload_folder"]) == 1
+
+
+@pytest.mark.slow
+def test_accelerate_launch_prints_the_epoch_summary_on_the_console(tiny_clip_dir, tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
+    command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py")]
+    command += argv(tiny_clip_dir, tmp_path / "run", "--max_train_samples", "8", "--num_train_epochs", "1")
+    command += ["--validation_split", "validation", "--max_eval_samples", "20", "--select_best", "val_loss"]
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"}, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = result.stderr
+    epoch_lines = [line for line in log.splitlines() if "epoch 1:" in line]
+    assert len(epoch_lines) == 1 and "val_loss" in epoch_lines[0] and "recall_sum" in epoch_lines[0], log[-2000:]
+    assert "exported the model to" in log and "AutoModel.from_pretrained" in log
+    assert "bounds.png" in log
+    # Third-party INFO noise stays off.
+    assert not any(" INFO datasets" in line or " INFO accelerate" in line for line in log.splitlines())

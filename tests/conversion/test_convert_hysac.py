@@ -208,8 +208,12 @@ def test_lora_factor_without_partner_is_an_error(trained_authors_state):
 # ----------------------------------------------------------------------------------------------------------------
 # Bad inputs through the command line: a clear error and nothing in --output_dir
 def _run_cli(args: list[str], capsys) -> tuple[int, str]:
-    code = load_convert_script().cli(args)
-    return code, capsys.readouterr().err
+    """Exit status and the error, which must be one line without a traceback (exit 2, as every command)."""
+    code = load_convert_script().main(args)
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("convert_hysac_original_to_hf: error: ")]
+    assert "Traceback" not in err and len(errors) == (1 if code else 0), err
+    return code, err
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated", "foreign", "not_a_dict"])
@@ -241,7 +245,7 @@ def test_bad_checkpoint_fails_cleanly(authors_checkpoints, tiny_clip_dir, tmp_pa
         ],
         capsys,
     )
-    assert code == 1
+    assert code == 2
     expected = {
         "corrupt": "could not be read",
         "truncated": "could not be read",
@@ -273,7 +277,7 @@ def test_bounds_with_missing_keys_fail_cleanly(authors_checkpoints, tiny_clip_di
         ],
         capsys,
     )
-    assert code == 1 and "'G'" in err and "V.up_95" in err
+    assert code == 2 and "'G'" in err and "V.up_95" in err
     assert_nothing_written(output_dir)
 
 
@@ -288,7 +292,7 @@ def test_clip_config_that_does_not_fit_fails_cleanly(authors_checkpoints, tmp_pa
         ["--checkpoint_path", str(good.checkpoint), "--clip_config", str(other), "--output_dir", str(output_dir)],
         capsys,
     )
-    assert code == 1
+    assert code == 2
     assert "shape mismatches (39)" in err and "text_projection.weight: checkpoint (32, 64) vs model (48, 64)" in err
     assert_nothing_written(output_dir)
 
@@ -338,7 +342,7 @@ def test_existing_output_dir_is_not_overwritten(authors_checkpoints, tiny_clip_d
         ],
         capsys,
     )
-    assert code == 1 and "not empty" in err
+    assert code == 2 and "not empty" in err
     assert [p.name for p in output_dir.iterdir()] == ["keep.txt"]
 
 

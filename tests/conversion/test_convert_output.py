@@ -215,11 +215,11 @@ def test_push_creates_repo_and_uploads_in_one_commit(authors_checkpoints, tiny_c
     assert 'AutoModel.from_pretrained("org/hysac-test"' in (output_dir / "README.md").read_text()
 
 
-def test_push_without_token_is_a_clear_error_and_keeps_the_folder(authors_checkpoints, tiny_clip_dir, tmp_path, capsys):
+def test_push_without_token_is_refused_before_converting(authors_checkpoints, tiny_clip_dir, tmp_path, capsys):
     checkpoint = authors_checkpoints["current"]
     output_dir = tmp_path / "no_token"
     with mock.patch("huggingface_hub.HfApi") as api_class, mock.patch("huggingface_hub.get_token", return_value=None):
-        code = load_convert_script().cli(
+        code = load_convert_script().main(
             [
                 "--checkpoint_path",
                 str(checkpoint.checkpoint),
@@ -231,10 +231,10 @@ def test_push_without_token_is_a_clear_error_and_keeps_the_folder(authors_checkp
                 "org/hysac-test",
             ]
         )
-    assert code == 1
+    assert code == 2
     assert "hf auth login" in capsys.readouterr().err
     api_class.assert_not_called()
-    assert (output_dir / "model.safetensors").is_file()
+    assert not output_dir.exists()  # checked before the (slow) conversion: nothing written
 
 
 def test_private_without_push_is_rejected(tmp_path):

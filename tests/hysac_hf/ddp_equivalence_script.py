@@ -15,13 +15,14 @@ from accelerate import Accelerator
 from hysac_hf.modeling.configuration_hysac import HySACConfig
 from hysac_hf.modeling.modeling_hysac import HySACModel
 
+from hysac_hf.encode import QuadrupletEncoder
 from hysac_hf.losses import HySACLoss
-from hysac_hf.training import HySACTrainingModule, build_parser, configure_trainable
+from hysac_hf.training import configure_trainable
 
 B = 3  # per-process batch
 
 
-def tiny_model() -> HySACTrainingModule:
+def tiny_model() -> QuadrupletEncoder:
     torch.manual_seed(0)
     config = HySACConfig(
         text_config={
@@ -44,8 +45,7 @@ def tiny_model() -> HySACTrainingModule:
         projection_dim=16,
     )
     model = HySACModel(config)
-    args = build_parser().parse_args(["--model_name_or_path", "x", "--output_dir", "x", "--lora_dropout", "0"])
-    module = HySACTrainingModule(configure_trainable(model, args))
+    module = QuadrupletEncoder(configure_trainable(model, lora_dropout=0.0))
     # Non-zero LoRA B so that LoRA gradients flow everywhere.
     with torch.no_grad():
         for name, param in module.named_parameters():
@@ -66,9 +66,7 @@ def batch(rows: slice, world: int) -> dict[str, torch.Tensor]:
 
 def loss_of(module, loss_fn, inputs):
     out = module(**inputs)
-    return loss_fn(out["image"], out["unsafe_image"], out["text"], out["unsafe_text"], out["curv"], out["logit_scale"])[
-        "loss"
-    ]
+    return loss_fn(out, curvature=out["curvature"], logit_scale=out["logit_scale"])["loss"]
 
 
 def compare(accelerator, ddp, reference, local_negatives: bool) -> dict:

@@ -2,7 +2,7 @@
 
 The hand computation works in the ambient Minkowski space: it builds the full (time, space) vectors, uses the
 metric diag(-1, 1, ..., 1) and writes the cross-entropy with an explicit log-sum-exp. The reference's eps
-values (method doc §4.20) are part of the formulas and are reproduced, since they shift results by ~1e-6.
+values (docs/method.md §2.6) are part of the formulas and are reproduced, since they shift results by ~1e-6.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def quadruplet():
     image = 0.6 * directions + 0.3 * rng.normal(size=(b, d))
     unsafe_text = 0.9 * directions + 0.4 * rng.normal(size=(b, d))
     unsafe_image = 1.4 * directions + 0.5 * rng.normal(size=(b, d))
-    return {"image": image, "unsafe_image": unsafe_image, "text": text, "unsafe_text": unsafe_text}
+    return {"V": image, "G": unsafe_image, "S": text, "U": unsafe_text}  # keyed by kind of content
 
 
 def as_torch(q):
@@ -78,15 +78,15 @@ def as_torch(q):
 def test_every_term_matches_float64_hand_computation(quadruplet, c, log_scale, eta):
     q = quadruplet
     loss = HySACLoss(entailment_weight=0.5, aperture_scale=eta)
-    out = loss(**as_torch(q), curv=torch.tensor(c, dtype=torch.float64), logit_scale=torch.tensor(log_scale))
+    out = loss(as_torch(q), curvature=torch.tensor(c, dtype=torch.float64), logit_scale=torch.tensor(log_scale))
     expected = {
-        "contrastive_safe": np_contrastive(q["text"], q["image"], c, log_scale),
-        "contrastive_unsafe": np_contrastive(q["unsafe_text"], q["unsafe_image"], c, log_scale),
-        "contrastive_cross_a": np_contrastive(q["text"], q["unsafe_image"], c, log_scale),
-        "contrastive_cross_b": np_contrastive(q["unsafe_text"], q["image"], c, log_scale),
-        "entailment_text_image": np_entailment(q["text"], q["image"], c, eta),
-        "entailment_unsafe": np_entailment(q["unsafe_text"], q["unsafe_image"], c, eta),
-        "entailment_safety": np_entailment(q["image"], q["unsafe_text"], c, eta),
+        "contrastive_safe": np_contrastive(q["S"], q["V"], c, log_scale),
+        "contrastive_unsafe": np_contrastive(q["U"], q["G"], c, log_scale),
+        "contrastive_cross_a": np_contrastive(q["S"], q["G"], c, log_scale),
+        "contrastive_cross_b": np_contrastive(q["U"], q["V"], c, log_scale),
+        "entailment_text_image": np_entailment(q["S"], q["V"], c, eta),
+        "entailment_unsafe": np_entailment(q["U"], q["G"], c, eta),
+        "entailment_safety": np_entailment(q["V"], q["U"], c, eta),
     }
     for name, value in expected.items():
         assert out[name].item() == pytest.approx(value, abs=1e-6), name
@@ -102,23 +102,21 @@ def test_every_term_matches_float64_hand_computation(quadruplet, c, log_scale, e
 def test_float32_matches_float64_hand_computation(quadruplet):
     q = quadruplet
     out = HySACLoss()(
-        **{k: torch.tensor(v, dtype=torch.float32) for k, v in q.items()},
-        curv=torch.tensor(1.3),
+        {k: torch.tensor(v, dtype=torch.float32) for k, v in q.items()},
+        curvature=torch.tensor(1.3),
         logit_scale=torch.tensor(math.log(1 / 0.07)),
     )
     assert out["contrastive_safe"].item() == pytest.approx(
-        np_contrastive(q["text"], q["image"], 1.3, math.log(1 / 0.07)), rel=1e-5
+        np_contrastive(q["S"], q["V"], 1.3, math.log(1 / 0.07)), rel=1e-5
     )
-    assert out["entailment_unsafe"].item() == pytest.approx(
-        np_entailment(q["unsafe_text"], q["unsafe_image"], 1.3, 1.0), abs=1e-5
-    )
+    assert out["entailment_unsafe"].item() == pytest.approx(np_entailment(q["U"], q["G"], 1.3, 1.0), abs=1e-5)
 
 
 def test_entailment_angle_is_taken_at_the_general_element(quadruplet):
     q = as_torch(quadruplet)
-    forward = entailment_loss(q["image"], q["unsafe_text"], 1.0).item()
-    backward = entailment_loss(q["unsafe_text"], q["image"], 1.0).item()
-    assert forward == pytest.approx(np_entailment(quadruplet["image"], quadruplet["unsafe_text"], 1.0, 1.0), abs=1e-9)
+    forward = entailment_loss(q["V"], q["U"], 1.0).item()
+    backward = entailment_loss(q["U"], q["V"], 1.0).item()
+    assert forward == pytest.approx(np_entailment(quadruplet["V"], quadruplet["U"], 1.0, 1.0), abs=1e-9)
     assert backward != pytest.approx(forward, abs=1e-3)
 
 
@@ -137,17 +135,17 @@ def test_plain_weighting_and_bad_arguments(quadruplet):
         loss_weights(-1.0)
     q = as_torch(quadruplet)
     with pytest.raises(ValueError, match="one shape"):
-        HySACLoss()(
-            q["image"], q["unsafe_image"][:3], q["text"], q["unsafe_text"], torch.tensor(1.0), torch.tensor(1.0)
-        )
+        HySACLoss()({**q, "G": q["G"][:3]}, torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="all four kinds"):
+        HySACLoss()({k: q[k] for k in ("S", "V", "U")}, torch.tensor(1.0), torch.tensor(1.0))
     empty = torch.zeros(0, 5)
     with pytest.raises(ValueError, match="empty batch"):
-        HySACLoss()(empty, empty, empty, empty, torch.tensor(1.0), torch.tensor(1.0))
+        HySACLoss()(dict.fromkeys("SVUG", empty), torch.tensor(1.0), torch.tensor(1.0))
 
 
 def test_local_negatives_equal_single_process_loss(quadruplet):
     q = as_torch(quadruplet)
-    args = {"curv": torch.tensor(1.0), "logit_scale": torch.tensor(2.0)}
-    single = HySACLoss()(**q, **args)["loss"]
-    local = HySACLoss(local_negatives=True, rank=1, world_size=2)(**q, **args)["loss"]
+    args = {"curvature": torch.tensor(1.0), "logit_scale": torch.tensor(2.0)}
+    single = HySACLoss()(q, **args)["loss"]
+    local = HySACLoss(local_negatives=True, rank=1, world_size=2)(q, **args)["loss"]
     assert torch.equal(single, local)

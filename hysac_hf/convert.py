@@ -1,0 +1,1 @@
+../conversion/convert_hysac_original_to_hf.py

@@ -297,8 +297,11 @@ def main(config: TrainingConfig) -> dict[str, Any]:
     """
     output_dir = Path(config.output_dir)
     created = not output_dir.exists()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
     try:
-        return _train(config)
+        with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
+            return _train(config)
     except BaseException:
         if created and output_dir.is_dir() and not (output_dir / EXPORT_SUBDIR).exists():
             from hysac_hf.training import list_checkpoints

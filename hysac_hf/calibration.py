@@ -131,7 +131,7 @@ def plot_root_histogram(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    logger.info("Wrote the distance histogram to %s", path)
+    logger.debug("wrote the distance histogram to %s", path)
     return path
 
 
@@ -302,6 +302,8 @@ def _calibrate_command(args: argparse.Namespace) -> int:
         source={"dataset": str(args.dataset), "split": args.split},
     )
     bounds = calibrate(cache, args.histogram)
+    if args.histogram:
+        logger.info("wrote the distance histogram to %s", args.histogram)
     if args.dry_run:
         logger.info("dry run: %s not changed", model_dir / "config.json")
     else:

@@ -1,0 +1,793 @@
+"""HySAC's two `transformers` pipelines: `unsafe-content-detection` and `safe-retrieval`.
+
+Ships to the Hub as remote code beside the weights (torch + transformers, with safetensors and Pillow, which
+transformers' image pipelines need anyway). `HySACModel.save_pretrained` declares both tasks in
+`config.custom_pipelines` (see :func:`custom_pipelines`), so every saved or converted HySAC folder loads them
+with `trust_remote_code=True` alone, where `hysac_hf` is not installed:
+
+    detector = pipeline("unsafe-content-detection", model=FOLDER_OR_REPO_ID, trust_remote_code=True)
+    detector(image)                      # {"label": "unsafe"|"safe", "score": d, "threshold": t, "modality": "image"}
+    detector(text=["...", "..."])        # one dict per text
+
+    retriever = pipeline("safe-retrieval", model=FOLDER_OR_REPO_ID, trust_remote_code=True)
+    retriever("a query", gallery=images, top_k=5, policy="redirect")
+    # {"redirected": bool, "query_distance_to_root": d, "search_distance_to_root": d', "results": [...]}
+
+Both use the model's own methods (`encode_image`, `encode_text`, `distance_to_root`, `traverse_to_safe`,
+`traversal_threshold`): the maths lives in `modeling_hysac.py` only. Images are read as `HySACProcessor`
+reads them (`processing_hysac.to_rgb`: transparency over white, 16-bit and float pictures to 8 bits), then
+prepared by the folder's CLIP image processor; texts are tokenized by its CLIP tokenizer, truncated to the
+text tower's length and padded to the longest text of each batch.
+
+Retrieval ranks by Lorentz distance computed in float64 on the CPU, nearest first, equal distances in gallery
+order: the same ranking as a brute-force float64 search. A saved gallery index (format 1, written by
+`hysac_hf.index`) is read here without `hysac_hf` (:func:`load_gallery_index`): its checksum, curvature and
+model probe are checked before any search.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
+from transformers import Pipeline
+from transformers.utils import logging
+
+from .configuration_hysac import BOUND_STATS, MODALITIES
+from .lorentz import mips_query_vectors, pairwise_dist
+from .processing_hysac import to_rgb
+from .traversal import METHODS
+
+try:
+    from PIL import Image
+except ImportError:  # pragma: no cover - transformers' image processors need Pillow anyway
+    Image = None
+
+logger = logging.get_logger(__name__)
+
+DETECTION_TASK = "unsafe-content-detection"
+RETRIEVAL_TASK = "safe-retrieval"
+POLICIES = ("redirect", "retain")
+DEFAULT_GALLERY_BATCH_SIZE = 32
+# Gallery rows ranked at once: a (queries, RANK_CHUNK) float64 block of distances.
+RANK_CHUNK = 65_536
+
+# The saved gallery index folder, format 1 (hysac_hf.index writes it; load_gallery_index reads it).
+INDEX_FORMAT = 1
+INDEX_FILE = "index.json"
+EMBEDDINGS_FILE = "embeddings.safetensors"
+EMBEDDINGS_KEY = "embeddings"
+FAISS_FILE = "faiss.index"
+# The model probe: `encode_text` of these texts identifies the model that embedded a gallery.
+PROBE_TEXTS = ("a photo of a cat", "an empty street at night")
+PROBE_TOLERANCE = 1e-3  # max abs difference allowed: PROBE_TOLERANCE * (1 + max abs value); device/dtype noise
+CURVATURE_TOLERANCE = 1e-5  # relative
+REBUILD_HINT = "rebuild the index with this model (hysac_hf.index), or load the model that built it"
+
+CALIBRATE_HINT = (
+    "calibrate one on labelled data with `hysac-eval classify --model FOLDER --modality {modality} "
+    "--calibrate accuracy --save` (with --images DIR holding safe/ and unsafe/ sub-folders, or --cache CACHE), "
+    "which stores it in config.unsafe_thresholds, or pass threshold=<distance to the root>"
+)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Registration
+def custom_pipelines() -> dict[str, dict[str, Any]]:
+    """The `config.custom_pipelines` entries that `pipeline(task, model=..., trust_remote_code=True)` resolves.
+
+    `impl` is `"<module>.<class>"` in the model folder (fetched with `get_class_from_dynamic_module`); `pt` names
+    transformers auto classes, looked up with `getattr(transformers, name)` on both transformers lines; transformers
+    4 also reads `tf` (empty). No `default`: transformers only reads it when no model is given, and its format differs
+    between the lines (`{"model": {"pt": (id, rev)}}` on 4, `{"model": (id, rev)}` on 5).
+    """
+    module = __name__.split(".")[-1]
+    return {
+        task: {"impl": f"{module}.{cls.__name__}", "pt": ["AutoModel"], "tf": [], "type": "multimodal"}
+        for task, cls in ((DETECTION_TASK, UnsafeContentDetectionPipeline), (RETRIEVAL_TASK, SafeRetrievalPipeline))
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Inputs
+def _is_image(value: Any) -> bool:
+    return (Image is not None and isinstance(value, Image.Image)) or isinstance(value, np.ndarray)
+
+
+def _describe(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def load_image_input(image: Any) -> Any:
+    """One image input -> the RGB PIL image the CLIP image processor reads.
+
+    Accepts a PIL image or a numpy array (read by `processing_hysac.to_rgb`, like `HySACProcessor`), the path of
+    an image file (opened and read the same way, as `hysac_hf`'s embedding path reads files), or an http(s) URL or
+    base64 string (fetched by transformers' `load_image`, as its image pipelines do).
+
+    Raises:
+        ValueError: naming the input and what is accepted.
+    """
+    if _is_image(image):
+        return to_rgb(image)
+    if isinstance(image, (str, os.PathLike)):
+        source = os.fspath(image)
+        if os.path.isfile(source):
+            try:
+                with Image.open(source) as opened:
+                    opened.load()  # decode now: a truncated file fails here, naming the file
+                    return to_rgb(opened)
+            except OSError as error:
+                raise ValueError(f"cannot decode image {source}: {error}; re-export or remove it") from None
+        from transformers.image_utils import load_image
+
+        try:
+            return to_rgb(load_image(source))
+        except Exception as error:  # noqa: BLE001 - decoding, base64 and HTTP client errors alike
+            raise ValueError(
+                f"{_describe(source)} is not an image file, an http(s) URL or a base64 image ({error}); pass a path, "
+                "a URL, a PIL image or a numpy array. To classify texts, call the pipeline with text=..."
+            ) from None
+    raise ValueError(
+        f"cannot read an image from a {type(image).__name__}; pass a PIL image, a numpy array (H, W, C), a file path "
+        "or an http(s) URL (texts go in text=...)"
+    )
+
+
+def _as_list(inputs: Any, what: str) -> tuple[list, bool]:
+    """`inputs` as a non-empty list, and whether it was a list (a batch) rather than one item."""
+    if isinstance(inputs, (list, tuple)):
+        if not inputs:
+            raise ValueError(f"{what} is an empty list; pass at least one")
+        return list(inputs), True
+    return [inputs], False
+
+
+def _check_number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(float(value)):
+        raise ValueError(f"{name}={value!r} must be a finite number (a distance to the root)")
+    return float(value)
+
+
+class _HySACPipeline(Pipeline):
+    """What both pipelines share: the processors `pipeline()` loads, and turning inputs into HySAC embeddings."""
+
+    # As the zero-shot image pipeline: the folder's CLIP image processor and tokenizer (no remote code needed).
+    _load_processor = False
+    _load_image_processor = True
+    _load_feature_extractor = False
+    _load_tokenizer = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        missing = [
+            name for name in ("encode_image", "encode_text", "distance_to_root") if not hasattr(self.model, name)
+        ]
+        if missing:
+            raise ValueError(
+                f"{type(self).__name__} needs a HySAC model, got {type(self.model).__name__} (no {', '.join(missing)}); "
+                "load a HySAC folder with trust_remote_code=True"
+            )
+
+    @property
+    def max_text_length(self) -> int:
+        """Tokens per text: the tokenizer's limit, at most what the text tower takes (77 for CLIP)."""
+        limit = self.model.config.text_config.max_position_embeddings
+        length = getattr(self.tokenizer, "model_max_length", limit)
+        return min(length, limit) if 0 < length else limit
+
+    def _check_processors(self, modality: str) -> None:
+        needed = self.image_processor if modality == "image" else self.tokenizer
+        if needed is None:
+            name = "image_processor" if modality == "image" else "tokenizer"
+            raise ValueError(
+                f"this pipeline has no {name}, so it cannot read {modality}s; save the HySACProcessor beside the model "
+                f"(processor.save_pretrained(FOLDER)) or pass {name}=..."
+            )
+
+    def _prepare(self, items: list, modality: str, padding: bool) -> dict[str, Tensor]:
+        """Images or texts -> model inputs (`pixel_values`, or `input_ids` + `attention_mask`)."""
+        if modality == "image":
+            images = [load_image_input(item) for item in items]
+            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            return {"pixel_values": pixel_values.to(self.dtype)}
+        encoding = self.tokenizer(
+            list(items), padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"
+        )
+        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+
+    def _encode(self, model_inputs: dict[str, Tensor]) -> Tensor:
+        """Model inputs -> `(B, D)` float32 hyperboloid embeddings, with the model's own encoders."""
+        if "pixel_values" in model_inputs:
+            return self.model.encode_image(model_inputs["pixel_values"])
+        return self.model.encode_text(model_inputs["input_ids"], model_inputs.get("attention_mask"))
+
+    def preprocess(self, item: Any, _modality: str = "image") -> dict[str, Tensor]:
+        return self._prepare([item], _modality, padding=False)
+
+    def embed(self, items: list, modality: str, batch_size: int = DEFAULT_GALLERY_BATCH_SIZE) -> Tensor:
+        """Embed images or texts in batches (texts padded to the longest of each batch).
+
+        Returns:
+            `(N, D)` float32 hyperboloid space components on the CPU, in input order.
+        """
+        self._check_processors(modality)
+        chunks = []
+        with self.device_placement(), torch.no_grad():
+            for start in range(0, len(items), batch_size):
+                inputs = self._prepare(items[start : start + batch_size], modality, padding=True)
+                inputs = self._ensure_tensor_on_device(inputs, device=self.device)
+                chunks.append(self._encode(inputs).float().cpu())
+        return torch.cat(chunks)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# unsafe-content-detection
+class UnsafeContentDetectionPipeline(_HySACPipeline):
+    """Unsafe-content detection: a text or an image is unsafe when its distance to the root exceeds a threshold.
+
+    `detector(images)` takes one image (PIL image, numpy array, path or URL) or a list of them;
+    `detector(text=...)` one text or a list. One input gives one dict, a list gives a list, each
+    `{"label": "unsafe" | "safe", "score": distance to the root, "threshold": t, "modality": "image" | "text"}`.
+
+    Args (at construction or per call):
+        threshold: distance to the root above which content is unsafe. Default: the model's calibrated
+            `config.unsafe_thresholds[modality]`; a model without one is an error that says how to calibrate.
+        batch_size: inputs per forward pass.
+    """
+
+    def __call__(self, inputs: Any = None, *, text: Any = None, **kwargs):
+        if "_modality" in kwargs:
+            raise TypeError("_modality is set by the pipeline; pass images positionally or texts as text=...")
+        if (inputs is None) == (text is None):
+            raise ValueError(
+                "pass images as detector(images) or texts as detector(text=...); "
+                + ("got both" if inputs is not None else "got neither")
+            )
+        modality = "image" if text is None else "text"
+        items, is_batch = _as_list(inputs if text is None else text, "images" if text is None else "text")
+        if modality == "text":
+            bad = [i for i, item in enumerate(items) if not isinstance(item, str)]
+            if bad:
+                raise ValueError(
+                    f"text[{bad[0]}] is a {type(items[bad[0]]).__name__}, not a string; pass images positionally"
+                )
+        else:
+            bad = [i for i, item in enumerate(items) if not (_is_image(item) or isinstance(item, (str, os.PathLike)))]
+            if bad:
+                raise ValueError(
+                    f"image {bad[0]} is a {type(items[bad[0]]).__name__}; pass PIL images, numpy arrays, file paths or "
+                    "URLs (texts go in text=...)"
+                )
+        self._check_processors(modality)
+        batch_size = kwargs.pop("batch_size", None)
+        num_workers = kwargs.pop("num_workers", None)
+        _, _, post = self._sanitize_parameters(**kwargs)
+        threshold = {**self._postprocess_params, **post}.get("threshold")
+        threshold = self.threshold(modality) if threshold is None else threshold
+        results = super().__call__(
+            items, batch_size=batch_size, num_workers=num_workers, _modality=modality, threshold=threshold
+        )
+        return results if is_batch else results[0]
+
+    def threshold(self, modality: str) -> float:
+        """The model's calibrated unsafe threshold for `"image"` or `"text"`.
+
+        Raises:
+            ValueError: when the model has none, saying how to calibrate it.
+        """
+        thresholds = getattr(self.model.config, "unsafe_thresholds", None) or {}
+        if modality not in thresholds:
+            raise ValueError(
+                f"this model has no calibrated unsafe threshold for {modality}s (config.unsafe_thresholds = "
+                f"{thresholds or None}); " + CALIBRATE_HINT.format(modality=modality)
+            )
+        return float(thresholds[modality])
+
+    def _sanitize_parameters(self, _modality: str | None = None, threshold: Any = None, **unknown):
+        if unknown:
+            raise TypeError(
+                f"{DETECTION_TASK} got unexpected arguments {sorted(unknown)}; it takes threshold= and batch_size="
+            )
+        preprocess, postprocess = {}, {}
+        if _modality is not None:
+            preprocess["_modality"] = postprocess["_modality"] = _modality
+        if threshold is not None:
+            postprocess["threshold"] = _check_number(threshold, "threshold")
+        return preprocess, {}, postprocess
+
+    def _forward(self, model_inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        return {"distance": self.model.distance_to_root(self._encode(model_inputs))}
+
+    def postprocess(self, model_outputs: dict[str, Tensor], _modality: str = "image", threshold: float | None = None):
+        distance = float(model_outputs["distance"].reshape(-1)[0])
+        return {
+            "label": "unsafe" if distance > threshold else "safe",
+            "score": distance,
+            "threshold": float(threshold),
+            "modality": _modality,
+        }
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Galleries
+@dataclass
+class Gallery:
+    """A gallery to search: `(N, D)` float32 hyperboloid embeddings on the CPU, their modality, and optionally one
+    metadata dict per row and the path of a FAISS index over them (from a saved index folder)."""
+
+    embeddings: Tensor
+    modality: str
+    metadata: list[dict] | None = None
+    faiss_path: str | None = None
+    source: str = "embeddings"
+
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_probe(model: Any, tokenizer: Any) -> Tensor:
+    """`encode_text` of `PROBE_TEXTS`: the fingerprint a gallery index stores of the model that embedded it.
+
+    Returns:
+        `(len(PROBE_TEXTS), D)` float32 on the CPU.
+    """
+    limit = model.config.text_config.max_position_embeddings
+    batch = tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        probe = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+    return probe.float().cpu()
+
+
+def _corrupt(folder: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"the gallery index {folder} is corrupt: {problem}; rebuild it (hysac_hf.index) or restore a copy"
+    )
+
+
+def load_gallery_index(folder: str | os.PathLike, model: Any, tokenizer: Any) -> Gallery:
+    """Read a saved gallery index folder (format 1) and check that `model` can search it.
+
+    Checks, in order: `index.json` (format, fields), the SHA-256 of `embeddings.safetensors`, the embeddings'
+    shape against the recorded count and dimension, the metadata lines, the model's dimension and curvature, and
+    the model probe (`encode_text` of `PROBE_TEXTS`, recomputed with `model` and `tokenizer`). FAISS is not needed.
+
+    Raises:
+        ValueError: a folder that is not an index, a corrupt one (checksum, shapes, metadata), an empty one, or one
+            built with another model or curvature, each saying what to do.
+    """
+    folder = Path(folder)
+    index_file = folder / INDEX_FILE
+    if not index_file.is_file():
+        raise ValueError(
+            f"{folder} is not a saved gallery index (no {INDEX_FILE}); build one with hysac_hf.index, or pass the "
+            "gallery as a list of images or texts, or as an (N, D) embedding tensor with gallery_modality="
+        )
+    try:
+        info = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupt(folder, f"{INDEX_FILE} is not readable JSON ({error})") from None
+    if not isinstance(info, dict):
+        raise _corrupt(folder, f"{INDEX_FILE} holds a {type(info).__name__}, not an object")
+    if info.get("format") != INDEX_FORMAT:
+        raise ValueError(
+            f"the gallery index {folder} has format {info.get('format')!r}; this pipeline reads format {INDEX_FORMAT}: "
+            "rebuild the index with the hysac_hf that matches this model's code"
+        )
+    required = ("modality", "count", "dim", "curvature", "model_probe", "embeddings_sha256")
+    missing = [key for key in required if key not in info]
+    if missing:
+        raise _corrupt(folder, f"{INDEX_FILE} lacks {missing}")
+    modality = info["modality"]
+    if modality not in MODALITIES:
+        raise _corrupt(folder, f"modality {modality!r} is not one of {list(MODALITIES)}")
+    embeddings_file = folder / EMBEDDINGS_FILE
+    if not embeddings_file.is_file():
+        raise _corrupt(folder, f"{EMBEDDINGS_FILE} is missing")
+    if _sha256(embeddings_file) != info["embeddings_sha256"]:
+        raise _corrupt(folder, f"the SHA-256 of {EMBEDDINGS_FILE} differs from the one in {INDEX_FILE}")
+    try:
+        embeddings = load_file(str(embeddings_file))[EMBEDDINGS_KEY]
+    except (KeyError, SafetensorError) as error:  # a checksum-valid but unreadable file: written that way
+        raise _corrupt(folder, f"{EMBEDDINGS_FILE} has no readable {EMBEDDINGS_KEY!r} tensor ({error})") from None
+    count, dim = info["count"], info["dim"]
+    if tuple(embeddings.shape) != (count, dim):
+        raise _corrupt(folder, f"embeddings have shape {tuple(embeddings.shape)}, {INDEX_FILE} says ({count}, {dim})")
+    if count == 0:
+        raise ValueError(f"the gallery index {folder} is empty (0 items); add items to it before searching")
+    embeddings = embeddings.float()
+    if not bool(torch.isfinite(embeddings).all()):
+        raise _corrupt(folder, "embeddings contain NaN or infinite values")
+
+    metadata = None
+    if info.get("metadata"):
+        metadata_file = folder / info["metadata"]
+        if not metadata_file.is_file():
+            raise _corrupt(folder, f"its metadata file {info['metadata']} is missing")
+        lines = metadata_file.read_text(encoding="utf-8").splitlines()
+        if len(lines) != count:
+            raise _corrupt(folder, f"{info['metadata']} has {len(lines)} lines for {count} items")
+        metadata = []
+        for number, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise _corrupt(folder, f"line {number} of {info['metadata']} is not JSON ({error})") from None
+            if not isinstance(row, dict):
+                raise _corrupt(folder, f"line {number} of {info['metadata']} is not a JSON object")
+            metadata.append(row)
+
+    built_with = info.get("model") or "another model"
+    if dim != model.config.projection_dim:
+        raise ValueError(
+            f"the gallery index {folder} holds {dim}-dimensional embeddings (built with {built_with}), this model "
+            f"embeds in {model.config.projection_dim} dimensions; {REBUILD_HINT}"
+        )
+    curvature = float(model.curvature.detach())
+    if abs(float(info["curvature"]) - curvature) > CURVATURE_TOLERANCE * curvature:
+        raise ValueError(
+            f"the gallery index {folder} was embedded at curvature {info['curvature']} (by {built_with}), this model's "
+            f"curvature is {curvature}: distances between the two are meaningless; {REBUILD_HINT}"
+        )
+    stored = torch.as_tensor(info["model_probe"], dtype=torch.float64)
+    probe = model_probe(model, tokenizer).double()
+    if stored.shape != probe.shape:
+        raise _corrupt(folder, f"model_probe has shape {tuple(stored.shape)}, expected {tuple(probe.shape)}")
+    difference = float((stored - probe).abs().max())
+    if difference > PROBE_TOLERANCE * (1 + float(stored.abs().max())):
+        raise ValueError(
+            f"the gallery index {folder} was embedded by {built_with}, not by this model (its probe embeddings differ "
+            f"by up to {difference:.3g}); {REBUILD_HINT}"
+        )
+    faiss_path = folder / FAISS_FILE
+    return Gallery(
+        embeddings=embeddings,
+        modality=modality,
+        metadata=metadata,
+        faiss_path=str(faiss_path) if faiss_path.is_file() else None,
+        source=str(folder),
+    )
+
+
+def rank_gallery(queries: Tensor, embeddings: Tensor, curvature: float | Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Exact top-k by Lorentz distance, in float64 on the CPU; equal distances in gallery order.
+
+    The gallery is ranked in chunks of `RANK_CHUNK` rows, keeping the best `top_k` so far, so memory stays
+    `(Q, top_k + RANK_CHUNK)` whatever the gallery's size.
+
+    Args:
+        queries: `(Q, D)` space components.
+        embeddings: `(N, D)` space components, `N >= top_k`.
+        curvature: positive curvature magnitude `c`.
+        top_k: results per query.
+    Returns:
+        `(Q, top_k)` int64 gallery indices, nearest first, and their `(Q, top_k)` float64 distances.
+    """
+    queries = queries.detach().to("cpu", torch.float64)
+    c = torch.as_tensor(curvature).detach().to("cpu", torch.float64)
+    best_distances = best_indices = None
+    for start in range(0, embeddings.shape[0], RANK_CHUNK):
+        block = embeddings[start : start + RANK_CHUNK].to("cpu", torch.float64)
+        distances = pairwise_dist(queries, block, c, eps=0.0)  # float64: no clamp beyond acosh's domain [1, inf)
+        indices = torch.arange(start, start + block.shape[0]).expand(queries.shape[0], -1)
+        if best_distances is not None:
+            # Earlier rows first: a stable sort then keeps equal distances in gallery order.
+            distances = torch.cat([best_distances, distances], dim=1)
+            indices = torch.cat([best_indices, indices], dim=1)
+        order = torch.sort(distances, dim=1, stable=True).indices[:, :top_k]
+        best_distances, best_indices = distances.gather(1, order), indices.gather(1, order)
+    return best_indices, best_distances
+
+
+def _faiss_candidates(faiss_path: str, queries: Tensor, curvature: Tensor, top_k: int) -> Tensor:
+    """Candidate indices from the saved FAISS inner-product index (exact for "flat", approximate for IVF/HNSW)."""
+    try:
+        import faiss
+    except ImportError:
+        raise ValueError(
+            "use_faiss=True needs faiss: pip install faiss-cpu (or search exactly: use_faiss=False)"
+        ) from None
+    index = faiss.read_index(faiss_path)
+    vectors = mips_query_vectors(queries.detach().to("cpu", torch.float32), curvature.to("cpu", torch.float32))
+    _, ids = index.search(np.ascontiguousarray(vectors.numpy(), dtype=np.float32), top_k)
+    if (ids < 0).any():
+        raise ValueError(
+            f"the FAISS index {faiss_path} returned fewer than top_k={top_k} results (an approximate index probing too "
+            "few cells); lower top_k, rebuild it with more probes, or search exactly with use_faiss=False"
+        )
+    return torch.from_numpy(ids.astype(np.int64))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# safe-retrieval
+_RETRIEVAL_DEFAULTS = {
+    "gallery": None,
+    "gallery_modality": None,
+    "top_k": 5,
+    "policy": "redirect",
+    "method": "reference",
+    "bound": "up_95",
+    "use_faiss": False,
+}
+
+
+class SafeRetrievalPipeline(_HySACPipeline):
+    """Safe retrieval: rank a gallery by Lorentz distance to each query, optionally redirecting unsafe queries.
+
+    `retriever(query, gallery=..., top_k=5, policy="redirect")`. A query is a string (a text) or an image (PIL
+    image or numpy array); a list of queries gives a list of results. Under `policy="redirect"`, a query whose
+    distance to the root exceeds the traversal threshold of the gallery's safe region (image gallery: safe images
+    `V`; text gallery: safe texts `S`) is moved there with `HySACModel.traverse_to_safe` before ranking;
+    `"retain"` ranks with the query as it is. Each query gives
+    `{"redirected": bool, "query_distance_to_root": d, "search_distance_to_root": d', "results": [{"index": i,
+    "distance": d(query, item), **metadata}, ...]}`: `search_distance_to_root` is that of the embedding actually
+    searched with (the moved one when redirected), results are nearest first with equal distances in gallery order.
+
+    Args (at construction or per call; a gallery given at construction is embedded once and reused):
+        gallery: a list of images (PIL/numpy), a list of texts, an `(N, D)` tensor of hyperboloid embeddings
+            (with `gallery_modality`), or the path of a saved gallery index folder (its metadata joins the results).
+        gallery_modality: `"image"` or `"text"`: what an embedding tensor holds (checked for the other kinds).
+        top_k: results per query, at most the gallery's size.
+        policy: `"redirect"` (default) or `"retain"`.
+        method: the traversal, `"reference"` (default, the authors' rule) or `"geodesic"`.
+        bound: which calibrated bound the traversal threshold uses: `"up_95"` (default), `"avg"` or `"low_05"`.
+        use_faiss: search an index folder with its saved FAISS index (needs faiss; approximate for IVF/HNSW
+            indexes, and distances are recomputed exactly for the candidates). Default: exact float64 search.
+        batch_size: queries (and gallery items to embed) per forward pass.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._index_cache: tuple[Any, Gallery] | None = None
+        self._init_gallery: tuple[Any, Gallery] | None = None
+
+    def __call__(self, query: Any, **kwargs):
+        if "_modality" in kwargs:
+            raise TypeError("_modality is set by the pipeline from the query")
+        batch_size = kwargs.pop("batch_size", None)
+        num_workers = kwargs.pop("num_workers", None)
+        queries, is_batch = _as_list(query, "query")
+        modality = _query_modality(queries)
+        self._check_processors(modality)
+        _, forward, _ = self._sanitize_parameters(**kwargs)
+        options = {**_RETRIEVAL_DEFAULTS, **self._forward_params, **forward}
+        if options["gallery"] is None:
+            raise ValueError("pass the gallery to search: retriever(query, gallery=...)")
+        if options["policy"] == "redirect" and getattr(self.model.config, "bounds", None) is None:
+            raise ValueError(
+                "policy='redirect' needs the model's calibrated bounds, and config.bounds is None: calibrate them with "
+                "`hysac-calibrate --model FOLDER --dataset ...`, or rank without moving the query: policy='retain'"
+            )
+        gallery = self._gallery(options, batch_size or self._batch_size or DEFAULT_GALLERY_BATCH_SIZE)
+        if options["top_k"] > len(gallery):
+            raise ValueError(
+                f"top_k={options['top_k']} is larger than the gallery ({len(gallery)} items); pass top_k <= {len(gallery)}"
+            )
+        if options["use_faiss"] and gallery.faiss_path is None:
+            raise ValueError(
+                "use_faiss=True searches the FAISS index of a saved index folder, and this gallery has none "
+                f"({gallery.source}); save the index with FAISS, or search exactly with use_faiss=False"
+            )
+        options["gallery"] = gallery
+        results = super().__call__(
+            queries, batch_size=batch_size, num_workers=num_workers, _modality=modality, **options
+        )
+        return results if is_batch else results[0]
+
+    def _gallery(self, options: dict[str, Any], batch_size: int) -> Gallery:
+        raw = options["gallery"]
+        # A list given at construction is embedded once; index folders are re-read only when their files change.
+        at_init = isinstance(raw, (list, tuple)) and raw is self._forward_params.get("gallery")
+        if at_init and self._init_gallery is not None and self._init_gallery[0] is raw:
+            gallery = self._init_gallery[1]
+        else:
+            gallery = self._resolve_gallery(raw, options["gallery_modality"], batch_size)
+            if at_init:
+                self._init_gallery = (raw, gallery)
+        expected = options["gallery_modality"]
+        if expected is not None and expected != gallery.modality:
+            raise ValueError(f"gallery_modality={expected!r}, but the gallery holds {gallery.modality}s")
+        return gallery
+
+    def _resolve_gallery(self, raw: Any, gallery_modality: str | None, batch_size: int) -> Gallery:
+        if isinstance(raw, Gallery):
+            return raw
+        if isinstance(raw, (str, os.PathLike)):
+            if not os.path.isdir(raw):
+                raise ValueError(
+                    f"gallery={_describe(raw)} is not a folder; a gallery is a saved index folder, a list of images or "
+                    "texts (to search one text, pass [text]), or an (N, D) embedding tensor with gallery_modality="
+                )
+            return self._load_index(raw)
+        if torch.is_tensor(raw) or isinstance(raw, np.ndarray):
+            return self._embedding_gallery(raw, gallery_modality)
+        if isinstance(raw, (list, tuple)):
+            if not raw:
+                raise ValueError("the gallery is empty; pass at least one image or text")
+            kinds = {}
+            for position, item in enumerate(raw):
+                kind = "text" if isinstance(item, str) else "image" if _is_image(item) else None
+                if kind is None:
+                    raise ValueError(
+                        f"gallery[{position}] is a {type(item).__name__}; a gallery list holds images (PIL images or "
+                        "numpy arrays) or texts (strings); image files go in a saved index folder or are opened first"
+                    )
+                kinds.setdefault(kind, position)
+            if len(kinds) > 1:
+                raise ValueError(
+                    f"the gallery mixes images (first at {kinds['image']}) and texts (first at {kinds['text']}); "
+                    "search one modality per gallery"
+                )
+            modality = next(iter(kinds))
+            if gallery_modality is not None and gallery_modality != modality:
+                raise ValueError(f"gallery_modality={gallery_modality!r}, but the gallery holds {modality}s")
+            return Gallery(self.embed(list(raw), modality, batch_size), modality, source=f"a list of {modality}s")
+        raise ValueError(
+            f"cannot search a gallery of type {type(raw).__name__}; pass a list of images or texts, an (N, D) tensor "
+            "of hyperboloid embeddings with gallery_modality=, or a saved index folder"
+        )
+
+    def _embedding_gallery(self, raw: Any, gallery_modality: str | None) -> Gallery:
+        if gallery_modality is None:
+            raise ValueError(
+                "a gallery of embeddings needs gallery_modality='image' or 'text' (which content they embed): it "
+                "chooses the safe region a redirected query moves to"
+            )
+        embeddings = torch.as_tensor(raw).detach()
+        dim = self.model.config.projection_dim
+        if embeddings.ndim != 2 or embeddings.shape[1] != dim or not embeddings.is_floating_point():
+            raise ValueError(
+                f"a gallery of embeddings must be a float (N, {dim}) tensor of hyperboloid space components (from "
+                f"encode_image/encode_text), got {tuple(embeddings.shape)} {embeddings.dtype}"
+            )
+        if embeddings.shape[0] == 0:
+            raise ValueError("the gallery is empty (0 embeddings); pass at least one")
+        if not bool(torch.isfinite(embeddings).all()):
+            raise ValueError("the gallery embeddings contain NaN or infinite values")
+        return Gallery(embeddings.to("cpu", torch.float32), gallery_modality)
+
+    def _load_index(self, folder: str | os.PathLike) -> Gallery:
+        """`load_gallery_index`, reused while the folder's files are unchanged (same inode, size, mtime)."""
+        folder = Path(folder).resolve()
+        signature = [str(folder)]
+        for name in (INDEX_FILE, EMBEDDINGS_FILE, "metadata.jsonl", FAISS_FILE):
+            try:
+                stat = (folder / name).stat()
+                signature.append((name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
+            except OSError:
+                signature.append((name, None))
+        if self._index_cache is not None and self._index_cache[0] == signature:
+            return self._index_cache[1]
+        self._check_processors("text")  # the model probe is a text embedding
+        gallery = load_gallery_index(folder, self.model, self.tokenizer)
+        self._index_cache = (signature, gallery)
+        return gallery
+
+    def _sanitize_parameters(self, _modality: str | None = None, **options):
+        unknown = sorted(set(options) - set(_RETRIEVAL_DEFAULTS))
+        if unknown:
+            raise TypeError(
+                f"{RETRIEVAL_TASK} got unexpected arguments {unknown}; it takes {sorted(_RETRIEVAL_DEFAULTS)} and "
+                "batch_size="
+            )
+        checks = {
+            "gallery_modality": (lambda v: v is None or v in MODALITIES, f"None or one of {list(MODALITIES)}"),
+            "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+            "policy": (lambda v: v in POLICIES, f"one of {list(POLICIES)}"),
+            "method": (lambda v: v in METHODS, f"one of {list(METHODS)}"),
+            "bound": (lambda v: v in BOUND_STATS, f"one of {list(BOUND_STATS)}"),
+            "use_faiss": (lambda v: isinstance(v, bool), "True or False"),
+        }
+        for name, value in options.items():
+            if name in checks and not checks[name][0](value):
+                raise ValueError(f"{name}={value!r} must be {checks[name][1]}")
+        preprocess = {"_modality": _modality} if _modality is not None else {}
+        postprocess = {"gallery": options["gallery"]} if isinstance(options.get("gallery"), Gallery) else {}
+        return preprocess, options, postprocess
+
+    def _forward(
+        self,
+        model_inputs: dict[str, Tensor],
+        gallery: Gallery | None = None,
+        gallery_modality: str | None = None,
+        top_k: int = 5,
+        policy: str = "redirect",
+        method: str = "reference",
+        bound: str = "up_95",
+        use_faiss: bool = False,
+    ) -> dict[str, Tensor]:
+        embeds = self._encode(model_inputs)
+        search = embeds
+        if policy == "redirect":
+            search = self.model.traverse_to_safe(embeds, target=gallery.modality, method=method, bound=bound)
+        curvature = self.model.curvature.detach()
+        if use_faiss:
+            candidates = _faiss_candidates(gallery.faiss_path, search, curvature, top_k)
+            indices, distances = [], []
+            for row, ids in zip(search, candidates):
+                ids = torch.sort(ids).values  # gallery order first, so the stable sort below breaks ties by index
+                order_indices, order_distances = rank_gallery(row[None], gallery.embeddings[ids], curvature, top_k)
+                indices.append(ids[order_indices[0]])
+                distances.append(order_distances[0])
+            indices, distances = torch.stack(indices), torch.stack(distances)
+        else:
+            indices, distances = rank_gallery(search, gallery.embeddings, curvature, top_k)
+        return {
+            "redirected": (search != embeds).any(dim=-1),
+            "query_distance_to_root": self.model.distance_to_root(embeds),
+            "search_distance_to_root": self.model.distance_to_root(search),
+            "indices": indices,
+            "distances": distances,
+        }
+
+    def postprocess(self, model_outputs: dict[str, Tensor], gallery: Gallery | None = None) -> dict[str, Any]:
+        metadata = gallery.metadata if gallery is not None else None
+        results = []
+        for index, distance in zip(
+            model_outputs["indices"].reshape(-1).tolist(), model_outputs["distances"].reshape(-1).tolist()
+        ):
+            item = dict(metadata[index]) if metadata is not None else {}
+            item.update(index=int(index), distance=float(distance))  # the ranking's own keys win over metadata
+            results.append(item)
+        return {
+            "redirected": bool(model_outputs["redirected"].reshape(-1)[0]),
+            "query_distance_to_root": float(model_outputs["query_distance_to_root"].reshape(-1)[0]),
+            "search_distance_to_root": float(model_outputs["search_distance_to_root"].reshape(-1)[0]),
+            "results": results,
+        }
+
+
+def _query_modality(queries: list) -> str:
+    """The one modality of a list of queries: strings are texts, PIL images and numpy arrays are images."""
+    kinds = {}
+    for position, item in enumerate(queries):
+        kind = "text" if isinstance(item, str) else "image" if _is_image(item) else None
+        if kind is None:
+            raise ValueError(
+                f"query {position} is a {type(item).__name__}; a query is a text (str) or an image (PIL image or numpy "
+                "array). Open image files first (PIL.Image.open); to search with an embedding, rank it against "
+                "the gallery with rank_gallery"
+            )
+        kinds.setdefault(kind, position)
+    if len(kinds) > 1:
+        raise ValueError(
+            f"the queries mix images (first at {kinds['image']}) and texts (first at {kinds['text']}); call the "
+            "pipeline once per modality"
+        )
+    return next(iter(kinds))
+
+
+__all__ = [
+    "DETECTION_TASK",
+    "PROBE_TEXTS",
+    "RETRIEVAL_TASK",
+    "Gallery",
+    "SafeRetrievalPipeline",
+    "UnsafeContentDetectionPipeline",
+    "custom_pipelines",
+    "load_gallery_index",
+    "load_image_input",
+    "model_probe",
+    "rank_gallery",
+]

@@ -664,10 +664,16 @@ class HySACModel(HySACPreTrainedModel):
         `AutoModelForZeroShotImageClassification` and the `zero-shot-image-classification` pipeline load it,
         and with sentence-transformers' files, so that `SentenceTransformer` ranks by Lorentz distance (not by
         cosine; see `sentence_transformers_hysac.py`). With `push_to_hub=True` those files are written after the
-        upload: push with `model.push_to_hub(...)` or upload the saved folder instead."""
+        upload: push with `model.push_to_hub(...)` or upload the saved folder instead. `config.custom_pipelines`
+        declares the `unsafe-content-detection` and `safe-retrieval` pipelines (`pipeline_hysac.py`)."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModelForZeroShotImageClassification"] = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
         self.config.auto_map = auto_map
+        # Imported here so that transformers ships pipeline_hysac.py with the remote code. Our entries replace any
+        # earlier ones: `pipeline()` swaps their class names for classes in the loaded config.
+        from .pipeline_hysac import custom_pipelines
+
+        self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **custom_pipelines()}
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             # Imported here so that transformers ships the file with the remote code and nothing else loads it.

@@ -11,13 +11,14 @@ those components, ranks differently. `HySACModel.save_pretrained` therefore writ
 Once sentence-transformers has built the model, the module sets its similarity to the negative Lorentz
 distance, named `"lorentz"`, so `model.similarity(model.encode(texts), model.encode(images))` is
 `-pairwise_dist(texts, images, c)` and ranks exactly as HySAC does. Its evaluators that look similarity functions
-up by name fail on `"lorentz"` instead of falling back to cosine. Options that change the embeddings' geometry (`normalize_embeddings=True`,
-`truncate_dim`, a quantized `precision`) make the distance meaningless: leave them off.
+up by name fail on `"lorentz"` instead of falling back to cosine. Options that change the embeddings' geometry
+(`normalize_embeddings=True`, `truncate_dim`, a quantized `precision`) make the distance meaningless: leave them
+off.
 
 This needs sentence-transformers >= 6.0 (the `on_model_ready` hook through which a module reaches its model;
 that release needs transformers >= 5). Older versions get an `ImportError` that says what to use instead.
-sentence-transformers is imported only when it asks for the module class, so the model does not depend on it
-and saving a model does not import it.
+Like the other remote-code files this one imports only torch and transformers: sentence-transformers is imported
+when it asks for the module class, so the model does not depend on it and saving a model does not import it.
 """
 
 from __future__ import annotations

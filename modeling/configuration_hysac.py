@@ -232,9 +232,7 @@ class HySACConfig(_BaseConfig):
         if feature_scale_init is None:
             feature_scale_init = projection_dim**-0.5
         if not feature_scale_init > 0:
-            raise ValueError(
-                f"feature_scale_init ({feature_scale_init}) must be > 0: the model stores its logarithm"
-            )
+            raise ValueError(f"feature_scale_init ({feature_scale_init}) must be > 0: the model stores its logarithm")
 
         self.text_config = text_config
         self.vision_config = vision_config
@@ -255,7 +253,7 @@ class HySACConfig(_BaseConfig):
     @classmethod
     def from_text_vision_configs(
         cls, text_config: CLIPTextConfig, vision_config: CLIPVisionConfig, **kwargs
-    ) -> "HySACConfig":
+    ) -> HySACConfig:
         """Build a config from two CLIP tower configs (as `CLIPConfig.from_text_vision_configs`)."""
         return cls(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **kwargs)
 

@@ -35,18 +35,18 @@ from torch import Tensor
 
 __all__ = [
     "autocast_disabled",
-    "full_precision",
-    "time_component",
-    "exp_map0",
-    "log_map0",
-    "pairwise_inner",
-    "pairwise_dist",
-    "paired_dist",
     "dist_to_origin",
+    "exp_map0",
+    "full_precision",
     "half_aperture",
-    "oxy_angle",
-    "mips_query_vectors",
+    "log_map0",
     "mips_pool_vectors",
+    "mips_query_vectors",
+    "oxy_angle",
+    "paired_dist",
+    "pairwise_dist",
+    "pairwise_inner",
+    "time_component",
 ]
 
 # sinh(asinh(2**15)) = 2**15: the largest space-component norm exp_map0 produces, representable in fp16.
@@ -273,9 +273,7 @@ def dist_to_origin(x: Tensor, curvature: float | Tensor = 1.0) -> Tensor:
 
 
 @full_precision
-def half_aperture(
-    x: Tensor, curvature: float | Tensor = 1.0, min_radius: float = 0.1, eps: float = 1e-5
-) -> Tensor:
+def half_aperture(x: Tensor, curvature: float | Tensor = 1.0, min_radius: float = 0.1, eps: float = 1e-5) -> Tensor:
     """Half-aperture of the entailment cone rooted at each point.
 
     ``omega(x) = asin(2 K / (sqrt(c) ||x_s||))`` with ``K = min_radius``.

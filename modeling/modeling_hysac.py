@@ -654,7 +654,9 @@ class HySACModel(HySACPreTrainedModel):
         value; `max_logit_scale` defaults to the reference's 4.6052).
         """
         cfg = self.config
-        self.curv.clamp_(math.log(cfg.curv_init / cfg.curv_clamp_factor), math.log(cfg.curv_init * cfg.curv_clamp_factor))
+        self.curv.clamp_(
+            math.log(cfg.curv_init / cfg.curv_clamp_factor), math.log(cfg.curv_init * cfg.curv_clamp_factor)
+        )
         self.visual_alpha.clamp_(max=0.0)
         self.textual_alpha.clamp_(max=0.0)
         self.logit_scale.clamp_(min(cfg.logit_scale_init_value, cfg.max_logit_scale), cfg.max_logit_scale)
@@ -667,7 +669,9 @@ class HySACModel(HySACPreTrainedModel):
         upload: push with `model.push_to_hub(...)` or upload the saved folder instead. `config.custom_pipelines`
         declares the `unsafe-content-detection` and `safe-retrieval` pipelines (`pipeline_hysac.py`)."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        auto_map["AutoModelForZeroShotImageClassification"] = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        auto_map["AutoModelForZeroShotImageClassification"] = (
+            f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+        )
         self.config.auto_map = auto_map
         # Imported here so that transformers ships pipeline_hysac.py with the remote code. Our entries replace any
         # earlier ones: `pipeline()` swaps their class names for classes in the loaded config.
@@ -685,7 +689,7 @@ class HySACModel(HySACPreTrainedModel):
     # ----------------------------------------------------------------------------------------------------
     # Construction from CLIP
     @classmethod
-    def from_clip(cls, clip: str | CLIPModel, **config_kwargs) -> "HySACModel":
+    def from_clip(cls, clip: str | CLIPModel, **config_kwargs) -> HySACModel:
         """Build a HySAC model from a transformers CLIP checkpoint (Hub id, local folder or `CLIPModel`).
 
         Towers and projections are copied exactly; the HySAC scalars (`curv`, alphas, and `logit_scale`,
@@ -758,4 +762,4 @@ def _weights_source(source: Any, key: str, kwargs: dict) -> str:
 HySACConfig.register_for_auto_class()
 HySACModel.register_for_auto_class("AutoModel")
 
-__all__ = ["HySACModel", "HySACPreTrainedModel", "HySACOutput", "contrastive_loss"]
+__all__ = ["HySACModel", "HySACOutput", "HySACPreTrainedModel", "contrastive_loss"]

@@ -6,11 +6,10 @@ import json
 import math
 
 import pytest
-from hysac_hf.testing import TINY_BOUNDS
 from transformers import CLIPTextConfig, CLIPVisionConfig
 
 from hysac_hf import HySACConfig
-from hysac_hf.testing import TINY_TEXT, TINY_VISION
+from hysac_hf.testing import TINY_BOUNDS, TINY_TEXT, TINY_VISION
 
 
 def make_config(**kwargs) -> HySACConfig:

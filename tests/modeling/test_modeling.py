@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from hysac_hf.modeling.configuration_hysac import MAX_LOGIT_SCALE
+from hysac_hf.modeling.modeling_hysac import FEATURES_ARE_MODEL_OUTPUTS, SCALAR_PARAMETERS
 from transformers import CLIPModel
 
 from hysac_hf import HySACConfig, HySACModel, HySACOutput
-from hysac_hf.modeling.configuration_hysac import MAX_LOGIT_SCALE
-from hysac_hf.modeling.modeling_hysac import FEATURES_ARE_MODEL_OUTPUTS, SCALAR_PARAMETERS
 from hysac_hf.testing import TINY_TEXT, TINY_VISION, tiny_clip_config
 
 SCALARS = ("logit_scale", "curv", "visual_alpha", "textual_alpha")
@@ -82,8 +82,12 @@ def test_embeddings_are_the_lorentz_lift_of_the_projected_features(hysac, batch)
         image_feats = hysac.encode_image(batch["pixel_values"], lift=False)
         text_feats = hysac.encode_text(batch["input_ids"], lift=False)
     assert image.shape == (6, 32) and image.dtype == torch.float32
-    np.testing.assert_allclose(image.numpy(), np_lift(image_feats, hysac.visual_alpha.item(), hysac.curv.item()), rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(text.numpy(), np_lift(text_feats, hysac.textual_alpha.item(), hysac.curv.item()), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        image.numpy(), np_lift(image_feats, hysac.visual_alpha.item(), hysac.curv.item()), rtol=1e-5, atol=1e-6
+    )
+    np.testing.assert_allclose(
+        text.numpy(), np_lift(text_feats, hysac.textual_alpha.item(), hysac.curv.item()), rtol=1e-5, atol=1e-6
+    )
     # distance_to_root is asinh(sqrt(c)|x|)/sqrt(c) = sqrt(c)|v|/sqrt(c) = |v|: the scaled feature norm.
     expected = (image_feats.double() * math.exp(hysac.visual_alpha.item())).norm(dim=-1)
     np.testing.assert_allclose(hysac.distance_to_root(image).numpy(), expected.numpy(), rtol=1e-5)
@@ -166,7 +170,9 @@ def test_attn_implementation_device_map_and_no_split_modules(hysac, batch, tmp_p
     assert eager.text_model.config._attn_implementation == "eager"
     assert sdpa.vision_model.config._attn_implementation == "sdpa"
     with torch.no_grad():
-        torch.testing.assert_close(eager(**batch).logits_per_image, sdpa(**batch).logits_per_image, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(
+            eager(**batch).logits_per_image, sdpa(**batch).logits_per_image, atol=1e-4, rtol=1e-4
+        )
     assert "CLIPEncoderLayer" in HySACModel._no_split_modules
 
 
@@ -207,7 +213,9 @@ def test_clamp_parameters_applies_the_reference_clamps(hysac):
 
 
 def test_init_weights_initialises_the_hyperbolic_scalars():
-    cfg = HySACConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=16, curv_init=3.0, feature_scale_init=0.2)
+    cfg = HySACConfig(
+        text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=16, curv_init=3.0, feature_scale_init=0.2
+    )
     model = HySACModel(cfg)
     assert model.curvature.item() == pytest.approx(3.0)
     assert math.exp(model.visual_alpha.item()) == pytest.approx(0.2)
@@ -273,7 +281,12 @@ def test_scalars_are_float32_and_exact_when_built_under_a_half_default_dtype():
     log_scale = math.log(32**-0.5)
     assert_scalars_exact(
         model,
-        {"curv": math.log(1.3), "logit_scale": math.log(1 / 0.07), "visual_alpha": log_scale, "textual_alpha": log_scale},
+        {
+            "curv": math.log(1.3),
+            "logit_scale": math.log(1 / 0.07),
+            "visual_alpha": log_scale,
+            "textual_alpha": log_scale,
+        },
     )
     assert torch.get_default_dtype() == torch.float32
 
@@ -359,7 +372,13 @@ def test_weights_missing_from_a_checkpoint_get_clips_initialisation():
         for kind in TOWER_LINEARS:
             assert not layer.get_submodule(kind).bias.any(), kind
     assert_scalars_exact(
-        ours, {"curv": 0.0, "logit_scale": math.log(1 / 0.07), "visual_alpha": math.log(64**-0.5), "textual_alpha": math.log(64**-0.5)}
+        ours,
+        {
+            "curv": 0.0,
+            "logit_scale": math.log(1 / 0.07),
+            "visual_alpha": math.log(64**-0.5),
+            "textual_alpha": math.log(64**-0.5),
+        },
     )
 
 

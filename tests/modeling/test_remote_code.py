@@ -99,8 +99,10 @@ def test_remote_code_round_trip_without_hysac_hf(hysac, processor, photos, tmp_p
         moved = hysac.traverse_to_safe(out.image_embeds, target="image")
     assert not bool(child["training"])
     # Identical in the same environment; across transformers lines the towers may differ in the last bits.
-    check = np.testing.assert_array_equal if python == sys.executable else (
-        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    check = (
+        np.testing.assert_array_equal
+        if python == sys.executable
+        else (lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5))
     )
     check(child["image_embeds"], out.image_embeds.numpy())
     check(child["text_embeds"], out.text_embeds.numpy())

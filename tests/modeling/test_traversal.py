@@ -6,9 +6,10 @@ import math
 
 import pytest
 import torch
-from hysac_hf.testing import TINY_BOUNDS
 from hysac_hf.modeling.lorentz import dist_to_origin, exp_map0
 from hysac_hf.modeling.traversal import traversal_threshold, traverse
+
+from hysac_hf.testing import TINY_BOUNDS
 
 CURV = 1.7
 ALPHA = 0.8

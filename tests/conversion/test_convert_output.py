@@ -71,6 +71,7 @@ def test_output_folder_contents(converted_folder, authors_checkpoints):
         "processing_hysac.py",
         "lorentz.py",
         "traversal.py",
+        "pipeline_hysac.py",
     } <= files
     assert not any(name.endswith((".pth", ".bin")) for name in files)
     config = json.loads((converted_folder / "config.json").read_text())
@@ -78,6 +79,9 @@ def test_output_folder_contents(converted_folder, authors_checkpoints):
     assert config["bounds"] == json.loads(authors_checkpoints["legacy"].bounds.read_text())
     assert config["auto_map"]["AutoModel"] == "modeling_hysac.HySACModel"
     assert config["auto_map"]["AutoModelForZeroShotImageClassification"] == "modeling_hysac.HySACModel"
+    pipelines = config["custom_pipelines"]  # conversion saves through HySACModel.save_pretrained: both pipelines
+    assert pipelines["unsafe-content-detection"]["impl"] == "pipeline_hysac.UnsafeContentDetectionPipeline"
+    assert pipelines["safe-retrieval"]["impl"] == "pipeline_hysac.SafeRetrievalPipeline"
     with safe_open(converted_folder / "model.safetensors", "pt") as weights:
         keys = set(weights.keys())
         assert not any(

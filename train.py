@@ -130,6 +130,14 @@ class TrainingConfig:
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute tower activations in backward to save memory."}
     )
+    torch_compile: bool = field(
+        default=False,
+        metadata={"help": "Compile the two encoders with torch.compile (in place: checkpoints and export unchanged)."},
+    )
+    torch_compile_backend: str = field(default="inductor", metadata={"help": "torch.compile backend."})
+    torch_compile_mode: str | None = field(
+        default=None, metadata={"help": "torch.compile mode (e.g. max-autotune-no-cudagraphs)."}
+    )
     mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
         default=None, metadata={"help": "Overrides the accelerate config; the hyperbolic math always runs in float32."}
     )
@@ -289,8 +297,11 @@ def _tracker_config(config: TrainingConfig) -> dict[str, Any]:
     }
 
 
-def main(config: TrainingConfig) -> dict[str, Any]:
+def main(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
     """Train, select, export, calibrate and (optionally) push. Returns the run summary (also in train_summary.json).
+
+    `accelerator`: an `accelerate.Accelerator` to use instead of the one built from `config` (for callers that
+    configure Accelerate themselves).
 
     A run that fails before its first checkpoint or export removes the `output_dir` it created, so a mistake found
     late (an undecodable image, a NaN loss at step 1) leaves nothing behind.
@@ -301,7 +312,7 @@ def main(config: TrainingConfig) -> dict[str, Any]:
 
     try:
         with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
-            return _train(config)
+            return _train(config, accelerator)
     except BaseException:
         if created and output_dir.is_dir() and not (output_dir / EXPORT_SUBDIR).exists():
             from hysac_hf.training import list_checkpoints
@@ -311,62 +322,97 @@ def main(config: TrainingConfig) -> dict[str, Any]:
         raise
 
 
-def _train(config: TrainingConfig) -> dict[str, Any]:
-    import torch
+def _trainable_kwargs(config: TrainingConfig) -> dict[str, Any]:
+    return {
+        "full_finetune": config.full_finetune,
+        "train_projections": config.train_projections,
+        "lora_r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "lora_target_modules": config.lora_target_modules,
+    }
+
+
+def build_accelerator(config: TrainingConfig):
     from accelerate import Accelerator
-    from accelerate.utils import ProjectConfiguration, set_seed
-    from tqdm.auto import tqdm
-    from transformers import get_scheduler
+    from accelerate.utils import ProjectConfiguration
 
-    from hysac_hf.calibration import calibrate
-    from hysac_hf.cli import load_model
-    from hysac_hf.data import QuadrupletCollator
-    from hysac_hf.encode import QuadrupletEncoder, encode_quadruplets
-    from hysac_hf.losses import LOSS_TERMS, HySACLoss
-    from hysac_hf.training import (
-        CHECKPOINT_PREFIX,
-        EpochPermutationSampler,
-        NonFiniteLossError,
-        TrainingProgress,
-        configure_trainable,
-        export_model,
-        list_checkpoints,
-        load_trainable_state,
-        parameter_groups,
-        step_seed,
-        trainable_state,
-        validation_metrics,
-    )
-
-    check_config(config)
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
+    return Accelerator(
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         log_with=None if config.report_to == "none" else config.report_to,
         **({"mixed_precision": config.mixed_precision} if config.mixed_precision else {}),
         **({"cpu": True} if config.cpu else {}),
     )
+
+
+def build_module(config: TrainingConfig, accelerator):
+    """The module to train and the processor.
+
+    Under mixed precision with LoRA the frozen tower weights are held in bf16/fp16 (no per-step weight casts); the
+    LoRA weights, the HySAC scalars and so the optimiser state stay float32. Under FSDP the scalars get shape `(1,)`.
+    With `--torch_compile` the two encoders are compiled in place (parameter names, checkpoints and the export are
+    unchanged), unless Accelerate's own dynamo backend already compiles the whole model.
+    """
+    import torch
+    from accelerate.utils import DistributedType
+
+    from hysac_hf.cli import load_model
+    from hysac_hf.encode import QuadrupletEncoder
+    from hysac_hf.training import configure_trainable, hold_frozen_weights_in, make_scalars_shardable
+
+    base, processor = load_model(config.model_name_or_path, allow_clip=True)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    if half is not None and not config.full_finetune:
+        hold_frozen_weights_in(base, half)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        make_scalars_shardable(base)
+    module = QuadrupletEncoder(
+        configure_trainable(base, gradient_checkpointing=config.gradient_checkpointing, **_trainable_kwargs(config))
+    )
+    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    logger.info("trainable parameters: %s / %s", f"{n_trainable:,}", f"{sum(p.numel() for p in module.parameters()):,}")
+    if config.torch_compile and accelerator.state.dynamo_plugin.backend.value == "NO":
+        for tower in (module.hysac.vision_model, module.hysac.text_model):
+            tower.compile(backend=config.torch_compile_backend, mode=config.torch_compile_mode)
+    elif config.torch_compile:
+        logger.info("accelerate's dynamo backend compiles the whole model; --torch_compile adds nothing")
+    return module, processor
+
+
+def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
+    import torch
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    from hysac_hf.calibration import calibrate
+    from hysac_hf.data import QuadrupletCollator
+    from hysac_hf.encode import encode_quadruplets
+    from hysac_hf.losses import LOSS_TERMS, HySACLoss
+    from hysac_hf.training import (
+        CHECKPOINT_PREFIX,
+        EpochPermutationSampler,
+        NonFiniteLossError,
+        TrainingProgress,
+        export_from_state,
+        list_checkpoints,
+        parameter_groups,
+        step_seed,
+        trainable_names,
+        validation_metrics,
+    )
+
+    check_config(config)
+    output_dir = Path(config.output_dir)
+    accelerator = accelerator or build_accelerator(config)
     setup_logging(accelerator, config.log_level)
     set_seed(config.seed)
     train_set, eval_set = load_data(config, accelerator.num_processes)  # before the model, before any write
 
-    # Model
-    base, processor = load_model(config.model_name_or_path, allow_clip=True)
-    module = QuadrupletEncoder(
-        configure_trainable(
-            base,
-            full_finetune=config.full_finetune,
-            train_projections=config.train_projections,
-            lora_r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            lora_dropout=config.lora_dropout,
-            lora_target_modules=config.lora_target_modules,
-            gradient_checkpointing=config.gradient_checkpointing,
-        )
-    )
-    n_trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    logger.info("trainable parameters: %s / %s", f"{n_trainable:,}", f"{sum(p.numel() for p in module.parameters()):,}")
+    module, processor = build_module(config, accelerator)
+    trainable_kwargs = _trainable_kwargs(config)
 
     # Data
     sampler = EpochPermutationSampler(len(train_set), config.seed)
@@ -379,12 +425,15 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         drop_last=True,
     )
 
-    # Optimiser and schedule
+    # Optimiser and schedule. The fused AdamW skips a step on the device when told the loss was not finite
+    # (`found_inf`), so the guard needs no host-device synchronisation per step.
+    fused = _fused_adamw_supported(accelerator.device)
     optimizer = torch.optim.AdamW(
         parameter_groups(module, config.weight_decay),
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_epsilon,
+        fused=fused or None,
     )
     batches_per_process = len(train_set) // (config.per_device_train_batch_size * accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
@@ -397,6 +446,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         num_training_steps=config.schedule_steps or total_steps,
     )
     module, optimizer, train_loader, scheduler = accelerator.prepare(module, optimizer, train_loader, scheduler)
+    skip_on_device = fused and accelerator.scaler is None  # fp16's GradScaler does its own skipping
     progress = TrainingProgress()
     min_radius = accelerator.unwrap_model(module).hysac.config.min_radius
     loss_kwargs = dict(
@@ -414,9 +464,17 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     eval_loss_fn = HySACLoss(**loss_kwargs)
     if config.report_to != "none":
         accelerator.init_trackers("hysac", config=_tracker_config(config))
+    names = trainable_names(accelerator.unwrap_model(module))
+
+    def gather_trained() -> dict[str, torch.Tensor] | None:
+        """The trained parameters, whole, on the main process (a collective under FSDP: every process calls it)."""
+        state = accelerator.get_state_dict(module)
+        if not accelerator.is_main_process:
+            return None
+        return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items() if k in names}
 
     # Resume
-    best_state = None  # the trained parameters of the best epoch so far (LoRA and scalars), on the CPU
+    best_state = None  # the trained parameters of the best epoch so far, on the main process
     if config.resume_from_checkpoint:
         resume_path = (
             list_checkpoints(output_dir)[-1]
@@ -428,7 +486,22 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         best_state = progress.load(resume_path)
         logger.info("resumed at optimiser step %d (epoch %d)", progress.global_step, progress.epochs_done)
 
+    device = accelerator.device
+    # Device-side bookkeeping: read on the host only at logging steps, checkpoints and epoch ends.
+    window_bad = torch.zeros((), device=device)  # non-finite losses in the current accumulation window
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first optimiser step with one
+
+    def check_finite() -> None:
+        step = int(first_bad)  # one host-device synchronisation
+        if step >= 0:
+            raise NonFiniteLossError(
+                f"non-finite loss at optimiser step {step}: that step was skipped, so the weights were not updated "
+                f"by it (stopped at step {progress.global_step}); the last checkpoint is in {output_dir}/checkpoints. "
+                "Lower --learning_rate, use --mixed_precision no or bf16, or check the data."
+            )
+
     def save_checkpoint() -> None:
+        check_finite()
         path = output_dir / "checkpoints" / f"{CHECKPOINT_PREFIX}{progress.global_step}"
         accelerator.save_state(str(path))
         if accelerator.is_main_process:
@@ -437,8 +510,19 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
                 shutil.rmtree(old)
         accelerator.wait_for_everyone()
 
-    def unwrapped() -> QuadrupletEncoder:
-        return accelerator.unwrap_model(module)
+    def validate(epoch: int):
+        """One embedding pass of the validation split on every process (each embeds its share)."""
+        return encode_quadruplets(
+            module,
+            processor,
+            eval_set,
+            image_root=config.image_root,
+            batch_size=config.per_device_eval_batch_size,
+            num_workers=config.dataloader_num_workers,
+            accelerator=accelerator,
+            show_progress=False,
+            source={"dataset": config.dataset, "split": config.validation_split, "epoch": epoch},
+        )
 
     history: list[dict[str, float]] = []
     best_cache, last_cache = None, None
@@ -454,68 +538,62 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
         sampler.use_epoch(epoch)
         skip = progress.micro_step - epoch * batches_per_process
         loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
-        running: dict[str, float] = {}
+        running = {name: torch.zeros((), device=device) for name in LOSS_TERMS + ("loss",)}
+        count = 0
         for batch in loader:
             torch.manual_seed(step_seed(config.seed, progress.micro_step, accelerator.process_index))
             with accelerator.accumulate(module):
                 out = module(**batch)
                 terms = loss_fn(out, curvature=out["curvature"], logit_scale=out["logit_scale"])
                 loss = terms["loss"]
-                finite = torch.isfinite(loss.detach()).float()
+                bad = (~torch.isfinite(loss.detach())).float()
                 if accelerator.num_processes > 1:
-                    finite = accelerator.reduce(finite, reduction="min")
-                if finite.item() < 1:
-                    values = {k: f"{v.item():.4g}" for k, v in terms.items()}
-                    raise NonFiniteLossError(
-                        f"non-finite loss at optimiser step {progress.global_step} (micro-batch {progress.micro_step}): "
-                        f"{values}. The weights were not updated; the last checkpoint is in {output_dir}/checkpoints. "
-                        "Lower --learning_rate, use --mixed_precision no or bf16, or check the data."
-                    )
+                    bad = accelerator.reduce(bad, reduction="sum")  # a collective on the device, not a sync
+                window_bad += bad
+                first_bad = torch.where((first_bad < 0) & (bad > 0), progress.global_step, first_bad)
+                if not skip_on_device and bool(bad):  # no fused optimiser: check on the host, before the step
+                    check_finite()
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+                if accelerator.sync_gradients:
+                    if skip_on_device:
+                        optimizer.optimizer.found_inf = (window_bad > 0).float()
+                    if config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             progress.micro_step += 1
-            for name in LOSS_TERMS + ("loss",):
-                running[name] = running.get(name, 0.0) + terms[name].item()
+            count += 1
+            for name in running:
+                running[name] += terms[name].detach()
             if accelerator.sync_gradients:
-                unwrapped().hysac.clamp_parameters()
+                window_bad.zero_()
+                accelerator.unwrap_model(module).hysac.clamp_parameters()
                 progress.global_step += 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
                 if progress.global_step % config.logging_steps == 0:
-                    count = progress.micro_step - epoch * batches_per_process - max(skip, 0)
-                    logs = {f"train/{k}": v / max(count, 1) for k, v in running.items()}
+                    check_finite()
+                    logs = {f"train/{k}": (v / count).item() for k, v in running.items()}
                     logs["train/lr"] = scheduler.get_last_lr()[0]
-                    logs["train/curvature"] = unwrapped().hysac.curvature.item()
+                    logs["train/curvature"] = float(out["curvature"].detach().reshape(-1)[0])
+                    bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
                     accelerator.log(logs, step=progress.global_step)
                 if config.checkpointing_steps and progress.global_step % config.checkpointing_steps == 0:
                     save_checkpoint()
                 if progress.global_step >= total_steps:
                     stop = True
                     break
+        check_finite()
         epoch_finished = progress.micro_step >= (epoch + 1) * batches_per_process
-        train_loss = running.get("loss", 0.0) / max(progress.micro_step - epoch * batches_per_process - max(skip, 0), 1)
+        train_loss = (running["loss"] / max(count, 1)).item()
         if eval_set is None or not epoch_finished:
             logger.info("epoch %d: train_loss %.4f", epoch + 1, train_loss)
             continue
         progress.epochs_done = epoch + 1
-        # One embedding pass per epoch, on every process (each embeds its share; the result is gathered).
-        last_cache = encode_quadruplets(
-            module,
-            processor,
-            eval_set,
-            image_root=config.image_root,
-            batch_size=config.per_device_eval_batch_size,
-            num_workers=config.dataloader_num_workers,
-            accelerator=accelerator,
-            show_progress=False,
-            source={"dataset": config.dataset, "split": config.validation_split},
+        last_cache = validate(epoch + 1)
+        metrics = validation_metrics(
+            last_cache, last_cache.logit_scale, eval_loss_fn, config.per_device_eval_batch_size
         )
-        logit_scale = unwrapped().hysac.logit_scale.detach().float().cpu()
-        metrics = validation_metrics(last_cache, logit_scale, eval_loss_fn, config.per_device_eval_batch_size)
         metrics["epoch"] = epoch + 1
         history.append(metrics)
         accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=progress.global_step)
@@ -534,7 +612,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             )
             if better:
                 progress.best_metric, progress.best_epoch, progress.bad_epochs = value, epoch + 1, 0
-                best_state, best_cache = trainable_state(unwrapped()), last_cache
+                best_state, best_cache = gather_trained(), last_cache
             else:
                 progress.bad_epochs += 1
                 if config.early_stopping_patience and progress.bad_epochs >= config.early_stopping_patience:
@@ -543,31 +621,28 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
                     )
                     break
     bar.close()
+    check_finite()
     accelerator.wait_for_everyone()
 
-    # Export (best epoch or last weights); the bounds come from the exported weights' validation embeddings.
+    # Export (best epoch or last weights): rebuilt in float32 from the base and the trained parameters; the bounds
+    # come from the exported weights' validation embeddings.
     summary: dict[str, Any] = {
         "global_step": progress.global_step,
         "history": history,
         "best_metric": progress.best_metric,
         "best_epoch": progress.best_epoch,
     }
-    calibration_cache = last_cache
-    if best_state is not None:
-        load_trainable_state(unwrapped(), best_state)
-        calibration_cache = best_cache  # None when the best epoch was before a resume: embedded again below
-    if eval_set is not None and not config.no_calibrate and calibration_cache is None:
-        calibration_cache = encode_quadruplets(
-            module,
-            processor,
-            eval_set,
-            image_root=config.image_root,
-            batch_size=config.per_device_eval_batch_size,
-            accelerator=accelerator,
-            show_progress=False,
-        )
+    # Every process takes the same branch (gather_trained is a collective under FSDP).
+    if config.select_best != "none" and progress.best_epoch is not None:
+        trained, calibration_cache = best_state, best_cache  # best_cache is None if the best epoch predates a resume
+    else:
+        trained, calibration_cache = gather_trained(), last_cache
     if accelerator.is_main_process:
-        final = export_model(unwrapped())
+        final = export_from_state(config.model_name_or_path, trained, **trainable_kwargs)
+        if eval_set is not None and not config.no_calibrate and calibration_cache is None:
+            calibration_cache = encode_quadruplets(
+                final, processor, eval_set, image_root=config.image_root, batch_size=config.per_device_eval_batch_size
+            )
         export_dir = config.export_dir
         calibration = None
         if calibration_cache is not None and not config.no_calibrate:
@@ -575,6 +650,7 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
             final.config.bounds = calibrate(calibration)
             summary["bounds"] = final.config.bounds
         write_export(config, final, processor, summary, calibration)
+        output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
         logger.info(
             "exported the model to %s; load it with AutoModel.from_pretrained(%r, trust_remote_code=True)",
@@ -602,6 +678,21 @@ def _train(config: TrainingConfig) -> dict[str, Any]:
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
+
+
+def _fused_adamw_supported(device) -> bool:
+    """Whether this torch has the fused AdamW (which can skip a step on the device) for `device`."""
+    import torch
+
+    try:
+        probe = torch.nn.Parameter(torch.zeros(1, device=device))
+        probe.grad = torch.zeros(1, device=device)
+        optimizer = torch.optim.AdamW([probe], fused=True)
+        optimizer.found_inf = torch.zeros((), device=device)
+        optimizer.step()
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
 
 
 def write_export(config: TrainingConfig, model, processor, summary: dict[str, Any], calibration=None) -> Path:

@@ -60,6 +60,7 @@ class EmbeddingCache:
         unsafe_thresholds: the model's `config.unsafe_thresholds`.
         tags: `N` category tags, or None.
         source: free-form description (model, dataset, split).
+        logit_scale: the model's log contrastive scale (for losses on the cached embeddings), if known.
     """
 
     embeds: dict[str, Tensor]
@@ -69,6 +70,7 @@ class EmbeddingCache:
     unsafe_thresholds: dict[str, float] | None = None
     tags: list[str] | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    logit_scale: float | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.embeds) - set(CONTENT))
@@ -119,6 +121,7 @@ class EmbeddingCache:
                 "traversal_offset": self.traversal_offset,
                 "unsafe_thresholds": self.unsafe_thresholds,
                 "tags": self.tags,
+                "logit_scale": self.logit_scale,
                 "num_rows": self.num_rows,
                 "dim": self.dim,
                 "kinds": sorted(tensors),
@@ -181,6 +184,7 @@ class EmbeddingCache:
                 unsafe_thresholds=meta.get("unsafe_thresholds"),
                 tags=meta.get("tags"),
                 source=meta.get("source", {}),
+                logit_scale=meta.get("logit_scale"),
             )
         except (KeyError, ValueError) as error:
             raise UsageError(f"{directory} is not a valid embedding cache: {error}") from None
@@ -290,11 +294,14 @@ def _run(
     desc: str,
     show_progress: bool,
     **forward_kwargs,
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], dict[str, float]]:
     """Encode `dataset` in consecutive batches; under `accelerator`, process `p` encodes batches `p, p + n, ...`.
 
     Every batch holds the same rows (and its texts the same padding) whatever the number of processes, so the
     gathered result equals a one-process run bit for bit; no row is duplicated or dropped.
+
+    Returns:
+        `({key: (N, D)}, {"curvature": c, "logit_scale": log scale})`, the scalars as the forward passes used them.
     """
     from tqdm.auto import tqdm
 
@@ -303,18 +310,25 @@ def _run(
     world = 1 if accelerator is None else accelerator.num_processes
     rank = 0 if accelerator is None else accelerator.process_index
     batches = _batches(len(dataset), batch_size)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=batches[rank::world], collate_fn=collate_fn, num_workers=num_workers
-    )
+    mine = batches[rank::world]
+    # Every process runs the same number of forward passes (FSDP gathers weights inside each one): a process with
+    # fewer batches repeats its last one and drops the result.
+    calls = -(-len(batches) // world)
+    padded = mine + [mine[-1] if mine else batches[0]] * (calls - len(mine))
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=padded, collate_fn=collate_fn, num_workers=num_workers)
     device = next(hysac.parameters()).device
     parts: dict[str, list[Tensor]] = {key: [] for key in keys}
+    scalars: dict[str, float] = {}
     is_main = accelerator is None or accelerator.is_local_main_process
     with eval_mode(encoder):
-        for batch in tqdm(loader, desc=desc, disable=not (show_progress and is_main), leave=False):
+        for step, batch in enumerate(tqdm(loader, desc=desc, disable=not (show_progress and is_main), leave=False)):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             out = encoder(**batch, **forward_kwargs)
-            for key in keys:
-                parts[key].append(out[key].float())
+            if step < len(mine):
+                for key in keys:
+                    parts[key].append(out[key].float())
+            if not scalars:  # the values the forward pass used (whole, even when parameters are sharded)
+                scalars = {name: float(out[name].detach().reshape(-1)[0]) for name in ("curvature", "logit_scale")}
     dim = hysac.config.projection_dim
     local = {key: torch.cat(v) if v else torch.zeros(0, dim, device=device) for key, v in parts.items()}
     if world > 1:
@@ -328,7 +342,7 @@ def _run(
             + ", ".join(f"{n} {CONTENT[k].name} rows" for k, n in bad.items())
             + "; check the weights (a diverged training run?) and the inputs"
         )
-    return result
+    return result, scalars
 
 
 def _gather_in_order(local: dict[str, Tensor], batches: list[list[int]], world: int, accelerator) -> dict[str, Tensor]:
@@ -394,7 +408,7 @@ def encode_quadruplets(
             raise UsageError(f"the dataset lacks column(s) {missing}; it has {columns}")
     encoder, hysac = _as_encoder(model)
     collator = QuadrupletCollator(processor, [k.key for k in chosen], image_root=image_root)
-    embeds = _run(
+    embeds, scalars = _run(
         encoder,
         hysac,
         dataset,
@@ -414,7 +428,8 @@ def encode_quadruplets(
     config = hysac.config
     return EmbeddingCache(
         embeds=embeds,
-        curvature=float(hysac.curv.detach().float().exp()),
+        curvature=scalars["curvature"],
+        logit_scale=scalars["logit_scale"],
         bounds=config.bounds,
         traversal_offset=float(config.traversal_offset),
         unsafe_thresholds=config.unsafe_thresholds,
@@ -453,7 +468,7 @@ def _encode_items(
     kinds = (
         {"image_kinds": (key,), "text_kinds": ()} if modality == "image" else {"image_kinds": (), "text_kinds": (key,)}
     )
-    embeds = _run(
+    embeds, _ = _run(
         encoder,
         hysac,
         items,

@@ -112,20 +112,57 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def trainable_state(module: nn.Module) -> dict[str, Tensor]:
-    """A CPU copy of the trained parameters (LoRA adapters and scalars, or everything when fully fine-tuned)."""
-    return {name: p.detach().to("cpu", copy=True) for name, p in module.named_parameters() if p.requires_grad}
+def hold_frozen_weights_in(model: HySACModel, dtype: torch.dtype) -> HySACModel:
+    """Store the (frozen) towers and projections in `dtype` (bf16/fp16 under mixed precision with LoRA), so that no
+    step re-casts them; the HySAC scalars stay float32. Call before `configure_trainable`: peft then creates the LoRA
+    weights in float32 (`autocast_adapter_dtype`)."""
+    for part in (model.vision_model, model.text_model, model.visual_projection, model.text_projection):
+        part.to(dtype)
+    return model
 
 
-def load_trainable_state(module: nn.Module, state: dict[str, Tensor]) -> None:
-    """Put a :func:`trainable_state` snapshot back (e.g. the best epoch's) before exporting."""
+def make_scalars_shardable(model: HySACModel) -> HySACModel:
+    """Give the four scalar parameters shape `(1,)`: FSDP refuses 0-dim parameters. The maths broadcasts unchanged;
+    :func:`export_from_state` restores shape `()`, so checkpoints of the exported model keep the usual layout."""
+    for name in SCALAR_PARAMETERS:
+        param = getattr(model, name)
+        if param.ndim == 0:
+            setattr(model, name, nn.Parameter(param.detach().reshape(1).clone(), requires_grad=param.requires_grad))
+    return model
+
+
+def trainable_names(module: nn.Module) -> set[str]:
+    return {name for name, p in module.named_parameters() if p.requires_grad}
+
+
+def export_from_state(name_or_path: str, state: dict[str, Tensor], **trainable_kwargs) -> HySACModel:
+    """Rebuild the trained model in float32 from its base checkpoint and its trained parameters, merged.
+
+    Training may hold the frozen weights in half precision and shard them (FSDP); the export does not inherit either:
+    the base is loaded again in float32, the trained parameters (LoRA adapters, scalars; or all weights when fully
+    fine-tuned) are put in, and LoRA is merged. The result carries no peft, compile or FSDP wrappers.
+
+    Args:
+        name_or_path: the base checkpoint training started from.
+        state: trained parameters by name (as in the training module's `named_parameters()`), e.g. from
+            `accelerator.get_state_dict`; scalars may have shape `(1,)` (FSDP).
+        trainable_kwargs: the `configure_trainable` settings of the run.
+    """
+    from .cli import load_model
+
+    base, _ = load_model(name_or_path, allow_clip=True)
+    module = QuadrupletEncoder(configure_trainable(base, **trainable_kwargs))
+    expected = trainable_names(module)
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"trained state does not fit the rebuilt model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     params = dict(module.named_parameters())
-    missing = sorted(set(state) - set(params))
-    if missing:
-        raise KeyError(f"the snapshot has parameters the module lacks: {missing[:5]}")
     with torch.no_grad():
         for name, value in state.items():
-            params[name].copy_(value)
+            params[name].copy_(value.reshape(params[name].shape).to(params[name].dtype))
+    return export_model(module)
 
 
 def export_model(module: nn.Module, save_directory: str | Path | None = None) -> HySACModel:
@@ -265,10 +302,12 @@ __all__ = [
     "export_model",
     "list_checkpoints",
     "load_base_model",
-    "load_trainable_state",
+    "export_from_state",
+    "hold_frozen_weights_in",
+    "make_scalars_shardable",
     "parameter_groups",
     "step_seed",
-    "trainable_state",
+    "trainable_names",
     "validation_metrics",
 ]
 

@@ -99,10 +99,18 @@ def bad_image_files(dataset: Any, columns: Sequence[str], image_root: str | Path
 
 
 def tokenize(processor, texts: list[str], padding: bool | str = "longest") -> dict[str, torch.Tensor]:
-    """`input_ids` and `attention_mask` of `texts`, padded to the longest (or `padding="max_length"`: 77)."""
+    """`input_ids` of `texts`, padded to the longest (or `padding="max_length"`: 77), truncated at 77.
+
+    With right padding (CLIP's) no attention mask is returned: CLIP's causal mask and end-of-text pooling make
+    padding after the end-of-text token irrelevant, and without a mask the text tower never checks it on the host
+    (transformers tests whether a mask is all ones, a host-device synchronisation per batch). A left-padding
+    tokenizer gets its mask.
+    """
     encoding = processor.tokenizer(
         texts, padding=padding, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt"
     )
+    if getattr(processor.tokenizer, "padding_side", "right") == "right":
+        return {"input_ids": encoding["input_ids"]}
     return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
 
 

@@ -65,7 +65,14 @@ def test_collator_puts_safe_rows_first(processor):
     expected = processor(images=[load_image(rows[1]["unsafe_image"])], return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(batch["pixel_values"][4:5], expected)
     assert torch.equal(batch["input_ids"], longest["input_ids"])
-    assert torch.equal(batch["attention_mask"], longest["attention_mask"])
+    # Right padding needs no mask (causal attention, end-of-text pooling); a left-padding tokenizer gets one.
+    assert "attention_mask" not in batch
+    processor.tokenizer.padding_side = "left"
+    try:
+        left = QuadrupletCollator(processor)(rows)
+    finally:
+        processor.tokenizer.padding_side = "right"
+    assert left["attention_mask"].shape == left["input_ids"].shape and not left["attention_mask"].all()
     full = QuadrupletCollator(processor, padding="max_length")(rows)
     assert full["input_ids"].shape == (6, 77)
     texts_only = QuadrupletCollator(processor, kinds=["S", "U"])(rows)

@@ -13,17 +13,19 @@ import pytest
 import torch
 
 from hysac_hf.cli import UsageError
-from hysac_hf.data import QuadrupletCollator, load_image, load_mini_visu
+from hysac_hf.data import load_image, load_mini_visu
 from hysac_hf.encode import CACHE_FILE, META_FILE, EmbeddingCache, encode_images, encode_quadruplets, encode_texts
 
 
-def direct(model, processor, rows, padding="max_length"):
-    """Embeddings computed without the encode path: one collated batch, the model's own methods."""
-    batch = QuadrupletCollator(processor, padding=padding)(rows)
+def direct(model, processor, rows):
+    """Embeddings computed without the encode path: the processor padded to 77 with an attention mask, one batch."""
+    images = [load_image(row[column]) for column in ("safe_image", "unsafe_image") for row in rows]
+    texts = [row[column] for column in ("safe_text", "unsafe_text") for row in rows]
+    inputs = processor(text=texts, images=images, padding="max_length", max_length=77, return_tensors="pt")
     n = len(rows)
     with torch.no_grad():
-        image = model.encode_image(batch["pixel_values"])
-        text = model.encode_text(batch["input_ids"], batch["attention_mask"])
+        image = model.encode_image(inputs["pixel_values"])
+        text = model.encode_text(inputs["input_ids"], inputs["attention_mask"])
     return {"V": image[:n], "G": image[n:], "S": text[:n], "U": text[n:]}
 
 

@@ -146,7 +146,8 @@ def _array_to_rgb(array: np.ndarray, source: str) -> Any:
 class HySACProcessor(ProcessorMixin):
     r"""Tokenizes text and preprocesses images for [`HySACModel`].
 
-    Text is padded to 77 tokens and truncated by default, as the HySAC authors and CLIP do. Images may be PIL
+    Text is padded to the longest text of the batch and truncated at 77 tokens by default (`padding="max_length"`
+    pads to 77 as the authors do; the embeddings are the same). Images may be PIL
     images, numpy arrays or torch tensors, 8-bit, 16-bit or float, grayscale, RGB or RGBA, of any size: `to_rgb`
     says which and how they are read.
 
@@ -177,7 +178,7 @@ class HySACProcessor(ProcessorMixin):
         text: str | list[str] | None = None,
         images: Any = None,
         return_tensors: str | None = "pt",
-        padding: bool | str = "max_length",
+        padding: bool | str = "longest",
         truncation: bool = True,
         max_length: int | None = None,
         **kwargs,
@@ -189,7 +190,9 @@ class HySACProcessor(ProcessorMixin):
             images: an image or a list of images (PIL, numpy channels-last, torch channels-first; see `to_rgb`),
                 or a batch as one `(B, H, W, C)` array or `(B, C, H, W)` tensor.
             return_tensors: `"pt"` (default), `"np"` or `None`.
-            padding: `"max_length"` (default, 77 tokens), `True`/`"longest"`, or `False`.
+            padding: `"longest"` (default: the longest text of the batch; CLIP's causal mask and end-of-text
+                pooling give the same embeddings as 77 tokens, several times faster), `"max_length"` (77 tokens, as
+                the authors' code), or `False`.
             truncation: truncate text longer than `max_length` (default True: never an error).
             max_length: defaults to the tokenizer's 77.
             kwargs: passed to the tokenizer; transformers' processor convention is accepted too, as generic

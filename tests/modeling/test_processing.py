@@ -16,14 +16,17 @@ from hysac_hf.testing import clip_image_processor
 CAT_IDS = [49406, 320, 1125, 539, 320, 2368, 49407]  # "a photo of a cat" with openai/clip-vit-* tokenizers
 
 
-def test_text_is_padded_to_77_with_the_real_clip_ids(processor):
+def test_text_is_padded_to_the_longest_with_the_real_clip_ids(processor):
     out = processor(text=["a photo of a cat", "a rocket"])
-    assert out["input_ids"].shape == (2, 77) and out["attention_mask"].shape == (2, 77)
-    assert out["input_ids"][0, :7].tolist() == CAT_IDS
-    assert (out["input_ids"][0, 7:] == 49407).all()  # CLIP pads with the end-of-text token
-    assert out["attention_mask"][0].sum() == 7
+    assert out["input_ids"].shape == (2, 7) and out["attention_mask"].shape == (2, 7)  # the longest text: 7 tokens
+    assert out["input_ids"][0].tolist() == CAT_IDS
+    assert (out["input_ids"][1, 4:] == 49407).all()  # CLIP pads with the end-of-text token
+    assert out["attention_mask"][1].sum() == 4
     single = processor(text="a photo of a cat")
     assert torch.equal(single["input_ids"], out["input_ids"][:1])
+    # The authors' 77-token padding stays available.
+    full = processor(text=["a photo of a cat", "a rocket"], padding="max_length")
+    assert full["input_ids"].shape == (2, 77) and torch.equal(full["input_ids"][:, :7], out["input_ids"])
 
 
 def test_text_over_77_tokens_is_truncated_not_an_error(processor):

@@ -14,10 +14,14 @@ with `trust_remote_code=True` alone, where `hysac_hf` is not installed:
     # {"redirected": bool, "query_distance_to_root": d, "search_distance_to_root": d', "results": [...]}
 
 Both use the model's own methods (`encode_image`, `encode_text`, `distance_to_root`, `traverse_to_safe`,
-`traversal_threshold`): the maths lives in `modeling_hysac.py` only. Images are read as `HySACProcessor`
-reads them (`processing_hysac.to_rgb`: transparency over white, 16-bit and float pictures to 8 bits), then
-prepared by the folder's CLIP image processor; texts are tokenized by its CLIP tokenizer, truncated to the
-text tower's length and padded to the longest text of each batch.
+`traversal_threshold`): the maths lives in `modeling_hysac.py` only. Images go through the folder's
+`HySACProcessor`, the one reading of a picture (transparency over white, 16-bit and float pictures to 8 bits,
+then CLIP's image processor); texts through its CLIP tokenizer, truncated to the text tower's length and padded
+to the longest text of each batch.
+
+This file imports only siblings that `modeling_hysac.py` imports itself (it imports this file so that
+transformers ships it): transformers 4 copies a local folder's remote code one import deep, so a sibling that
+only this file needed would be missing when `AutoModel` loads the folder.
 
 Retrieval ranks by Lorentz distance computed in float64 on the CPU, nearest first, equal distances in gallery
 order: the same ranking as a brute-force float64 search. A saved gallery index (format 1, written by
@@ -46,7 +50,6 @@ from transformers.utils import logging
 
 from .configuration_hysac import BOUND_STATS, MODALITIES
 from .lorentz import mips_query_vectors, pairwise_dist
-from .processing_hysac import to_rgb
 from .traversal import METHODS
 
 try:
@@ -111,30 +114,30 @@ def _describe(value: Any) -> str:
 
 
 def load_image_input(image: Any) -> Any:
-    """One image input -> the RGB PIL image the CLIP image processor reads.
+    """One image input -> a PIL image or numpy array for `HySACProcessor` (which reads every mode and dtype).
 
-    Accepts a PIL image or a numpy array (read by `processing_hysac.to_rgb`, like `HySACProcessor`), the path of
-    an image file (opened and read the same way, as `hysac_hf`'s embedding path reads files), or an http(s) URL or
-    base64 string (fetched by transformers' `load_image`, as its image pipelines do).
+    Accepts a PIL image or a numpy array (returned as they are), the path of an image file (opened as it is, as
+    `hysac_hf`'s embedding path opens files, so a transparent PNG reads the same through both), or an http(s) URL or
+    base64 string (fetched by transformers' `load_image`, as its image pipelines do; it returns RGB).
 
     Raises:
         ValueError: naming the input and what is accepted.
     """
     if _is_image(image):
-        return to_rgb(image)
+        return image
     if isinstance(image, (str, os.PathLike)):
         source = os.fspath(image)
         if os.path.isfile(source):
             try:
                 with Image.open(source) as opened:
                     opened.load()  # decode now: a truncated file fails here, naming the file
-                    return to_rgb(opened)
+                    return opened
             except OSError as error:
                 raise ValueError(f"cannot decode image {source}: {error}; re-export or remove it") from None
         from transformers.image_utils import load_image
 
         try:
-            return to_rgb(load_image(source))
+            return load_image(source)
         except Exception as error:  # noqa: BLE001 - decoding, base64 and HTTP client errors alike
             raise ValueError(
                 f"{_describe(source)} is not an image file, an http(s) URL or a base64 image ({error}); pass a path, "
@@ -162,13 +165,14 @@ def _check_number(value: Any, name: str) -> float:
 
 
 class _HySACPipeline(Pipeline):
-    """What both pipelines share: the processors `pipeline()` loads, and turning inputs into HySAC embeddings."""
+    """What both pipelines share: the processor `pipeline()` loads, and turning inputs into HySAC embeddings."""
 
-    # As the zero-shot image pipeline: the folder's CLIP image processor and tokenizer (no remote code needed).
-    _load_processor = False
-    _load_image_processor = True
+    # pipeline() loads the folder's HySACProcessor (AutoProcessor); Pipeline.__init__ then takes its tokenizer and
+    # image processor, which batching pads and concatenates with.
+    _load_processor = True
+    _load_image_processor = False
     _load_feature_extractor = False
-    _load_tokenizer = True
+    _load_tokenizer = False
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -189,19 +193,19 @@ class _HySACPipeline(Pipeline):
         return min(length, limit) if 0 < length else limit
 
     def _check_processors(self, modality: str) -> None:
-        needed = self.image_processor if modality == "image" else self.tokenizer
+        needed = self.processor if modality == "image" else self.tokenizer
         if needed is None:
-            name = "image_processor" if modality == "image" else "tokenizer"
+            name = "processor (a HySACProcessor)" if modality == "image" else "tokenizer"
             raise ValueError(
                 f"this pipeline has no {name}, so it cannot read {modality}s; save the HySACProcessor beside the model "
-                f"(processor.save_pretrained(FOLDER)) or pass {name}=..."
+                "(processor.save_pretrained(FOLDER)) or pass processor=..."
             )
 
     def _prepare(self, items: list, modality: str, padding: bool) -> dict[str, Tensor]:
         """Images or texts -> model inputs (`pixel_values`, or `input_ids` + `attention_mask`)."""
         if modality == "image":
             images = [load_image_input(item) for item in items]
-            pixel_values = self.image_processor(images=images, return_tensors="pt")["pixel_values"]
+            pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
             return {"pixel_values": pixel_values.to(self.dtype)}
         encoding = self.tokenizer(
             list(items), padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -184,16 +185,12 @@ def folder(model, processor, tmp_path_factory):
 
 @pytest.fixture()
 def detector(model, processor):
-    return UnsafeContentDetectionPipeline(
-        model=model, tokenizer=processor.tokenizer, image_processor=processor.image_processor, device="cpu"
-    )
+    return UnsafeContentDetectionPipeline(model=model, processor=processor, device="cpu")
 
 
 @pytest.fixture()
 def retriever(model, processor):
-    return SafeRetrievalPipeline(
-        model=model, tokenizer=processor.tokenizer, image_processor=processor.image_processor, device="cpu"
-    )
+    return SafeRetrievalPipeline(model=model, processor=processor, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -239,6 +236,26 @@ def test_saving_a_pipeline_model_again_writes_class_names(folder, tmp_path):
     pipe.model.save_pretrained(tmp_path / "again")
     saved = json.loads((tmp_path / "again" / "config.json").read_text())["custom_pipelines"]
     assert saved["safe-retrieval"]["pt"] == ["AutoModel"]
+
+
+def test_pipeline_file_imports_only_what_modeling_imports():
+    """transformers 4 copies a local folder's remote code one relative import deep from the loaded file, then reads
+    every file those import: a sibling that only pipeline_hysac.py imported would break `AutoModel.from_pretrained`."""
+    import hysac_hf.modeling
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    modeling_dir = Path(hysac_hf.modeling.__file__).parent
+    pipeline_imports = set(get_relative_imports(modeling_dir / "pipeline_hysac.py"))
+    assert pipeline_imports <= set(get_relative_imports(modeling_dir / "modeling_hysac.py"))
+    assert "pipeline_hysac" in get_relative_imports(modeling_dir / "modeling_hysac.py")
+
+
+def test_images_need_the_hysac_processor(model, processor):
+    """Without the HySACProcessor (the one reading of a picture) images are refused; texts need the tokenizer only."""
+    texts_only = UnsafeContentDetectionPipeline(model=model, tokenizer=processor.tokenizer, device="cpu")
+    assert texts_only(text="a cat", threshold=1.0)["modality"] == "text"
+    with pytest.raises(ValueError, match=r"no processor \(a HySACProcessor\).*processor.save_pretrained"):
+        texts_only(Image.new("RGB", (8, 8)), threshold=1.0)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -434,7 +451,7 @@ def test_gallery_as_images_embeddings_or_index_agree(retriever, model, processor
 def test_gallery_given_at_construction(model, processor, gallery_images, tmp_path):
     embeddings = embed_images(model, processor, gallery_images)
     index = write_index(tmp_path / "index", embeddings, "image", model, processor)
-    common = {"tokenizer": processor.tokenizer, "image_processor": processor.image_processor, "device": "cpu"}
+    common = {"processor": processor, "device": "cpu"}
     built = SafeRetrievalPipeline(model=model, gallery=str(index), top_k=3, policy="retain", **common)
     per_call = SafeRetrievalPipeline(model=model, **common)
     expected = per_call(TEXTS, gallery=embeddings, gallery_modality="image", top_k=3, policy="retain")

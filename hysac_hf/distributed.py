@@ -22,8 +22,8 @@ def world_info() -> tuple[int, int]:
 def gather_with_grad(tensor: Tensor) -> Tensor:
     """All-gather along dim 0 with autograd: gradients flow back to the process that owns each row.
 
-    Uses `torch.distributed._functional_collectives.all_gather_tensor_autograd` where available (torch >= 2.3;
-    `torch.distributed.nn.functional.all_gather` is deprecated), else the latter. Both backward passes sum the
+    Uses `torch.distributed._functional_collectives.all_gather_single_autograd` (or its predecessor
+    `all_gather_tensor_autograd`, torch >= 2.3), else the deprecated `torch.distributed.nn.functional.all_gather`. Both backward passes sum the
     incoming gradients over processes (a reduce-scatter), so each rank receives d(sum of every rank's loss)/d(its rows). With DDP averaging the
     parameter gradients over ranks this is exactly the gradient of the mean global-batch loss.
 
@@ -34,12 +34,16 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     """
     if not is_distributed():
         return tensor
-    try:
-        from torch.distributed._functional_collectives import all_gather_tensor_autograd
-    except ImportError:  # torch < 2.3
+    from torch.distributed import _functional_collectives as collectives
+
+    # all_gather_single_autograd (torch >= 2.12) replaces all_gather_tensor_autograd (deprecated there).
+    gather = getattr(collectives, "all_gather_single_autograd", None) or getattr(
+        collectives, "all_gather_tensor_autograd", None
+    )
+    if gather is None:  # torch < 2.3
         from torch.distributed.nn.functional import all_gather
 
         return torch.cat(all_gather(tensor.contiguous()), dim=0)
-    gathered = all_gather_tensor_autograd(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
+    gathered = gather(tensor.contiguous(), gather_dim=0, group=dist.group.WORLD)
     # An AsyncCollectiveTensor: wait here so that callers get a plain tensor.
     return gathered.wait() if hasattr(gathered, "wait") else gathered

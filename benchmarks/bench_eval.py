@@ -14,7 +14,7 @@ and top-10 agreement.
 
 Run: `GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296
       .venv/bin/python benchmarks/bench_eval.py` (the script re-executes itself with that setting if missing;
-see the offline-setup notes on malloc page faults). `--quick` shrinks everything for a smoke run.
+see the README's Benchmarks section on malloc page faults). `--quick` shrinks everything for a smoke run.
 """
 
 from __future__ import annotations

@@ -4,12 +4,12 @@ The model, config and processor classes live in ``modeling/`` (shipped to the Hu
 re-exported here; this package adds training, data, evaluation, calibration and the command line.
 """
 
+# With hysac_hf imported, the Auto classes know "hysac" without remote code (and never prompt for it).
+from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor
+
 from .modeling.configuration_hysac import HySACConfig
 from .modeling.modeling_hysac import HySACModel, HySACOutput
 from .modeling.processing_hysac import HySACProcessor
-
-# With hysac_hf imported, the Auto classes know "hysac" without remote code (and never prompt for it).
-from transformers import AutoConfig, AutoModel, AutoModelForZeroShotImageClassification, AutoProcessor  # noqa: E402
 
 AutoConfig.register("hysac", HySACConfig, exist_ok=True)
 AutoModel.register(HySACConfig, HySACModel, exist_ok=True)

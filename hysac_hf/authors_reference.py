@@ -7,7 +7,7 @@ learned scalars in log space, and encode as::
     features = tower(...).image_embeds            # projected, NOT L2-normalised
     embeds = exp_map0(features * exp(alpha), c=exp(curv))
 
-Text is fed ``input_ids`` only. This module re-implements that path from the description in the method notes
+Text is fed ``input_ids`` only. This module re-implements that path from the description in docs/method.md (§3.1, §3.2, §3.6; checkpoint keys §3.7)
 (written here, not copied from the CC-BY-NC code) so that a converted checkpoint can be compared with what the
 authors' code computes. ``peft`` is imported lazily: converting a checkpoint never needs it.
 
@@ -95,7 +95,7 @@ def dist_to_root_reference(x: Tensor, curv: Tensor | float, eps: float = 1e-8) -
 
 
 def traverse_to_safe_reference(embed: Tensor, bound: float, curv: Tensor | float, alpha: float = 0.8) -> Tensor:
-    """The authors' per-sample safety traversal (method notes §3.5), for ONE embedding.
+    """The authors' per-sample safety traversal (docs/method.md §5.3-§5.4), for ONE embedding.
 
     `b' = b + tanh((b - alpha) / c) + 1`; if the distance to the root exceeds `b'`, the space components are
     rescaled to Euclidean norm `b'`; otherwise the embedding is returned unchanged.
@@ -259,8 +259,8 @@ def merge_authors_towers(model: AuthorsHySAC) -> dict[str, Tensor]:
 
 
 __all__ = [
-    "AuthorsHySAC",
     "LORA_TARGET_MODULES",
+    "AuthorsHySAC",
     "build_authors_model",
     "dist_to_root_reference",
     "exp_map0_reference",

@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard
 
 from hysac_hf.model_card import render_model_card
 
-# HySAC rows of the paper (arXiv 2503.12127v1), typed in from the method notes (§2), independently of the module.
+# HySAC rows of the paper (arXiv 2503.12127v1), typed in from docs/method.md §7.7, independently of the module.
 PAPER_TABLES = {
     1: {
         "safe-text-to-safe-image": (49.8, 84.1, 90.7),

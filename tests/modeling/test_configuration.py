@@ -21,7 +21,7 @@ def test_defaults_follow_the_released_code():
     assert cfg.model_type == "hysac"
     assert cfg.projection_dim == 768
     assert cfg.curv_init == 1.0 and cfg.learn_curv is True
-    assert cfg.feature_scale_init == pytest.approx(768**-0.5)  # log(768^-0.5) in the released code (method doc §3.1)
+    assert cfg.feature_scale_init == pytest.approx(768**-0.5)  # log(768^-0.5) in the released code (docs/method.md §3.4)
     assert cfg.logit_scale_init_value == pytest.approx(2.6593, abs=1e-4)
     assert cfg.max_logit_scale == pytest.approx(4.6052, abs=1e-4)
     assert cfg.traversal_offset == 0.8 and cfg.min_radius == 0.1

@@ -82,7 +82,7 @@ def test_distances_match_geoopt(c):
 
 
 def test_half_aperture_matches_geoopt_and_hand_formula():
-    # geoopt's half_aperture agrees with ours only at c = 1 (it puts sqrt(k) in the denominator, hf-ecosystem §6).
+    # geoopt's half_aperture agrees with ours only at c = 1 (it puts sqrt(k) in the denominator; our formula: docs/method.md §2.5).
     x = points(4, 64, 8, scale=1.0)
     if hasattr(geoopt.manifolds.lorentz.math, "half_aperture"):
         ref = geoopt.manifolds.lorentz.math.half_aperture(with_time(x, 1.0), k=torch.tensor(1.0, dtype=x.dtype))

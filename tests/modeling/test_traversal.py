@@ -21,7 +21,7 @@ def authors_threshold(b: float, c: float, alpha: float = ALPHA) -> float:
 
 
 def authors_rule(rows: list[list[float]], b: float, c: float, lower: bool = False) -> list[list[float]]:
-    """The authors' traversal, one embedding at a time (method doc §3.5 and the recalls.py lower-bound branch).
+    """The authors' traversal, one embedding at a time (docs/method.md §5.3-§5.5, with the lower-bound branch of their evaluation).
 
     d = pairwise_dist(root, emb) = acosh(-c <0, x>_L) / sqrt(c) = acosh(sqrt(c) x_t) / sqrt(c);
     upper: if d > b' return emb / ||emb||_2 * b' else emb; lower: if d < b' return root + b' dir / ||dir||_2.

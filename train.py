@@ -159,7 +159,10 @@ class TrainingConfig:
         default="none", metadata={"help": "Accelerate tracker."}
     )
     logging_steps: int = field(default=10, metadata={"help": "Log training losses every N optimiser steps."})
-    no_calibrate: bool = field(default=False, metadata={"help": "Skip bounds calibration on the validation split."})
+    no_calibrate: bool = field(
+        default=False,
+        metadata={"help": "Skip calibrating the bounds and the unsafe thresholds on the validation split."},
+    )
     push_to_hub: bool = field(default=False, metadata={"help": "Upload the exported model folder to the Hub."})
     hub_model_id: str | None = field(
         default=None, metadata={"help": "Hub repo for --push_to_hub (default: the output folder's name)."}
@@ -387,7 +390,7 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    from hysac_hf.calibration import calibrate
+    from hysac_hf.calibration import calibrate, calibrate_thresholds
     from hysac_hf.data import QuadrupletCollator
     from hysac_hf.encode import encode_quadruplets
     from hysac_hf.losses import LOSS_TERMS, HySACLoss
@@ -648,7 +651,9 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
         if calibration_cache is not None and not config.no_calibrate:
             calibration = calibration_cache
             final.config.bounds = calibrate(calibration)
+            final.config.unsafe_thresholds = calibrate_thresholds(calibration)
             summary["bounds"] = final.config.bounds
+            summary["unsafe_thresholds"] = final.config.unsafe_thresholds
         write_export(config, final, processor, summary, calibration)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
@@ -659,7 +664,8 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
         )
         if calibration is not None:
             logger.info(
-                "bounds calibrated on the %s split; distance-to-root histogram: %s",
+                "bounds and unsafe thresholds (%s) calibrated on the %s split; distance-to-root histogram: %s",
+                ", ".join(f"{k} {v:.4f}" for k, v in final.config.unsafe_thresholds.items()),
                 config.validation_split,
                 export_dir / HISTOGRAM_FILE,
             )

@@ -145,6 +145,31 @@ def calibrate(cache: EmbeddingCache, histogram_path: str | os.PathLike | None = 
     return bounds
 
 
+def calibrate_thresholds(cache: EmbeddingCache, objective: str = "accuracy") -> dict[str, float]:
+    """Unsafe-classification thresholds from the safe and unsafe rows of a quadruplet cache.
+
+    For each modality, the distances to the root of its safe kind (V, S) are the negatives and those of its unsafe
+    kind (G, U) the positives; the threshold is `evaluation.classification.calibrate_threshold`'s (default: the best
+    accuracy; docs/method.md §6.3).
+
+    Returns:
+        `{"image": t, "text": t}` for the modalities the cache holds both kinds of.
+    """
+    from .evaluation.classification import calibrate_threshold
+
+    distances = root_distances(cache)
+    thresholds = {}
+    for modality in ("image", "text"):
+        safe, unsafe = (
+            next(k.key for k in CONTENT_KINDS if k.modality == modality and k.is_safe == flag) for flag in (True, False)
+        )
+        if safe in distances and unsafe in distances:
+            scores = torch.cat([distances[safe], distances[unsafe]])
+            labels = torch.cat([torch.zeros(len(distances[safe])), torch.ones(len(distances[unsafe]))]).long()
+            thresholds[modality] = float(calibrate_threshold(scores, labels, objective)["threshold"])
+    return thresholds
+
+
 def write_config_fields(model_dir: str | os.PathLike, **fields) -> None:
     """Set fields of a saved HySAC folder's config through `HySACConfig` (validated), replacing config.json atomically."""
     from .modeling.configuration_hysac import HySACConfig

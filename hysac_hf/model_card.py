@@ -338,6 +338,7 @@ def render_training_card(
         metric_keys=list(RUN_METRICS),
         metric_names=list(RUN_METRICS.values()),
         bounds=bounds,
+        unsafe_thresholds=summary.get("unsafe_thresholds"),
         bound_names={k.key: k.name for k in CONTENT_KINDS},
         curvature=curvature,
         histogram=histogram,

@@ -186,6 +186,21 @@ def test_export_is_a_hub_folder_with_calibrated_bounds_and_a_card_for_this_run(t
     model = AutoModel.from_pretrained(export, trust_remote_code=True)
     assert type(model).__name__ == "HySACModel"
     assert model.config.bounds == summary["bounds"] and set(model.config.bounds) == {"S", "V", "U", "G"}
+    # The unsafe thresholds are the best-accuracy cuts between the safe and unsafe validation rows.
+    assert set(model.config.unsafe_thresholds) == {"image", "text"}
+    from hysac_hf.calibration import calibrate_thresholds
+    from hysac_hf.data import load_mini_visu
+    from hysac_hf.encode import encode_quadruplets
+    from hysac_hf.evaluation.classification import classification_metrics
+
+    cache = encode_quadruplets(model, processor_of(export), load_mini_visu("validation", max_samples=24))
+    assert calibrate_thresholds(cache) == pytest.approx(model.config.unsafe_thresholds, abs=1e-5)
+    image = classification_metrics(
+        torch.cat([model.distance_to_root(cache.embeds[k]) for k in "VG"]),
+        torch.cat([torch.zeros(24), torch.ones(24)]),
+        model.config.unsafe_thresholds["image"],
+    )
+    assert image["accuracy"] >= 0.5  # never worse than a constant answer: it is the best cut
     assert math.isfinite(model.config.bounds["G"]["avg"])
     # Only what a Hub repo holds: no checkpoints, logs, summaries or scratch models.
     names = {p.name for p in export.iterdir()}
@@ -203,6 +218,12 @@ def test_export_is_a_hub_folder_with_calibrated_bounds_and_a_card_for_this_run(t
     assert "![Distance to the root" in text
     results = {r.metric_name: r.metric_value for r in card.data.eval_results}
     assert results["T→I R@1 (%)"] == pytest.approx(summary["history"][0]["R1_t2i_S_V"], abs=0.01)
+
+
+def processor_of(folder):
+    from hysac_hf import HySACProcessor
+
+    return HySACProcessor.from_pretrained(folder)
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:

@@ -320,9 +320,16 @@ class FaissLorentzIndex:
             raise ValueError("pool must be a (N, D) tensor of hyperboloid space components")
         self.curv = float(curv)
         self.dim = pool.shape[1]
+        self.chunk_size = chunk_size
         self.index = faiss.IndexFlatIP(self.dim + 1)
-        for start in range(0, pool.shape[0], chunk_size):
-            vecs = mips_pool_vectors(pool[start : start + chunk_size].float(), self.curv)
+        self.add(pool)
+
+    def add(self, pool: Tensor) -> None:
+        """Append `(M, D)` space components to the index (they take the next pool indices)."""
+        if not torch.is_tensor(pool) or pool.ndim != 2 or pool.shape[1] != self.dim:
+            raise ValueError(f"pool must be a (N, {self.dim}) tensor of hyperboloid space components")
+        for start in range(0, pool.shape[0], self.chunk_size):
+            vecs = mips_pool_vectors(pool[start : start + self.chunk_size].float(), self.curv)
             self.index.add(np.ascontiguousarray(vecs.cpu().numpy(), dtype=np.float32))
 
     def __len__(self) -> int:

@@ -181,12 +181,44 @@ class TrainingConfig:
         return self.hub_model_id or Path(self.output_dir).resolve().name
 
 
+# Flags of the first release, replaced by --columns SOURCE=KIND; still accepted (hidden) for one release.
+LEGACY_COLUMN_FLAGS = {
+    "--safe_image_column": "safe_image",
+    "--unsafe_image_column": "unsafe_image",
+    "--safe_text_column": "safe_text",
+    "--unsafe_text_column": "unsafe_text",
+}
+
+
+def _translate_legacy_flags(args: list[str]) -> list[str]:
+    """`--safe_text_column caption` -> `--columns caption=safe_text` (merged with an explicit --columns)."""
+    out, columns = [], []
+    i = 0
+    while i < len(args):
+        flag, _, inline = args[i].partition("=")
+        if flag in LEGACY_COLUMN_FLAGS:
+            value = inline or (args[i + 1] if i + 1 < len(args) else "")
+            i += 1 if inline else 2
+            columns.append(f"{value}={LEGACY_COLUMN_FLAGS[flag]}")
+            logger.warning("%s is deprecated; use --columns %s=%s", flag, value, LEGACY_COLUMN_FLAGS[flag])
+            continue
+        if flag == "--columns":
+            value = inline or (args[i + 1] if i + 1 < len(args) else "")
+            i += 1 if inline else 2
+            columns.append(value)
+            continue
+        out.append(args[i])
+        i += 1
+    return out + (["--columns", ",".join(columns)] if columns else [])
+
+
 def parse_args(input_args: list[str] | None = None) -> TrainingConfig:
     """Parse the command line into a :class:`TrainingConfig` (flags spelled `--like_this`)."""
     from transformers import HfArgumentParser
 
     parser = HfArgumentParser(TrainingConfig, description=__doc__.split("\n\n")[0])
-    (config,) = parser.parse_args_into_dataclasses(input_args)
+    args = _translate_legacy_flags(list(sys.argv[1:] if input_args is None else input_args))
+    (config,) = parser.parse_args_into_dataclasses(args)
     return config
 
 

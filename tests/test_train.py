@@ -447,3 +447,13 @@ def test_compiled_training_matches_eager(tiny_clip_dir, tmp_path):
     start = HySACModel.from_clip(tiny_clip_dir).state_dict()
     moved = max((exports["eager"][k] - start[k]).abs().max().item() for k in start)
     assert moved > 1e-4  # training changed the weights: the equality is not trivial
+
+
+def test_first_release_column_flags_still_work():
+    config = train.parse_args(
+        ["--model_name_or_path", "m", "--output_dir", "o", "--safe_text_column", "caption", "--columns", "p=V",
+         "--unsafe_image_column=nsfw_path"]
+    )  # fmt: skip
+    from hysac_hf.cli import parse_columns
+
+    assert parse_columns(config.columns) == {"safe_text": "caption", "safe_image": "p", "unsafe_image": "nsfw_path"}

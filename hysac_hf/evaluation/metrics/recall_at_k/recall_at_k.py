@@ -58,7 +58,11 @@ class RecallAtK(evaluate.Metric):
             raise ValueError(
                 f"a ranking has only {shortest} entries but R@{ks[-1]} was asked; pass at least max(k) ranked indices per query"
             )
+        import torch
+
+        from hysac_hf.evaluation.topk import recall_from_ranks  # the library's one recall implementation
+
         ranked = np.asarray([list(p[: ks[-1]]) for p in predictions], dtype=np.int64)
         hit_at = ranked == np.asarray(references, dtype=np.int64)[:, None]  # (Q, max k)
-        first_hit = np.where(hit_at.any(axis=1), hit_at.argmax(axis=1), ks[-1])
-        return {f"R@{x}": float(100.0 * np.mean(first_hit < x)) for x in ks}
+        ranks = np.where(hit_at.any(axis=1), hit_at.argmax(axis=1), ks[-1])  # position of the target, or "beyond"
+        return recall_from_ranks(torch.from_numpy(ranks), ks)

@@ -36,7 +36,7 @@ import json
 import math
 import numbers
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -76,7 +76,10 @@ FAISS_FILE = "faiss.index"
 PROBE_TEXTS = ("a photo of a cat", "an empty street at night")
 PROBE_TOLERANCE = 1e-3  # max abs difference allowed: PROBE_TOLERANCE * (1 + max abs value); device/dtype noise
 CURVATURE_TOLERANCE = 1e-5  # relative
-REBUILD_HINT = "rebuild the index with this model (hysac_hf.index), or load the model that built it"
+REBUILD_HINT = (
+    "rebuild the index with this model (`hysac-index build --model MODEL ...`), or load the model that built it"
+)
+RERANK_MARGIN = 8  # FAISS candidates fetched beyond top_k: its float32 scores may order near-ties differently
 
 CALIBRATE_HINT = (
     "calibrate one on labelled data with `hysac-eval classify --model FOLDER --modality {modality} "
@@ -336,6 +339,8 @@ class Gallery:
     modality: str
     metadata: list[dict] | None = None
     faiss_path: str | None = None
+    faiss_info: dict | None = None
+    faiss_index: Any = field(default=None, repr=False)  # read on first use
     source: str = "embeddings"
 
     def __len__(self) -> int:
@@ -454,7 +459,16 @@ def load_gallery_index(folder: str | os.PathLike, model: Any, tokenizer: Any) ->
             f"the gallery index {folder} was embedded at curvature {info['curvature']} (by {built_with}), this model's "
             f"curvature is {curvature}: distances between the two are meaningless; {REBUILD_HINT}"
         )
-    stored = torch.as_tensor(info["model_probe"], dtype=torch.float64)
+    if info["model_probe"] is None:  # an index built from bare embeddings, without their model
+        logger.warning(
+            f"The gallery index {folder} has no model probe (built from embeddings without a model): only its "
+            "dimension and curvature could be checked against this model."
+        )
+        return _index_gallery(folder, info, embeddings, modality, metadata)
+    try:
+        stored = torch.as_tensor(info["model_probe"], dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError):
+        raise _corrupt(folder, "model_probe is not a list of lists of numbers") from None
     probe = model_probe(model, tokenizer).double()
     if stored.shape != probe.shape:
         raise _corrupt(folder, f"model_probe has shape {tuple(stored.shape)}, expected {tuple(probe.shape)}")
@@ -464,12 +478,19 @@ def load_gallery_index(folder: str | os.PathLike, model: Any, tokenizer: Any) ->
             f"the gallery index {folder} was embedded by {built_with}, not by this model (its probe embeddings differ "
             f"by up to {difference:.3g}); {REBUILD_HINT}"
         )
-    faiss_path = folder / FAISS_FILE
+    return _index_gallery(folder, info, embeddings, modality, metadata)
+
+
+def _index_gallery(folder: Path, info: dict, embeddings: Tensor, modality: str, metadata: list | None) -> Gallery:
+    faiss_info = info.get("faiss")  # null: exact search, no FAISS file; else {"type", "params", "sha256"}
+    if faiss_info is not None and not (folder / FAISS_FILE).is_file():
+        raise _corrupt(folder, f"{INDEX_FILE} names a FAISS index but {FAISS_FILE} is missing")
     return Gallery(
         embeddings=embeddings,
         modality=modality,
         metadata=metadata,
-        faiss_path=str(faiss_path) if faiss_path.is_file() else None,
+        faiss_path=str(folder / FAISS_FILE) if faiss_info is not None else None,
+        faiss_info=faiss_info,
         source=str(folder),
     )
 
@@ -504,23 +525,56 @@ def rank_gallery(queries: Tensor, embeddings: Tensor, curvature: float | Tensor,
     return best_indices, best_distances
 
 
-def _faiss_candidates(faiss_path: str, queries: Tensor, curvature: Tensor, top_k: int) -> Tensor:
-    """Candidate indices from the saved FAISS inner-product index (exact for "flat", approximate for IVF/HNSW)."""
+def _read_faiss(gallery: Gallery) -> Any:
+    """The gallery's saved FAISS index, read once and checked (its SHA-256, size and dimension)."""
+    if gallery.faiss_index is not None:
+        return gallery.faiss_index
     try:
         import faiss
     except ImportError:
         raise ValueError(
             "use_faiss=True needs faiss: pip install faiss-cpu (or search exactly: use_faiss=False)"
         ) from None
-    index = faiss.read_index(faiss_path)
+    folder = Path(gallery.source)
+    expected = (gallery.faiss_info or {}).get("sha256")
+    if expected is not None and _sha256(Path(gallery.faiss_path)) != expected:
+        raise _corrupt(folder, f"the SHA-256 of {FAISS_FILE} differs from the one in {INDEX_FILE}")
+    index = faiss.read_index(gallery.faiss_path)
+    count, dim = gallery.embeddings.shape
+    if index.ntotal != count or index.d != dim + 1:
+        raise _corrupt(folder, f"{FAISS_FILE} holds {index.ntotal} vectors of {index.d}, expected {count} of {dim + 1}")
+    nprobe = (gallery.faiss_info or {}).get("params", {}).get("nprobe")
+    if nprobe is not None and hasattr(index, "nprobe"):
+        index.nprobe = int(nprobe)
+    gallery.faiss_index = index
+    return index
+
+
+def faiss_rank(gallery: Gallery, queries: Tensor, curvature: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
+    """Top-k from the saved FAISS index: candidates by FAISS (approximate for IVF), re-ranked in float64.
+
+    `top_k + RERANK_MARGIN` candidates are fetched, so near-ties at the k-th place are cut as a float64 ranking
+    cuts them; a query whose probed cells hold too few items is searched exactly.
+
+    Returns:
+        as :func:`rank_gallery`.
+    """
+    index = _read_faiss(gallery)
+    count = min(top_k + RERANK_MARGIN, len(gallery))
     vectors = mips_query_vectors(queries.detach().to("cpu", torch.float32), curvature.to("cpu", torch.float32))
-    _, ids = index.search(np.ascontiguousarray(vectors.numpy(), dtype=np.float32), top_k)
-    if (ids < 0).any():
-        raise ValueError(
-            f"the FAISS index {faiss_path} returned fewer than top_k={top_k} results (an approximate index probing too "
-            "few cells); lower top_k, rebuild it with more probes, or search exactly with use_faiss=False"
-        )
-    return torch.from_numpy(ids.astype(np.int64))
+    _, ids = index.search(np.ascontiguousarray(vectors.numpy(), dtype=np.float32), count)
+    indices, distances = [], []
+    for row, candidates in zip(queries, torch.from_numpy(ids.astype(np.int64))):
+        if bool((candidates < 0).any()):  # the probed cells held fewer than `count` items
+            found, found_distances = rank_gallery(row[None], gallery.embeddings, curvature, top_k)
+            indices.append(found[0])
+            distances.append(found_distances[0])
+            continue
+        candidates = torch.sort(candidates).values  # gallery order, so the stable ranking breaks ties by index
+        order, order_distances = rank_gallery(row[None], gallery.embeddings[candidates], curvature, top_k)
+        indices.append(candidates[order[0]])
+        distances.append(order_distances[0])
+    return torch.stack(indices), torch.stack(distances)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -556,8 +610,9 @@ class SafeRetrievalPipeline(_HySACPipeline):
         policy: `"redirect"` (default) or `"retain"`.
         method: the traversal, `"reference"` (default, the authors' rule) or `"geodesic"`.
         bound: which calibrated bound the traversal threshold uses: `"up_95"` (default), `"avg"` or `"low_05"`.
-        use_faiss: search an index folder with its saved FAISS index (needs faiss; approximate for IVF/HNSW
-            indexes, and distances are recomputed exactly for the candidates). Default: exact float64 search.
+        use_faiss: search an index folder through its saved FAISS index (an approximate IVF index, built with
+            `hysac-index build --kind ivf`; needs faiss): candidates from FAISS, re-ranked exactly. Default: exact
+            float64 search of the stored embeddings.
         batch_size: queries (and gallery items to embed) per forward pass.
     """
 
@@ -591,7 +646,8 @@ class SafeRetrievalPipeline(_HySACPipeline):
         if options["use_faiss"] and gallery.faiss_path is None:
             raise ValueError(
                 "use_faiss=True searches the FAISS index of a saved index folder, and this gallery has none "
-                f"({gallery.source}); save the index with FAISS, or search exactly with use_faiss=False"
+                f"({gallery.source}); exact indexes store none (exact search is the default): build an approximate "
+                "one with `hysac-index build --kind ivf`, or search exactly with use_faiss=False"
             )
         options["gallery"] = gallery
         results = super().__call__(
@@ -727,14 +783,7 @@ class SafeRetrievalPipeline(_HySACPipeline):
             search = self.model.traverse_to_safe(embeds, target=gallery.modality, method=method, bound=bound)
         curvature = self.model.curvature.detach()
         if use_faiss:
-            candidates = _faiss_candidates(gallery.faiss_path, search, curvature, top_k)
-            indices, distances = [], []
-            for row, ids in zip(search, candidates):
-                ids = torch.sort(ids).values  # gallery order first, so the stable sort below breaks ties by index
-                order_indices, order_distances = rank_gallery(row[None], gallery.embeddings[ids], curvature, top_k)
-                indices.append(ids[order_indices[0]])
-                distances.append(order_distances[0])
-            indices, distances = torch.stack(indices), torch.stack(distances)
+            indices, distances = faiss_rank(gallery, search, curvature, top_k)
         else:
             indices, distances = rank_gallery(search, gallery.embeddings, curvature, top_k)
         return {

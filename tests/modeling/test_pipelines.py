@@ -140,13 +140,20 @@ def write_index(folder, embeddings, modality, model, processor, metadata=None, w
     if metadata is not None:
         (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in metadata), encoding="utf-8")
         info["metadata"] = "metadata.jsonl"
-    if with_faiss:
+    if with_faiss:  # an IVF over the MIPS vectors, probing every cell (so its candidates are exact)
         import faiss
 
-        index = faiss.IndexFlatIP(embeddings.shape[1] + 1)
-        index.add(mips_pool_vectors(embeddings.float(), curvature(model)).numpy())
+        vectors = mips_pool_vectors(embeddings.float(), curvature(model)).numpy()
+        quantizer = faiss.IndexFlatIP(vectors.shape[1])
+        index = faiss.IndexIVFFlat(quantizer, vectors.shape[1], 2, faiss.METRIC_INNER_PRODUCT)
+        index.train(vectors)
+        index.add(vectors)
         faiss.write_index(index, str(folder / "faiss.index"))
-        info["faiss"] = {"type": "flat", "params": {}}
+        info["faiss"] = {
+            "type": "ivf",
+            "params": {"nlist": 2, "nprobe": 2},
+            "sha256": hashlib.sha256((folder / "faiss.index").read_bytes()).hexdigest(),
+        }
     info.update(overrides)
     (folder / "index.json").write_text(json.dumps(info), encoding="utf-8")
     return folder
@@ -489,8 +496,45 @@ def test_faiss_index_gives_the_exact_results(retriever, model, processor, galler
     plain = write_index(tmp_path / "plain", embeddings, "image", model, processor)
     with pytest.raises(ValueError, match="this gallery has none"):
         retriever(TEXTS[0], gallery=plain, top_k=5, use_faiss=True)
+    tampered = write_index(tmp_path / "tampered", embeddings, "image", model, processor, with_faiss=True)
+    data = bytearray((tampered / "faiss.index").read_bytes())
+    data[-10] ^= 0xFF
+    (tampered / "faiss.index").write_bytes(bytes(data))
+    assert len(retriever(TEXTS[0], gallery=tampered, top_k=5)["results"]) == 5  # exact search never reads it
+    with pytest.raises(ValueError, match="is corrupt: the SHA-256 of faiss.index differs"):
+        retriever(TEXTS[0], gallery=tampered, top_k=5, use_faiss=True)
+    (tmp_path / "plain" / "index.json").write_text(
+        json.dumps({**json.loads((tampered / "index.json").read_text()), "faiss": {"type": "ivf", "params": {}}})
+    )
+    with pytest.raises(ValueError, match="names a FAISS index but faiss.index is missing"):
+        retriever(TEXTS[0], gallery=plain, top_k=5)
     with pytest.raises(ValueError, match="this gallery has none"):
         retriever(TEXTS[0], gallery=gallery_images, top_k=5, use_faiss=True)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf"])
+def test_index_saved_by_hysac_hf_index(retriever, model, processor, gallery_images, tmp_path, kind):
+    """The library's writer (hysac_hf.index) and the pipeline's reader agree on the folder, FAISS part included."""
+    index_module = pytest.importorskip("hysac_hf.index")
+    options = {}
+    if kind == "ivf":
+        pytest.importorskip("faiss")
+        options = {"kind": "ivf", "nlist": 2, "nprobe": 2}  # every cell probed: candidates are exact
+    embeddings = embed_images(model, processor, gallery_images)
+    metadata = [{"name": f"item {i}"} for i in range(len(embeddings))]
+    gallery = index_module.GalleryIndex.from_embeddings(
+        embeddings, "image", model=model, processor=processor, metadata=metadata, **options
+    )
+    folder = gallery.save(tmp_path / "library-index")
+    expected = retriever(TEXTS, gallery=embeddings, gallery_modality="image", top_k=5)
+    for use_faiss in (False, True) if kind == "ivf" else (False,):
+        got = retriever(TEXTS, gallery=folder, top_k=5, use_faiss=use_faiss)
+        for a, b in zip(expected, got):
+            assert [r["index"] for r in a["results"]] == [r["index"] for r in b["results"]]
+            np.testing.assert_allclose(
+                [r["distance"] for r in a["results"]], [r["distance"] for r in b["results"]], rtol=0, atol=ATOL
+            )
+            assert [r["name"] for r in b["results"]] == [f"item {r['index']}" for r in b["results"]]
 
 
 def test_ties_are_broken_by_gallery_index(retriever, model, processor):
@@ -544,6 +588,18 @@ def test_bad_index_folders_are_refused(retriever, model, processor, gallery_imag
         with pytest.raises(ValueError, match=match):
             retriever(TEXTS[0], gallery=str(folder), top_k=3)
         assert folder_bytes(folder) == before, name  # reading never writes
+
+
+def test_index_without_probe_checks_dimension_and_curvature(retriever, model, processor, gallery_images, tmp_path):
+    """An index built from bare embeddings has no probe: it is searched, with a warning, if dimension and curvature
+    agree."""
+    embeddings = embed_images(model, processor, gallery_images)
+    write_index(tmp_path / "bare", embeddings, "image", model, processor, model_probe=None)
+    expected = retriever(TEXTS[:2], gallery=embeddings, gallery_modality="image", top_k=3)
+    assert retriever(TEXTS[:2], gallery=tmp_path / "bare", top_k=3) == expected
+    write_index(tmp_path / "bare_curv", embeddings, "image", model, processor, model_probe=None, curvature=9.0)
+    with pytest.raises(ValueError, match="was embedded at curvature 9.0"):
+        retriever(TEXTS[0], gallery=tmp_path / "bare_curv", top_k=3)
 
 
 def test_probe_tolerates_noise_but_not_another_model(retriever, model, processor, gallery_images, tmp_path):

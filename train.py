@@ -27,11 +27,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hysac_hf.modeling.configuration_hysac import CONTENT_KINDS
+
 from hysac_hf.cli import UsageError
 
 logger = logging.getLogger("train")
 
 EXPORT_SUBDIR = "model"
+IMAGE_COLUMNS = tuple(kind.column for kind in CONTENT_KINDS if kind.modality == "image")
 HISTOGRAM_FILE = "bounds.png"
 
 
@@ -182,12 +185,7 @@ class TrainingConfig:
 
 
 # Flags of the first release, replaced by --columns SOURCE=KIND; still accepted (hidden) for one release.
-LEGACY_COLUMN_FLAGS = {
-    "--safe_image_column": "safe_image",
-    "--unsafe_image_column": "unsafe_image",
-    "--safe_text_column": "safe_text",
-    "--unsafe_text_column": "unsafe_text",
-}
+LEGACY_COLUMN_FLAGS = {f"--{kind.column}_column": kind.column for kind in CONTENT_KINDS}
 
 
 def _translate_legacy_flags(args: list[str]) -> list[str]:
@@ -300,7 +298,7 @@ def load_data(config: TrainingConfig, num_processes: int):
     for name, data in (("training", train_set), ("validation", eval_set)):
         if data is None:
             continue
-        bad = bad_image_files(data, ("safe_image", "unsafe_image"), config.image_root)
+        bad = bad_image_files(data, IMAGE_COLUMNS, config.image_root)
         if bad:
             raise UsageError(
                 f"{len(bad)} image file(s) of the {name} split are missing or not images, e.g. {bad[0]}; check "

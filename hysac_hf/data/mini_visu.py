@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ..modeling.configuration_hysac import CONTENT
+
 DATA_DIR = Path(__file__).parent / "mini_visu"
 SPLITS = ("train", "validation", "test")
 RENDER_SIZE = 256  # rendered side length; the processor resizes to the tower's input size
@@ -126,10 +128,10 @@ def load_mini_visu(split: str = "train", max_samples: int | None = None):
             {
                 "id": row["id"],
                 "tag": row["tag"],
-                "safe_image": image,
-                "unsafe_image": {**image, "marker": row["tag"]},
-                "safe_text": row["safe"],
-                "unsafe_text": row["nsfw"],
+                CONTENT["V"].column: image,
+                CONTENT["G"].column: {**image, "marker": row["tag"]},
+                CONTENT["S"].column: row["safe"],
+                CONTENT["U"].column: row["nsfw"],
             }
         )
     return datasets.Dataset.from_list(records)

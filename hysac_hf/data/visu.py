@@ -13,6 +13,8 @@ import csv
 import json
 from pathlib import Path
 
+from ..modeling.configuration_hysac import CONTENT
+
 COCO_SUBDIRS = ("train2017", "val2017", "test2017", "")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
@@ -102,10 +104,10 @@ def load_visu(
 
     def join(row: dict) -> dict:
         return {
-            "safe_image": str(coco_image_path(coco_root, row["coco_id"])),
-            "unsafe_image": _unsafe_path(row, mapping),
-            "safe_text": row["safe"],
-            "unsafe_text": row["nsfw"],
+            CONTENT["V"].column: str(coco_image_path(coco_root, row["coco_id"])),
+            CONTENT["G"].column: _unsafe_path(row, mapping),
+            CONTENT["S"].column: row["safe"],
+            CONTENT["U"].column: row["nsfw"],
             "tag": row.get("tag") or "",
         }
 

@@ -246,7 +246,8 @@ class UnsafeContentDetectionPipeline(_HySACPipeline):
     """Unsafe-content detection: a text or an image is unsafe when its distance to the root exceeds a threshold.
 
     `detector(images)` takes one image (PIL image, numpy array, path or URL) or a list of them;
-    `detector(text=...)` one text or a list. One input gives one dict, a list gives a list, each
+    `detector(text=...)` one text or a list (lists, not generators or datasets: each call checks all its inputs
+    before it runs the model). One input gives one dict, a list gives a list, each
     `{"label": "unsafe" | "safe", "score": distance to the root, "threshold": t, "modality": "image" | "text"}`.
 
     Args (at construction or per call):
@@ -371,7 +372,7 @@ def model_probe(model: Any, tokenizer: Any) -> Tensor:
 
 def _corrupt(folder: Path, problem: str) -> ValueError:
     return ValueError(
-        f"the gallery index {folder} is corrupt: {problem}; rebuild it (hysac_hf.index) or restore a copy"
+        f"the gallery index {folder} is corrupt: {problem}; rebuild it (`hysac-index build`) or restore a copy"
     )
 
 
@@ -390,7 +391,7 @@ def load_gallery_index(folder: str | os.PathLike, model: Any, tokenizer: Any) ->
     index_file = folder / INDEX_FILE
     if not index_file.is_file():
         raise ValueError(
-            f"{folder} is not a saved gallery index (no {INDEX_FILE}); build one with hysac_hf.index, or pass the "
+            f"{folder} is not a saved gallery index (no {INDEX_FILE}); build one with `hysac-index build`, or pass the "
             "gallery as a list of images or texts, or as an (N, D) embedding tensor with gallery_modality="
         )
     try:

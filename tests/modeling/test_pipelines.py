@@ -57,7 +57,7 @@ def embed_images(model, processor, images) -> torch.Tensor:
 
 
 def embed_texts(model, processor, texts) -> torch.Tensor:
-    batch = processor(text=list(texts))  # padded to 77 tokens: the pipeline pads to the longest; same embeddings
+    batch = processor(text=list(texts))  # padded to the longest of all the texts, the pipeline to its batch's
     with torch.no_grad():
         return model.encode_text(batch["input_ids"], batch["attention_mask"])
 
@@ -516,6 +516,7 @@ def test_faiss_index_gives_the_exact_results(retriever, model, processor, galler
 def test_index_saved_by_hysac_hf_index(retriever, model, processor, gallery_images, tmp_path, kind):
     """The library's writer (hysac_hf.index) and the pipeline's reader agree on the folder, FAISS part included."""
     index_module = pytest.importorskip("hysac_hf.index")
+    assert index_module.PROBE_TEXTS == PROBE_TEXTS and index_module.INDEX_FORMAT == 1  # one format, two readers
     options = {}
     if kind == "ivf":
         pytest.importorskip("faiss")

@@ -60,6 +60,7 @@ def test_building_prints_no_deprecation_warning(installed):
         ("hysac_hf.convert", "--checkpoint_path"),
         ("hysac_hf.calibration", "--overwrite"),
         ("hysac_hf.evaluation.cli", "embed"),
+        ("hysac_hf.index.cli", "build"),
         ("hysac_hf.demo", "--output_dir"),
     ],
 )

@@ -1,0 +1,867 @@
+"""`GalleryIndex`: a persistent, searchable gallery of HySAC embeddings with the safe-retrieval policies.
+
+Build it once from a folder of images, a list of texts, a `datasets.Dataset` column or precomputed embeddings,
+through the library's one embedding path (`hysac_hf.encode`); search it many times by Lorentz distance, exactly
+(FAISS `IndexFlatIP` on the exact inner-product reduction of `evaluation/topk.py`; torch without FAISS) or
+approximately (a direction-celled FAISS IVF, `ivf.py`); save and load it as a folder (`folder.py`, format 1).
+
+Every search returns candidates from FAISS and recomputes their distances in float64 from the stored embeddings
+(`paired_dist`), a few spare candidates included, so results are nearest first, equal distances in gallery order,
+and exact search equals a float64 brute-force ranking.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..atomic import write_folder_atomically
+from ..cli import UsageError, require
+from ..modeling.configuration_hysac import BOUND_STATS, MODALITIES, SAFE_KIND, validate_bounds
+from ..modeling.lorentz import dist_to_origin, mips_query_vectors, paired_dist
+from ..modeling.traversal import METHODS, traversal_threshold, traverse
+from . import folder as fmt
+from .ivf import add_to_index, default_nlist, default_nprobe, train_direction_ivf
+
+logger = logging.getLogger(__name__)
+
+POLICIES = ("redirect", "retain")
+KINDS = ("flat", "ivf")
+# Candidates fetched beyond k and re-ranked in float64: FAISS scores in float32, so near-ties at the k-th place
+# could otherwise be cut in a different order than a float64 ranking.
+RERANK_MARGIN = 8
+RERANK_BLOCK = 512  # queries re-ranked at once: a (block, k + margin, D) float64 gather
+HNSW_REFUSAL = (
+    "kind='hnsw' is not offered: HNSW graphs on the Lorentz inner-product vectors recall poorly (0.0003 recall@10 "
+    "with inner product, 0.68 with the MIPS-to-L2 augmentation at efSearch 128, on the benchmark's gallery); use "
+    "kind='ivf' (approximate) or kind='flat' (exact)"
+)
+
+
+def _faiss_available() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
+def _hysac(model):
+    """The `HySACModel` inside a PeftModel or an Accelerate/DDP wrapper."""
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _model_fields(model, processor) -> dict[str, Any]:
+    """What an index records of the model that embedded it."""
+    if processor is None:
+        raise UsageError("a model needs its processor here (to compute the model probe): pass processor=")
+    hysac = _hysac(model)
+    config = hysac.config
+    return {
+        "curvature": float(hysac.curvature.detach()),
+        "model_name": str(getattr(hysac, "name_or_path", "") or getattr(config, "_name_or_path", "") or ""),
+        "model_probe": fmt.model_probe(model, processor),
+        "bounds": config.bounds,
+        "traversal_offset": float(config.traversal_offset),
+    }
+
+
+def _check_embeddings(embeddings: Any, what: str, dim: int | None = None) -> Tensor:
+    if not torch.is_tensor(embeddings):
+        if isinstance(embeddings, np.ndarray):
+            embeddings = torch.from_numpy(embeddings)
+        else:
+            raise UsageError(
+                f"{what} must be a (N, D) tensor of hyperboloid space components, got {type(embeddings).__name__}"
+            )
+    if embeddings.ndim != 2 or not embeddings.is_floating_point():
+        raise UsageError(
+            f"{what} must be a (N, D) float tensor of hyperboloid space components, got {tuple(embeddings.shape)} {embeddings.dtype}"
+        )
+    if dim is not None and embeddings.shape[1] != dim:
+        raise UsageError(
+            f"{what} have dimension {embeddings.shape[1]}, the index holds {dim}-dimensional embeddings; embed them with the index's model"
+        )
+    embeddings = embeddings.detach().to("cpu")
+    if embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
+        raise UsageError(f"{what} contain NaN or infinite values")
+    return embeddings
+
+
+def _jsonable(value: Any) -> Any:
+    """A dataset value as plain JSON (numpy scalars to Python, non-finite floats to None); TypeError otherwise."""
+    if isinstance(value, (np.generic,)):
+        value = value.item()
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _jsonable(v) for k, v in value.items()}
+    raise TypeError(type(value).__name__)
+
+
+class GalleryIndex:
+    """A gallery of `N` hyperboloid embeddings of one modality, searchable by Lorentz distance, with metadata.
+
+    Build it with :meth:`from_images`, :meth:`from_texts`, :meth:`from_dataset` or :meth:`from_embeddings`, and
+    reopen it with :meth:`load`. The FAISS structure is built on the first search, :meth:`build` or :meth:`save`
+    (so that non-main processes of `accelerate launch` never build one).
+
+    Args:
+        embeddings: `(N, D)` float32 space components (kept by reference when already float32 on the CPU).
+        modality: `"image"` or `"text"`: what the gallery holds (its safe region for `redirect`: `V` or `S`).
+        curvature: curvature magnitude `c` of the model that embedded it.
+        metadata: `N` JSON-serialisable dicts (row `i` describes item `i`); default: empty dicts.
+        kind: `"flat"` (exact) or `"ivf"` (approximate, needs faiss).
+        nlist: IVF cells (default :func:`~hysac_hf.index.ivf.default_nlist`).
+        nprobe: IVF cells probed per query (default :func:`~hysac_hf.index.ivf.default_nprobe`).
+        model_name: name or path of the embedding model (recorded in `index.json`).
+        model_probe: the model's probe embeddings (:func:`~hysac_hf.index.folder.model_probe`), or None.
+        bounds: the model's `config.bounds` (needed by `policy="redirect"`), or None.
+        traversal_offset: the model's `config.traversal_offset`.
+        seed: seed of the IVF k-means.
+    """
+
+    def __init__(
+        self,
+        embeddings: Tensor,
+        modality: str,
+        curvature: float,
+        metadata: Sequence[dict[str, Any]] | None = None,
+        *,
+        kind: str = "flat",
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        model_name: str = "",
+        model_probe: list[list[float]] | None = None,
+        bounds: dict[str, dict[str, float]] | None = None,
+        traversal_offset: float | None = None,
+        seed: int = 0,
+    ):
+        if kind == "hnsw":
+            raise UsageError(HNSW_REFUSAL)
+        if kind not in KINDS:
+            raise UsageError(f"kind={kind!r} is not one of {list(KINDS)}")
+        if modality not in MODALITIES:
+            raise UsageError(f"modality={modality!r} is not one of {list(MODALITIES)}")
+        embeddings = _check_embeddings(embeddings, "the gallery embeddings")
+        if embeddings.shape[0] == 0:
+            raise UsageError("the gallery is empty; an index needs at least one item")
+        if isinstance(curvature, bool) or not isinstance(curvature, (int, float)) or not 0 < curvature < math.inf:
+            raise UsageError(f"curvature must be a positive number (the model's c = exp(curv)), got {curvature!r}")
+        self.embeddings = embeddings.float().contiguous()
+        self.modality = modality
+        self.curvature = float(curvature)
+        self.metadata = self._check_metadata(metadata, self.embeddings.shape[0])
+        self.kind = kind
+        self.model_name = model_name
+        self.model_probe = model_probe
+        try:
+            self.bounds = validate_bounds(bounds)
+        except ValueError as error:
+            raise UsageError(str(error)) from None
+        self.traversal_offset = None if traversal_offset is None else float(traversal_offset)
+        self.seed = seed
+        self.params: dict[str, Any] = {}
+        if kind == "ivf":
+            require("faiss", purpose="an IVF gallery index (kind='ivf')")
+            count = len(self)
+            self.params["nlist"] = default_nlist(count) if nlist is None else int(nlist)
+            if not 1 <= self.params["nlist"] <= count:
+                raise UsageError(f"nlist={nlist} must be between 1 and the gallery size {count}")
+            self.params["nprobe"] = default_nprobe(self.params["nlist"]) if nprobe is None else int(nprobe)
+            if not 1 <= self.params["nprobe"] <= self.params["nlist"]:
+                raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={self.params['nlist']}")
+            self.params["cells"] = "direction"
+        elif nlist is not None or nprobe is not None:
+            raise UsageError("nlist and nprobe are IVF settings; pass them with kind='ivf'")
+        self._structure = None  # FaissLorentzIndex (flat with faiss), an IVF index, or None until built
+
+    # --------------------------------------------------------------------------------------------------------
+    # Construction
+    @classmethod
+    def from_embeddings(
+        cls,
+        embeddings: Tensor,
+        modality: str,
+        *,
+        model=None,
+        processor=None,
+        curvature: float | None = None,
+        metadata: Sequence[dict[str, Any]] | None = None,
+        bounds: dict[str, dict[str, float]] | None = None,
+        traversal_offset: float | None = None,
+        **options,
+    ) -> GalleryIndex:
+        """An index over precomputed `(N, D)` embeddings.
+
+        Give the `model` (and its `processor`) that embedded them to record its curvature, name, probe, bounds
+        and traversal offset; or give `curvature` (and optionally `bounds`, `traversal_offset`) alone, in which
+        case a model loading the index can only check the dimension and curvature.
+
+        Args:
+            options: `kind`, `nlist`, `nprobe`, `seed`, `model_name` (see the class).
+        """
+        if model is not None:
+            fields = _model_fields(model, processor)
+            if (
+                curvature is not None
+                and abs(curvature - fields["curvature"]) > fmt.CURVATURE_TOLERANCE * fields["curvature"]
+            ):
+                raise UsageError(
+                    f"curvature={curvature} disagrees with the model's curvature {fields['curvature']}; drop curvature= "
+                    "(the model's is used) or pass the model that embedded the gallery"
+                )
+            if bounds is not None:
+                fields["bounds"] = bounds
+            if traversal_offset is not None:
+                fields["traversal_offset"] = traversal_offset
+            options.setdefault("model_name", fields.pop("model_name"))
+            return cls(embeddings, modality, metadata=metadata, **fields, **options)
+        if curvature is None:
+            raise UsageError("pass the model that embedded the gallery (model=, processor=) or its curvature=")
+        return cls(
+            embeddings, modality, curvature, metadata, bounds=bounds, traversal_offset=traversal_offset, **options
+        )
+
+    @classmethod
+    def from_images(
+        cls,
+        model,
+        processor,
+        images: str | os.PathLike | Sequence[Any],
+        *,
+        metadata: Sequence[dict[str, Any]] | None = None,
+        image_root: str | os.PathLike | None = None,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        accelerator=None,
+        show_progress: bool = True,
+        **options,
+    ) -> GalleryIndex:
+        """An image gallery: a folder (every image under it, sorted; metadata `{"path": path relative to the
+        folder}`) or a sequence of PIL images, numpy arrays, paths or `datasets.Image` dicts (metadata
+        `{"path": path}` for paths).
+
+        Args:
+            metadata: per-item dicts replacing the default metadata.
+            image_root: folder that relative paths in `images` are resolved against.
+            batch_size, num_workers, accelerator, show_progress: as in `hysac_hf.encode.encode_images` (under
+                `accelerate launch` every process embeds its share and gets the whole index).
+            options: `kind`, `nlist`, `nprobe`, `seed`.
+        """
+        from ..data.folders import list_images
+        from ..encode import encode_images
+
+        if isinstance(images, (str, os.PathLike)):
+            root = Path(images).expanduser()
+            items = list_images(root)
+            default_metadata = [{"path": p.relative_to(root).as_posix()} for p in items]
+        else:
+            items = cls._check_items(images, "image", image_root)
+            default_metadata = [{"path": str(v)} if isinstance(v, (str, Path)) else {} for v in items]
+        embeddings = encode_images(
+            model,
+            processor,
+            items,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            image_root=image_root,
+            accelerator=accelerator,
+            show_progress=show_progress,
+        )
+        return cls.from_embeddings(
+            embeddings, "image", model=model, processor=processor, metadata=metadata or default_metadata, **options
+        )
+
+    @classmethod
+    def from_texts(
+        cls,
+        model,
+        processor,
+        texts: Sequence[str],
+        *,
+        metadata: Sequence[dict[str, Any]] | None = None,
+        batch_size: int = 256,
+        num_workers: int = 0,
+        accelerator=None,
+        show_progress: bool = True,
+        **options,
+    ) -> GalleryIndex:
+        """A text gallery from a sequence of strings (metadata `{"text": text}`).
+
+        Args: as in :meth:`from_images`.
+        """
+        from ..encode import encode_texts
+
+        items = cls._check_items(texts, "text")
+        embeddings = encode_texts(
+            model,
+            processor,
+            items,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            accelerator=accelerator,
+            show_progress=show_progress,
+        )
+        default_metadata = [{"text": t} for t in items]
+        return cls.from_embeddings(
+            embeddings, "text", model=model, processor=processor, metadata=metadata or default_metadata, **options
+        )
+
+    @classmethod
+    def from_dataset(
+        cls,
+        model,
+        processor,
+        dataset,
+        column: str | None = None,
+        *,
+        modality: str | None = None,
+        image_root: str | os.PathLike | None = None,
+        batch_size: int | None = None,
+        num_workers: int = 0,
+        accelerator=None,
+        show_progress: bool = True,
+        **options,
+    ) -> GalleryIndex:
+        """A gallery from one column of a `datasets.Dataset`; the other columns become the metadata.
+
+        The column: `column`, or the dataset's only `Image` column, or (without one) its only string column. Its
+        modality: `Image` feature -> image, string -> text, unless `modality="image"` says that a string (or
+        dict) column holds image paths. Metadata: every column that JSON can hold (images, audio and bytes left
+        out; the text column of a text gallery kept); non-finite floats become null.
+
+        Args:
+            dataset: a `datasets.Dataset` (pick a split of a `DatasetDict` first).
+            column: the image or text column.
+            modality: `"image"` or `"text"`, to override the feature type.
+            batch_size: default 32 for images, 256 for texts.
+            image_root, num_workers, accelerator, show_progress, options: as in :meth:`from_images`.
+        """
+        from ..encode import encode_images, encode_texts
+
+        column, modality = cls._dataset_column(dataset, column, modality)
+        if len(dataset) == 0:
+            raise UsageError("the dataset is empty; an index needs at least one item")
+        if modality == "text":
+            cls._check_items(dataset[column], "text")
+        metadata = cls._dataset_metadata(dataset, column, modality)
+        kwargs = {
+            "column": column,
+            "num_workers": num_workers,
+            "accelerator": accelerator,
+            "show_progress": show_progress,
+        }
+        if modality == "image":
+            embeddings = encode_images(
+                model, processor, dataset, batch_size=batch_size or 32, image_root=image_root, **kwargs
+            )
+        else:
+            embeddings = encode_texts(model, processor, dataset, batch_size=batch_size or 256, **kwargs)
+        return cls.from_embeddings(embeddings, modality, model=model, processor=processor, metadata=metadata, **options)
+
+    @staticmethod
+    def _check_items(items: Any, modality: str, image_root: str | os.PathLike | None = None) -> list[Any]:
+        """The items as a list, refusing an empty gallery and one that mixes texts and images."""
+        from PIL import Image
+
+        if isinstance(items, (str, bytes)) or not hasattr(items, "__len__"):
+            raise UsageError(f"expected a sequence of {modality}s, got a {type(items).__name__}")
+        items = list(items)
+        if not items:
+            raise UsageError(f"the gallery is empty: no {modality}s given; an index needs at least one item")
+        for number, item in enumerate(items):
+            if modality == "text" and not isinstance(item, str):
+                kind = "image" if isinstance(item, (Image.Image, np.ndarray, dict)) else type(item).__name__
+                raise UsageError(
+                    f"a gallery holds one modality: item {number} is a {kind} ({type(item).__name__}) among texts; "
+                    "build an image gallery with GalleryIndex.from_images"
+                )
+            if modality == "image":
+                if isinstance(item, (str, Path)):
+                    path = Path(item).expanduser()
+                    if not path.is_absolute() and image_root is not None:
+                        path = Path(image_root) / path
+                    if not path.is_file():
+                        raise UsageError(
+                            f"a gallery holds one modality: item {number} ({str(item)[:60]!r}) is a string that is not "
+                            "an image file; texts belong in GalleryIndex.from_texts, image paths must exist "
+                            "(relative ones under image_root)"
+                        )
+                elif not isinstance(item, (Image.Image, np.ndarray, dict)):
+                    raise UsageError(
+                        f"item {number} is a {type(item).__name__}; an image gallery takes PIL images, numpy arrays, "
+                        "paths or datasets.Image dicts"
+                    )
+        return items
+
+    @staticmethod
+    def _dataset_column(dataset, column: str | None, modality: str | None) -> tuple[str, str]:
+        import datasets
+
+        if isinstance(dataset, datasets.DatasetDict):
+            raise UsageError(f"pick one split of the DatasetDict first (it has {list(dataset)}), e.g. dataset['train']")
+        if not isinstance(dataset, datasets.Dataset):
+            raise UsageError(f"expected a datasets.Dataset, got {type(dataset).__name__}")
+        if modality is not None and modality not in MODALITIES:
+            raise UsageError(f"modality={modality!r} is not one of {list(MODALITIES)}")
+        features = dataset.features
+
+        def is_string(feature) -> bool:
+            return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+        if column is None:
+            images = [name for name, f in features.items() if isinstance(f, datasets.Image)]
+            texts = [name for name, f in features.items() if is_string(f)]
+            candidates = images if images and modality != "text" else texts if modality != "image" else []
+            if len(candidates) != 1:
+                found = f"image columns {images}, string columns {texts}"
+                raise UsageError(
+                    f"cannot tell which column to index ({found}); pass the column (column= / --column)"
+                    + (" and modality='image' for a column of image paths" if not images else "")
+                )
+            column = candidates[0]
+        if column not in features:
+            raise UsageError(f"the dataset has no column {column!r}; it has {list(features)}")
+        feature = features[column]
+        if isinstance(feature, datasets.Image):
+            if modality == "text":
+                raise UsageError(f"column {column!r} holds images (an Image feature); drop modality='text'")
+            return column, "image"
+        if modality is not None:
+            return column, modality
+        if is_string(feature):
+            return column, "text"
+        raise UsageError(
+            f"column {column!r} holds {feature}; say what it holds with modality='image' (image paths or dicts) or "
+            "modality='text'"
+        )
+
+    @staticmethod
+    def _dataset_metadata(dataset, column: str, modality: str) -> list[dict[str, Any]]:
+        import datasets
+
+        skipped = (datasets.Image, datasets.Audio) + tuple(
+            getattr(datasets, name) for name in ("Video", "Pdf") if hasattr(datasets, name)
+        )
+        kept: dict[str, list[Any]] = {}
+        for name, feature in dataset.features.items():
+            if isinstance(feature, skipped) or (
+                isinstance(feature, datasets.Value) and feature.dtype in ("binary", "large_binary")
+            ):
+                continue
+            if name == column and modality == "image" and not isinstance(feature, datasets.Value):
+                continue  # image dicts (e.g. bytes) are the content, not metadata
+            try:
+                kept[name] = [_jsonable(v) for v in dataset[name]]
+            except TypeError as error:
+                logger.info("Column %r is left out of the metadata: it holds %s values (not JSON)", name, error)
+        return [{name: values[i] for name, values in kept.items()} for i in range(len(dataset))]
+
+    @staticmethod
+    def _check_metadata(metadata: Sequence[dict[str, Any]] | None, count: int) -> list[dict[str, Any]]:
+        if metadata is None:
+            return [{} for _ in range(count)]
+        metadata = list(metadata)
+        if len(metadata) != count:
+            raise UsageError(f"{len(metadata)} metadata rows for {count} items; give one dict per item")
+        fmt.metadata_lines(metadata)  # refuses non-dicts and values JSON cannot hold, naming the row
+        return metadata
+
+    # --------------------------------------------------------------------------------------------------------
+    # Properties
+    def __len__(self) -> int:
+        return self.embeddings.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[1]
+
+    def __repr__(self) -> str:
+        return (
+            f"GalleryIndex({len(self)} {self.modality}s, dim {self.dim}, curvature {self.curvature:.6g}, "
+            f"kind {self.kind!r}{', ' + str(self.params) if self.params else ''})"
+        )
+
+    # --------------------------------------------------------------------------------------------------------
+    # Search
+    def build(self, show_progress: bool = False) -> GalleryIndex:
+        """Build the FAISS structure now (else the first search or save does). Returns `self`."""
+        if self._structure is None:
+            if self.kind == "ivf":
+                logger.info(
+                    "Training an IVF index over %d items (%d cells, probing %d)",
+                    len(self),
+                    self.params["nlist"],
+                    self.params["nprobe"],
+                )
+                self._structure = train_direction_ivf(
+                    self.embeddings,
+                    self.curvature,
+                    self.params["nlist"],
+                    self.params["nprobe"],
+                    seed=self.seed,
+                    show_progress=show_progress,
+                )
+            elif _faiss_available():
+                from ..evaluation.topk import FaissLorentzIndex
+
+                self._structure = FaissLorentzIndex(self.embeddings, self.curvature)
+        return self
+
+    def _exact_candidates(self, queries: Tensor, count: int) -> Tensor:
+        if self.kind == "flat" and self._structure is not None:
+            return self._structure.search(queries.float(), count)[1]
+        from ..evaluation.topk import chunked_topk
+
+        return chunked_topk(queries.float(), self.embeddings, count, self.curvature)[1]
+
+    def _candidates(self, queries: Tensor, count: int, nprobe: int | None, exact: bool) -> Tensor:
+        self.build()
+        if self.kind == "flat" or exact:
+            return self._exact_candidates(queries, count)
+        index = self._structure
+        probes = self.params["nprobe"] if nprobe is None else int(nprobe)
+        if not 1 <= probes <= self.params["nlist"]:
+            raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={self.params['nlist']}")
+        index.nprobe = probes
+        vectors = mips_query_vectors(queries.float(), self.curvature).numpy()
+        _, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), count)
+        ids = torch.from_numpy(ids.astype(np.int64))
+        short = (ids < 0).any(dim=1)
+        if bool(short.any()):  # the probed cells held fewer than `count` items: search those queries exactly
+            logger.debug(
+                "%d queries found fewer than %d items in %d cells; searched exactly", int(short.sum()), count, probes
+            )
+            ids[short] = self._exact_candidates(queries[short], count)
+        return ids
+
+    def knn(self, queries: Tensor, k: int, *, nprobe: int | None = None, exact: bool = False) -> tuple[Tensor, Tensor]:
+        """The `k` nearest gallery items of each query by Lorentz distance (no policy: the queries as given).
+
+        Args:
+            queries: `(Q, D)` space components (embedded by the gallery's model).
+            k: results per query, `1 <= k <= len(self)`.
+            nprobe: IVF cells probed (default: the index's); ignored by flat indexes.
+            exact: search every item even in an IVF index.
+        Returns:
+            `(distances, indices)`, both `(Q, k)`: float64 distances recomputed from the stored embeddings, and
+            int64 gallery indices, nearest first, equal distances in gallery order.
+        """
+        queries = _check_embeddings(queries, "the queries", self.dim)
+        k = self._check_k(k)
+        if queries.shape[0] == 0:
+            return torch.zeros(0, k, dtype=torch.float64), torch.zeros(0, k, dtype=torch.long)
+        count = min(len(self), k + RERANK_MARGIN)
+        candidates = self._candidates(queries, count, nprobe, exact)
+        distances, indices = [], []
+        for start in range(0, queries.shape[0], RERANK_BLOCK):
+            block = candidates[start : start + RERANK_BLOCK]
+            query = queries[start : start + RERANK_BLOCK].double().unsqueeze(1)
+            dist = paired_dist(query, self.embeddings[block].double(), self.curvature)
+            by_index = block.argsort(dim=1, stable=True)  # then a stable sort by distance keeps ties in gallery order
+            block, dist = block.gather(1, by_index), dist.gather(1, by_index)
+            order = dist.argsort(dim=1, stable=True)[:, :k]
+            distances.append(dist.gather(1, order))
+            indices.append(block.gather(1, order))
+        return torch.cat(distances), torch.cat(indices)
+
+    def _check_k(self, k: Any) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise UsageError(f"top_k must be an integer, got {k!r}")
+        if not 1 <= k <= len(self):
+            raise UsageError(f"top_k={k} must be between 1 and the gallery size {len(self)}")
+        return int(k)
+
+    def traversal_threshold(self, bound: str = "up_95", offset: float | None = None) -> Tensor:
+        """The threshold `b'` of the gallery's safe region (`V` for images, `S` for texts) from the stored bounds.
+
+        Raises:
+            UsageError: the index has no bounds, or an unknown `bound`.
+        """
+        if bound not in BOUND_STATS:
+            raise UsageError(f"bound={bound!r} is not one of {list(BOUND_STATS)}")
+        if self.bounds is None:
+            raise UsageError(
+                "this gallery index has no calibrated bounds (its model had none when it was built), so it cannot "
+                "redirect queries: calibrate the model with 'hysac-calibrate --model DIR --dataset ...' and rebuild "
+                "the index, load it with the calibrated model (load(dir, model=..., processor=...)), or search with "
+                "policy='retain'"
+            )
+        offset = self.traversal_offset if offset is None else offset
+        if offset is None:
+            raise UsageError("this gallery index has no traversal_offset; pass offset= or rebuild it with a model")
+        return traversal_threshold(self.bounds[SAFE_KIND[self.modality].key][bound], self.curvature, offset)
+
+    def redirect(
+        self, queries: Tensor, method: str = "reference", bound: str = "up_95", offset: float | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """Move the queries beyond the traversal threshold of the gallery's safe region onto it.
+
+        The same move as `HySACModel.traverse_to_safe(queries, target=modality, method, bound, offset)`, with the
+        bounds stored in the index.
+
+        Returns:
+            `(moved, redirected)`: `(Q, D)` queries (rows within the threshold unchanged) and a `(Q,)` bool mask.
+        """
+        if method not in METHODS:
+            raise UsageError(f"method={method!r} is not one of {list(METHODS)}")
+        queries = _check_embeddings(queries, "the queries", self.dim)
+        moved = traverse(queries, self.traversal_threshold(bound, offset), self.curvature, method=method)
+        return moved, (moved != queries).any(dim=1)
+
+    def search(
+        self,
+        queries: Tensor,
+        k: int = 5,
+        *,
+        policy: str = "redirect",
+        method: str = "reference",
+        bound: str = "up_95",
+        offset: float | None = None,
+        nprobe: int | None = None,
+        exact: bool = False,
+    ) -> list[dict[str, Any]]:
+        """Safe retrieval: rank the gallery for each query, redirecting unsafe queries first under `"redirect"`.
+
+        Under `policy="redirect"` a query whose distance to the root exceeds the traversal threshold of the
+        gallery's safe region (image gallery: `V`, text gallery: `S`; `bounds[key][bound]` with the traversal
+        offset) is moved onto it with the model's traversal (`method`) before ranking; `"retain"` ranks the query
+        as it is.
+
+        Args:
+            queries: `(Q, D)` space components embedded by the gallery's model (`hysac_hf.encode.encode_texts` /
+                `encode_images`).
+            k: results per query, at most the gallery's size.
+            policy: `"redirect"` or `"retain"`.
+            method: traversal rule, `"reference"` or `"geodesic"`.
+            bound: bound statistic of the threshold, `"up_95"`, `"avg"` or `"low_05"`.
+            offset: traversal margin offset (default: the model's, stored in the index).
+            nprobe, exact: as in :meth:`knn`.
+        Returns:
+            per query `{"redirected": bool, "query_distance_to_root": d, "search_distance_to_root": d',
+            "results": [{"index": i, "distance": d(query searched, item), **metadata}]}`, nearest first, equal
+            distances in gallery order (metadata keys named "index" or "distance" are not copied).
+        """
+        if policy not in POLICIES:
+            raise UsageError(f"policy={policy!r} is not one of {list(POLICIES)}")
+        queries = _check_embeddings(queries, "the queries", self.dim)
+        k = self._check_k(k)
+        if policy == "redirect":
+            searched, redirected = self.redirect(queries, method, bound, offset)
+        else:
+            searched, redirected = queries, torch.zeros(queries.shape[0], dtype=torch.bool)
+        distances, indices = self.knn(searched, k, nprobe=nprobe, exact=exact)
+        before = dist_to_origin(queries.double(), self.curvature)
+        after = dist_to_origin(searched.double(), self.curvature)
+        out = []
+        for row in range(queries.shape[0]):
+            results = []
+            for index, distance in zip(indices[row].tolist(), distances[row].tolist()):
+                extra = {key: v for key, v in self.metadata[index].items() if key not in ("index", "distance")}
+                results.append({"index": index, "distance": distance, **extra})
+            out.append(
+                {
+                    "redirected": bool(redirected[row]),
+                    "query_distance_to_root": float(before[row]),
+                    "search_distance_to_root": float(after[row]),
+                    "results": results,
+                }
+            )
+        return out
+
+    # --------------------------------------------------------------------------------------------------------
+    # Growing
+    def add(self, embeddings: Tensor, metadata: Sequence[dict[str, Any]] | None = None) -> GalleryIndex:
+        """Append items (embedded by the gallery's model; that is not checkable here). An IVF index keeps its
+        trained cells and files the new items under them; a flat index appends them. Returns `self`.
+
+        Args:
+            embeddings: `(M, D)` space components.
+            metadata: `M` dicts (default: empty dicts).
+        """
+        embeddings = _check_embeddings(embeddings, "the added embeddings", self.dim).float().contiguous()
+        if embeddings.shape[0] == 0:
+            return self
+        rows = self._check_metadata(metadata, embeddings.shape[0])
+        if self._structure is not None:
+            if self.kind == "ivf":
+                add_to_index(self._structure, embeddings, self.curvature)
+            else:
+                self._structure.add(embeddings)
+        self.embeddings = torch.cat([self.embeddings, embeddings])
+        self.metadata = self.metadata + rows
+        return self
+
+    # --------------------------------------------------------------------------------------------------------
+    # Saving and loading
+    def index_json(self, embeddings_sha256: str, faiss_sha256: str | None) -> dict[str, Any]:
+        faiss_info = None
+        if self.kind != "flat":
+            faiss_info = {"type": self.kind, "params": dict(self.params), "sha256": faiss_sha256}
+        return {
+            "format": fmt.INDEX_FORMAT,
+            "modality": self.modality,
+            "count": len(self),
+            "dim": self.dim,
+            "curvature": self.curvature,
+            "model": self.model_name,
+            "model_probe": self.model_probe,
+            "faiss": faiss_info,
+            "embeddings_sha256": embeddings_sha256,
+            "metadata": fmt.METADATA_FILE,
+            "bounds": self.bounds,
+            "traversal_offset": self.traversal_offset,
+        }
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write the index folder (format 1) atomically: a crash leaves the previous index (or none), never a mix.
+
+        An existing gallery index at `directory` is replaced; any other non-empty folder is refused.
+
+        Raises:
+            UsageError: `directory` is a file or a non-empty folder that is not a gallery index.
+        """
+        import json
+
+        from safetensors.torch import save_file
+
+        directory = Path(directory).expanduser()
+        check_output_folder(directory)
+        lines = fmt.metadata_lines(self.metadata)
+        self.build()
+
+        def write(folder: Path) -> None:
+            save_file({fmt.EMBEDDINGS_KEY: self.embeddings}, str(folder / fmt.EMBEDDINGS_FILE))
+            with open(folder / fmt.METADATA_FILE, "w", encoding="utf-8") as handle:
+                handle.writelines(line + "\n" for line in lines)
+            faiss_sha = None
+            if self.kind != "flat":
+                import faiss
+
+                self._structure.nprobe = self.params["nprobe"]
+                faiss.write_index(self._structure, str(folder / fmt.FAISS_FILE))
+                faiss_sha = fmt.sha256_file(folder / fmt.FAISS_FILE)
+            info = self.index_json(fmt.sha256_file(folder / fmt.EMBEDDINGS_FILE), faiss_sha)
+            (folder / fmt.INDEX_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
+
+        write_folder_atomically(directory, write)
+        logger.info("Saved a %s gallery index of %d %ss to %s", self.kind, len(self), self.modality, directory)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, model=None, processor=None) -> GalleryIndex:
+        """Read an index folder, checking every part (:func:`~hysac_hf.index.folder.load_index_folder`) and, with a
+        model, that it is the model that built it (dimension, curvature, probe). The model's own bounds and
+        traversal offset then replace the stored ones when it has bounds (a recalibrated model redirects by its
+        new bounds); the stored ones serve otherwise.
+
+        Args:
+            directory: the folder written by :meth:`save`.
+            model: the HySAC model that will embed the queries (recommended).
+            processor: its processor (needed with `model`, for the probe).
+        Raises:
+            UsageError: a missing or corrupt folder, an index built with another model or curvature.
+        """
+        directory = Path(directory).expanduser()
+        embeddings, info, metadata = fmt.load_index_folder(directory)
+        if model is not None:
+            if processor is None:
+                raise UsageError("load(dir, model=...) also needs the model's processor= (to check the model probe)")
+            fmt.check_model(info, model, processor, directory)
+        faiss_info = info.get("faiss")
+        kind = "flat" if faiss_info is None else faiss_info["type"]
+        if kind not in KINDS:
+            raise UsageError(
+                f"the gallery index {directory} uses a {kind!r} FAISS index, which this hysac_hf does not read (it "
+                f"reads {list(KINDS)}); rebuild it with 'hysac-index build --kind ivf'"
+            )
+        params = dict(faiss_info.get("params", {})) if kind == "ivf" else {}  # a stored flat index is rebuilt
+        index = cls(
+            embeddings,
+            info["modality"],
+            float(info["curvature"]),
+            metadata,
+            kind=kind,
+            nlist=params.get("nlist"),
+            nprobe=params.get("nprobe"),
+            model_name=str(info.get("model") or ""),
+            model_probe=info.get("model_probe"),
+            bounds=info.get("bounds"),
+            traversal_offset=info.get("traversal_offset"),
+        )
+        if kind == "ivf":
+            index._structure = cls._read_faiss(directory, faiss_info, len(index), index.dim)
+        config = None if model is None else _hysac(model).config
+        if config is not None and config.bounds is not None:  # the model's calibration is the current one
+            if config.bounds != index.bounds or float(config.traversal_offset) != index.traversal_offset:
+                logger.info(
+                    "Using the model's bounds and traversal offset (they differ from those stored in %s)", directory
+                )
+            index.bounds = validate_bounds(config.bounds)
+            index.traversal_offset = float(config.traversal_offset)
+        logger.info("Loaded %r from %s", index, directory)
+        return index
+
+    @staticmethod
+    def _read_faiss(directory: Path, faiss_info: dict[str, Any], count: int, dim: int):
+        import faiss
+
+        path = directory / fmt.FAISS_FILE
+        if not path.is_file():
+            raise fmt._corrupt(directory, f"{fmt.FAISS_FILE} is missing ({fmt.INDEX_FILE} describes one)")
+        if faiss_info.get("sha256") and fmt.sha256_file(path) != faiss_info["sha256"]:
+            raise fmt._corrupt(directory, f"the SHA-256 of {fmt.FAISS_FILE} differs from the one in {fmt.INDEX_FILE}")
+        try:
+            structure = faiss.read_index(str(path))
+        except RuntimeError as error:
+            raise fmt._corrupt(directory, f"{fmt.FAISS_FILE} is not readable ({_first_line(error)})") from None
+        nlist = faiss_info["params"].get("nlist")
+        if (
+            structure.ntotal != count
+            or structure.d != dim + 1
+            or structure.metric_type != faiss.METRIC_INNER_PRODUCT
+            or getattr(faiss.try_extract_index_ivf(structure), "nlist", None) != nlist
+        ):
+            raise fmt._corrupt(
+                directory,
+                f"{fmt.FAISS_FILE} holds {structure.ntotal} vectors of dimension {structure.d}, expected an inner-product "
+                f"IVF of {count} vectors of dimension {dim + 1} with {nlist} cells",
+            )
+        return structure
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of a FAISS error (they carry a C++ stack)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def check_output_folder(directory: str | os.PathLike) -> None:
+    """Refuse an output path that is a file, or a non-empty folder that is not a gallery index (nothing written).
+
+    Raises:
+        UsageError: naming the path and what to do.
+    """
+    directory = Path(directory).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"{directory} exists and is not a folder; choose a folder path for the index")
+    if directory.is_dir() and any(directory.iterdir()) and not (directory / fmt.INDEX_FILE).is_file():
+        raise UsageError(
+            f"{directory} is a non-empty folder that is not a gallery index; choose a new or empty folder (an "
+            "existing index is replaced)"
+        )
+
+
+__all__ = ["KINDS", "POLICIES", "GalleryIndex", "check_output_folder"]

@@ -97,7 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="flat: exact search (default); ivf: approximate, for large galleries (needs faiss)",
     )
     _flag(p, "--nlist", type=int, default=None, help="ivf: number of cells (default: about 4 sqrt(N))")
-    _flag(p, "--nprobe", type=int, default=None, help="ivf: cells searched per query (default: nlist / 128, >= 8)")
+    _flag(
+        p, "--nprobe", type=int, default=None, help="ivf: cells searched per query (default: nlist / 128, at least 16)"
+    )
     _flag(p, "--batch_size", type=int, default=None, help="items per forward pass (default: 32 images, 256 texts)")
     _flag(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
     _flag(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")

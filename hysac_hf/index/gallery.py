@@ -42,7 +42,7 @@ RERANK_MARGIN = 8
 RERANK_BLOCK = 512  # queries re-ranked at once: a (block, k + margin, D) float64 gather
 HNSW_REFUSAL = (
     "kind='hnsw' is not offered: HNSW graphs on the Lorentz inner-product vectors recall poorly (0.0003 recall@10 "
-    "with inner product, 0.68 with the MIPS-to-L2 augmentation at efSearch 128, on the benchmark's gallery); use "
+    "with inner product, 0.68 with the MIPS-to-L2 augmentation at efSearch 128, on 100,000 benchmark points); use "
     "kind='ivf' (approximate) or kind='flat' (exact)"
 )
 

@@ -1,28 +1,36 @@
-"""Inference throughput: transformers `CLIPModel` vs `HySACModel` vs the authors' PEFT-wrapped path.
+"""Inference throughput: transformers `CLIPModel` vs `HySACModel` vs the authors' PEFT-wrapped path, and text at the
+length of the text (pad to the longest caption) vs 77 tokens.
 
-All three share one random CLIP's weights (`HySACModel.from_clip`; the authors' model wraps the same towers with
-the published LoRA config via peft, unmerged, then lifts with `exp(alpha)` and `exp_map0`). They run
-interleaved round-robin in one process after a warm-up (the order alternates every round), so machine noise hits
-every variant alike; the script reports min and median seconds per batch, items/s, and the ratios (by min, by
-median, and the median of the per-round ratios, which is the most robust on a shared machine)
+All models share one random CLIP's weights (`HySACModel.from_clip`; the authors' model wraps the same towers with
+the published LoRA config via peft, unmerged, then lifts with `exp(alpha)` and `exp_map0`). Captions have realistic
+lengths (10-20 tokens, start and end of text included) and are padded to the longest of the batch, as the
+processor does by default; "HySAC @77" embeds the same captions padded to 77 tokens (`padding="max_length"`), and
+the script prints the largest difference between the two embeddings (CLIP's causal mask and end-of-text pooling
+make them equal). The variants run interleaved round-robin in one process after a warm-up (the order alternates
+every round), so machine noise hits every variant alike; the script reports min and median seconds per batch,
+items/s, model FLOPs per item (`FlopCounterMode`), MFU (against --peak_tflops; 989 TFLOP/s dense bf16 on CUDA) and
+the throughput ratios (by min, by median, and the median of the per-round ratios, the most robust on a shared
+machine):
 
-- HySAC / CLIP throughput (target >= 0.97: the hyperbolic lift should cost nothing measurable), and
-- HySAC / authors throughput (the converted model, with LoRA folded, must be faster).
+- HySAC / CLIP (target >= 0.97: the hyperbolic lift should cost nothing measurable),
+- HySAC / authors (the converted model, with LoRA folded, must be faster; on CPU by default, ``--authors`` on CUDA),
+- text pad-to-longest / 77 tokens (target >= 3x on a GPU, embeddings identical).
 
-Run (about 2-3 minutes for the default ViT-B/32-sized config on 2 idle cores; longer on a busy machine)::
+Run::
 
-    .venv/bin/python benchmarks/bench_inference.py            # --size base: 15 rounds of 8 images / 16 texts
+    .venv/bin/python benchmarks/bench_inference.py            # CPU, --size base: 15 rounds of 8 images / 16 texts
     .venv/bin/python benchmarks/bench_inference.py --size tiny --rounds 3   # seconds, a smoke run
     .venv/bin/python benchmarks/bench_inference.py --threads 1 --rounds 10  # steadiest on a shared machine
+    python benchmarks/bench_inference.py --device cuda --size large         # bf16, 256 images / 1024 texts
 
 With two threads on a machine that other jobs also load, every torch op pays a thread-synchronisation penalty,
 which exaggerates differences between variants that run different numbers of ops (the PEFT path runs several
 extra small ops per adapted layer); `--threads 1` measures the work itself.
 
-glibc's default malloc makes large CPU forwards page-fault heavily and erratically, so the script re-executes
+On CPU, glibc's default malloc makes large forwards page-fault heavily and erratically, so the script re-executes
 itself with ``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296``
-unless that variable is already set (``--no-reexec`` disables this). The package itself never sets it.
-Needs peft (the authors' path).
+unless that variable is already set (``--no_reexec`` disables this). The package itself never sets it.
+The authors' path needs peft.
 """
 
 from __future__ import annotations
@@ -30,121 +38,103 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-GLIBC_TUNABLES = "glibc.malloc.mmap_threshold=4294967296:glibc.malloc.trim_threshold=4294967296"
-SIZES = {
-    "tiny": dict(
-        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4),
-        vision_config=dict(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=224,
-            patch_size=32,
-        ),
-        projection_dim=32,
-    ),
-    "base": dict(  # ViT-B/32
-        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
-        vision_config=dict(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            image_size=224,
-            patch_size=32,
-        ),
-        projection_dim=512,
-    ),
-    "large": dict(  # ViT-L/14, HySAC's backbone
-        text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12),
-        vision_config=dict(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=24,
-            num_attention_heads=16,
-            image_size=224,
-            patch_size=14,
-        ),
-        projection_dim=768,
-    ),
-}
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import (
+    MAX_TEXT_TOKENS,
+    SIZES,
+    add_common_arguments,
+    caption_ids,
+    clip_config,
+    count_flops,
+    device_name,
+    format_optional,
+    maybe_reexec,
+    mfu,
+    peak_tflops,
+    resolve_common_arguments,
+    sync,
+)
 
 logger = logging.getLogger("bench_inference")
+
+AUTHORS = "authors (PEFT)"
+HYSAC_77 = f"HySAC @{MAX_TEXT_TOKENS}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=sorted(SIZES), default="base", help="random CLIP size (base = ViT-B/32)")
-    parser.add_argument("--image_batch", type=int, default=8, help="images per timed call")
-    parser.add_argument("--text_batch", type=int, default=16, help="texts (77 tokens) per timed call")
+    parser.add_argument(
+        "--size",
+        choices=sorted(SIZES),
+        default=None,
+        help="random CLIP size (default: base on cpu = ViT-B/32, large on cuda = ViT-L/14)",
+    )
+    parser.add_argument(
+        "--image_batch", type=int, default=None, help="images per timed call (default: 8 cpu, 256 cuda)"
+    )
+    parser.add_argument(
+        "--text_batch", type=int, default=None, help="texts per timed call (default: 16 cpu, 1024 cuda)"
+    )
     parser.add_argument("--rounds", type=int, default=15, help="timed round-robin rounds after the warm-up")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument(
-        "--no-reexec",
-        dest="reexec",
-        action="store_false",
-        help="do not re-run with GLIBC_TUNABLES set (numbers get noisier)",
+        "--authors",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also time the authors' PEFT-wrapped path (default: on cpu only; it is slow on cuda)",
     )
+    add_common_arguments(parser)
     args = parser.parse_args(argv)
+    resolve_common_arguments(args, parser)
+    cuda = args.device.startswith("cuda")
+    args.size = args.size or ("large" if cuda else "base")
+    args.image_batch = args.image_batch or (256 if cuda else 8)
+    args.text_batch = args.text_batch or (1024 if cuda else 16)
+    args.authors = (not cuda) if args.authors is None else args.authors
     for name in ("image_batch", "text_batch", "rounds"):
         if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        parser.error(f"--warmup must be >= 0, got {args.warmup}")
     return args
 
 
-def maybe_reexec(args: argparse.Namespace) -> None:
-    """Re-run this script with GLIBC_TUNABLES set (it only takes effect at process start)."""
-    if args.reexec and "GLIBC_TUNABLES" not in os.environ and sys.platform.startswith("linux"):
-        env = dict(os.environ, GLIBC_TUNABLES=GLIBC_TUNABLES)
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
-
-
-def build_models(size: str, seed: int):
-    """CLIP, HySAC (same weights) and the authors' PEFT-wrapped model (same towers + LoRA), all eval/float32."""
-    import torch
-    from transformers import CLIPConfig, CLIPModel
+def build_models(args: argparse.Namespace) -> dict[str, Any]:
+    """CLIP, HySAC (same weights) and optionally the authors' PEFT-wrapped model, eval, on the device, float32."""
+    from transformers import CLIPModel
 
     from hysac_hf import HySACModel
-    from hysac_hf.authors_reference import build_authors_model
 
-    spec = SIZES[size]
-    config = CLIPConfig(
-        text_config={**spec["text_config"], "vocab_size": 49408, "max_position_embeddings": 77},
-        vision_config=spec["vision_config"],
-        projection_dim=spec["projection_dim"],
-    )
-    torch.manual_seed(seed)
-    clip = CLIPModel(config).eval()
-    hysac = HySACModel.from_clip(clip).eval()
-    authors = build_authors_model(config, clip_state_dict=clip.state_dict())
-    with torch.no_grad():
-        for name in ("logit_scale", "curv", "visual_alpha", "textual_alpha"):
-            getattr(authors, name).copy_(getattr(hysac, name))
-    return clip, hysac, authors.eval(), config
+    config = clip_config(args.size)
+    torch.manual_seed(args.seed)
+    with torch.device(args.device):
+        clip = CLIPModel(config).eval()
+        hysac = HySACModel.from_clip(clip).eval()
+    models = {"config": config, "CLIP": clip, "HySAC": hysac}
+    if args.authors:
+        from hysac_hf.authors_reference import build_authors_model
+
+        state = {k: v.detach().float().cpu() for k, v in clip.state_dict().items()}
+        authors = build_authors_model(config, clip_state_dict=state)
+        with torch.no_grad():
+            for name in ("logit_scale", "curv", "visual_alpha", "textual_alpha"):
+                getattr(authors, name).copy_(getattr(hysac, name))
+        models[AUTHORS] = authors.to(args.device).eval()
+    return models
 
 
-def make_inputs(config, image_batch: int, text_batch: int, seed: int):
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    vc = config.vision_config
-    pixel_values = torch.randn(image_batch, 3, vc.image_size, vc.image_size, generator=generator)
-    input_ids = torch.full((text_batch, 77), 49407, dtype=torch.long)
-    input_ids[:, 0] = 49406
-    lengths = torch.randint(5, 40, (text_batch,), generator=generator)
-    for row, length in enumerate(lengths.tolist()):
-        input_ids[row, 1:length] = torch.randint(0, 49405, (length - 1,), generator=generator)
-    return pixel_values, input_ids
+def padding_difference(hysac, input_ids, input_ids_77, count: int = 64) -> float:
+    """Max |encode_text(padded to the longest) - encode_text(padded to 77)| over the first `count` captions."""
+    with torch.inference_mode():
+        return float((hysac.encode_text(input_ids[:count]) - hysac.encode_text(input_ids_77[:count])).abs().max())
 
 
 def _features(output):
@@ -152,67 +142,92 @@ def _features(output):
     return output if hasattr(output, "shape") else output.pooler_output
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    maybe_reexec(args)
+    maybe_reexec(args.device, args.reexec)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    import torch
     from tqdm import tqdm
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    clip, hysac, authors, config = build_models(args.size, args.seed)
-    pixel_values, input_ids = make_inputs(config, args.image_batch, args.text_batch, args.seed)
+    started = time.perf_counter()
+    models = build_models(args)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    generator = torch.Generator().manual_seed(args.seed)
+    image_size = models["config"].vision_config.image_size
+    pixel_values = torch.randn(args.image_batch, 3, image_size, image_size, generator=generator).to(args.device, dtype)
+    text_generator_state = generator.get_state()
+    input_ids = caption_ids(args.text_batch, generator).to(args.device)  # padded to the longest caption
+    generator.set_state(text_generator_state)
+    input_ids_77 = caption_ids(args.text_batch, generator, pad_to=MAX_TEXT_TOKENS).to(args.device)  # same captions
+    if not torch.equal(input_ids_77[:, : input_ids.shape[1]], input_ids):
+        raise AssertionError("the 77-token batch must hold the same captions as the padded-to-longest one")
+    pad_diff = {"fp32": padding_difference(models["HySAC"], input_ids, input_ids_77)}
+    for name in ("CLIP", "HySAC", AUTHORS):
+        if name in models:
+            models[name] = models[name].to(dtype)  # HySAC's four scalars stay float32
+    clip, hysac = models["CLIP"], models["HySAC"]
+    if dtype != torch.float32:
+        pad_diff[args.dtype] = padding_difference(hysac, input_ids, input_ids_77)
 
     variants = {
         ("image", "CLIP"): lambda: _features(clip.get_image_features(pixel_values=pixel_values)),
         ("image", "HySAC"): lambda: hysac.encode_image(pixel_values),
-        ("image", "authors (PEFT)"): lambda: authors.encode_image(pixel_values),
         ("text", "CLIP"): lambda: _features(clip.get_text_features(input_ids=input_ids)),
         ("text", "HySAC"): lambda: hysac.encode_text(input_ids),
-        ("text", "authors (PEFT)"): lambda: authors.encode_text(input_ids),
+        ("text", HYSAC_77): lambda: hysac.encode_text(input_ids_77),
     }
+    if AUTHORS in models:
+        authors = models[AUTHORS]
+        variants[("image", AUTHORS)] = lambda: authors.encode_image(pixel_values)
+        variants[("text", AUTHORS)] = lambda: authors.encode_text(input_ids)
+    batch = {"image": args.image_batch, "text": args.text_batch}
+
     with torch.inference_mode():
         # Sanity: same towers, so HySAC's unlifted features equal CLIP's and its embeddings equal the authors'.
         diffs = {
-            "HySAC vs CLIP image features": (
-                hysac.encode_image(pixel_values, lift=False)
-                - _features(clip.get_image_features(pixel_values=pixel_values))
-            ),
-            "HySAC vs authors image embeds": variants[("image", "HySAC")]() - variants[("image", "authors (PEFT)")](),
-            "HySAC vs authors text embeds": variants[("text", "HySAC")]() - variants[("text", "authors (PEFT)")](),
+            "HySAC vs CLIP image features": hysac.encode_image(pixel_values, lift=False)
+            - _features(clip.get_image_features(pixel_values=pixel_values)).float(),
         }
+        if AUTHORS in models:
+            diffs["HySAC vs authors image embeds"] = variants[("image", "HySAC")]() - variants[("image", AUTHORS)]()
+            diffs["HySAC vs authors text embeds"] = variants[("text", "HySAC")]() - variants[("text", AUTHORS)]()
         for name, diff in diffs.items():
             logger.info("sanity: max |%s| = %.2e", name, float(diff.abs().max()))
+        flops = {key: count_flops(fn) / batch[key[0]] for key, fn in variants.items()}
+        logger.info("built and checked in %.1f s", time.perf_counter() - started)
         times: dict[tuple[str, str], list[float]] = {key: [] for key in variants}
-        total = args.warmup + args.rounds
-        for round_index in tqdm(range(total), desc=f"Benchmarking ({args.size})"):
+        for round_index in tqdm(range(args.warmup + args.rounds), desc=f"Benchmarking ({args.size})"):
             order = list(variants)
             if round_index % 2:  # alternate the order so no variant always follows the same one
                 order.reverse()
             for key in order:
+                sync(args.device)
                 start = time.perf_counter()
                 variants[key]()
-                elapsed = time.perf_counter() - start
+                sync(args.device)
                 if round_index >= args.warmup:
-                    times[key].append(elapsed)
+                    times[key].append(time.perf_counter() - start)
 
-    batch = {"image": args.image_batch, "text": args.text_batch}
-    results = {
+    peak = peak_tflops(args.device, args.peak_tflops)
+    import transformers
+
+    results: dict[str, Any] = {
         "size": args.size,
+        "device": device_name(args.device),
+        "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "rounds": args.rounds,
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
         "batch": batch,
+        "text_tokens": {"longest": input_ids.shape[1], "max_length": MAX_TEXT_TOKENS},
+        "peak_tflops": peak,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "pad_to_longest_max_abs_diff": pad_diff,
         "rows": [],
         "ratios": {},
+        "elapsed_s": time.perf_counter() - started,
     }
-    lines = [
-        f"bench_inference: size={args.size} images/batch={args.image_batch} texts/batch={args.text_batch} "
-        f"rounds={args.rounds} threads={torch.get_num_threads()} "
-        f"GLIBC_TUNABLES={'set' if os.environ.get('GLIBC_TUNABLES') else 'unset'} torch={torch.__version__}",
-        f"{'modality':<8} {'variant':<16} {'min s':>8} {'median s':>9} {'items/s (min)':>14} {'items/s (median)':>17}",
-    ]
     for (modality, name), values in times.items():
         best, median = min(values), statistics.median(values)
         results["rows"].append(
@@ -221,29 +236,61 @@ def main(argv: list[str] | None = None) -> dict:
                 "variant": name,
                 "min_s": best,
                 "median_s": median,
-                "items_per_s_min": batch[modality] / best,
+                "items_per_s_min_time": batch[modality] / best,
                 "items_per_s_median": batch[modality] / median,
+                "gflop_per_item": flops[(modality, name)] / 1e9,
+                "mfu_median": mfu(flops[(modality, name)] * batch[modality], median, peak),
             }
         )
-        lines.append(
-            f"{modality:<8} {name:<16} {best:>8.3f} {median:>9.3f} {batch[modality] / best:>14.1f} "
-            f"{batch[modality] / median:>17.1f}"
-        )
-    lines.append(
-        "throughput ratios (>1 = HySAC faster): by min / by median / median of per-round ratios (robust to drift)"
-    )
-    for modality in ("image", "text"):
-        for other, label in (("CLIP", "HySAC/CLIP"), ("authors (PEFT)", "HySAC/authors")):
-            ours, theirs = times[(modality, "HySAC")], times[(modality, other)]
-            by_min = min(theirs) / min(ours)
-            by_median = statistics.median(theirs) / statistics.median(ours)
-            paired = statistics.median(t / o for t, o in zip(theirs, ours))
-            results["ratios"][f"{modality} {label}"] = {"min": by_min, "median": by_median, "paired": paired}
-            lines.append(f"  {modality:<6} {label:<14} {by_min:6.3f} / {by_median:6.3f} / {paired:6.3f}")
-    print("\n".join(lines))
+    comparisons = [
+        ("image", "HySAC", "CLIP", "HySAC/CLIP"),
+        ("text", "HySAC", "CLIP", "HySAC/CLIP"),
+        ("text", "HySAC", HYSAC_77, f"longest/{MAX_TEXT_TOKENS} tokens"),
+    ]
+    if AUTHORS in models:
+        comparisons += [("image", "HySAC", AUTHORS, "HySAC/authors"), ("text", "HySAC", AUTHORS, "HySAC/authors")]
+    for modality, ours_name, other, label in comparisons:
+        ours, theirs = times[(modality, ours_name)], times[(modality, other)]
+        results["ratios"][f"{modality} {label}"] = {
+            "min": min(theirs) / min(ours),
+            "median": statistics.median(theirs) / statistics.median(ours),
+            "paired": statistics.median(t / o for t, o in zip(theirs, ours)),
+        }
+    print(format_table(results))
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def format_table(results: dict[str, Any]) -> str:
+    batch, tokens = results["batch"], results["text_tokens"]
+    pad_diffs = ", ".join(f"{k} {v:.2e}" for k, v in results["pad_to_longest_max_abs_diff"].items())
+    lines = [
+        (
+            f"bench_inference: size={results['size']} device={results['device']} dtype={results['dtype']} "
+            f"images/batch={batch['image']} texts/batch={batch['text']} rounds={results['rounds']} "
+            f"torch={results['torch']} transformers={results['transformers']}"
+        ),
+        (
+            f"texts: captions of 10-20 tokens padded to the longest ({tokens['longest']} tokens), '{HYSAC_77}' the "
+            f"same captions padded to {tokens['max_length']}; max |embeds(longest) - embeds(77)|: {pad_diffs}; "
+            f"MFU against {format_optional(results['peak_tflops'], 'g')} TFLOP/s"
+        ),
+        (
+            f"{'modality':<8} {'variant':<16} {'min s':>8} {'median s':>9} {'items/s (min)':>14} "
+            f"{'items/s (median)':>17} {'GFLOP/item':>10} {'MFU':>6}"
+        ),
+    ]
+    for row in results["rows"]:
+        lines.append(
+            f"{row['modality']:<8} {row['variant']:<16} {row['min_s']:>8.4f} {row['median_s']:>9.4f} "
+            f"{row['items_per_s_min_time']:>14.1f} {row['items_per_s_median']:>17.1f} {row['gflop_per_item']:>10.3f} "
+            f"{format_optional(row['mfu_median'], '.1%'):>6}"
+        )
+    lines.append("throughput ratios (>1 = the first faster): by min / by median / median of per-round ratios")
+    for name, value in results["ratios"].items():
+        lines.append(f"  {name:<24} {value['min']:6.3f} / {value['median']:6.3f} / {value['paired']:6.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -16,5 +16,29 @@ AutoModel.register(HySACConfig, HySACModel, exist_ok=True)
 AutoModelForZeroShotImageClassification.register(HySACConfig, HySACModel, exist_ok=True)
 AutoProcessor.register(HySACConfig, HySACProcessor, exist_ok=True)
 
+
+def _register_pipelines() -> None:
+    """Make `pipeline("unsafe-content-detection" | "safe-retrieval", model=<a HySACModel object>, processor=...)` work
+    with hysac_hf imported (a saved folder declares them in `config.custom_pipelines` for `trust_remote_code`)."""
+    from transformers import pipelines
+
+    from .modeling.pipeline_hysac import (
+        DETECTION_TASK,
+        RETRIEVAL_TASK,
+        SafeRetrievalPipeline,
+        UnsafeContentDetectionPipeline,
+    )
+
+    for task, pipeline_class in (
+        (DETECTION_TASK, UnsafeContentDetectionPipeline),
+        (RETRIEVAL_TASK, SafeRetrievalPipeline),
+    ):
+        pipelines.PIPELINE_REGISTRY.register_pipeline(
+            task, pipeline_class=pipeline_class, pt_model=AutoModel, type="multimodal"
+        )
+
+
+_register_pipelines()
+
 __version__ = "0.1.0"
 __all__ = ["HySACConfig", "HySACModel", "HySACOutput", "HySACProcessor", "__version__"]

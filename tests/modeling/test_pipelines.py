@@ -737,3 +737,21 @@ def test_pipelines_load_without_hysac_hf(folder, model, processor, photos, tmp_p
         {"index": r["index"], "distance": pytest.approx(r["distance"], abs=ATOL)}
         for r in got["redirect"][0]["results"][:2]
     ]
+
+
+def test_in_memory_models_work_with_pipeline_when_hysac_hf_is_imported(hysac, processor):
+    """A model object (not a folder) has no config.custom_pipelines to read: hysac_hf registers both tasks."""
+    from transformers import pipeline
+
+    hysac.config.unsafe_thresholds = {"image": 1.0, "text": 1.0}
+    detector = pipeline("unsafe-content-detection", model=hysac, processor=processor)
+    texts = ["a photo of a cat", "a rocket on a launch pad"]
+    labels = detector(text=texts)
+    ids = processor(text=texts, return_tensors="pt")
+    with torch.no_grad():
+        expected = hysac.distance_to_root(hysac.encode_text(ids["input_ids"], ids["attention_mask"]))
+    assert [r["score"] for r in labels] == pytest.approx(expected.tolist(), abs=1e-5)
+    assert [r["label"] for r in labels] == ["unsafe" if d > 1.0 else "safe" for d in expected.tolist()]
+    retriever = pipeline("safe-retrieval", model=hysac, processor=processor)
+    hit = retriever("a photo of a cat", gallery=texts + ["a cup of coffee"], top_k=1, policy="retain")
+    assert hit["results"][0]["index"] == 0 and hit["redirected"] is False

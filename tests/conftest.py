@@ -23,6 +23,16 @@ from hysac_hf.testing import SAMPLE_CAPTIONS, TINY_BOUNDS, make_tiny_clip, sampl
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def pytest_collection_modifyitems(config, items):
+    """scripts/test.sh runs the suite on two transformers lines; tests marked `main_line` (whose behaviour does not
+    depend on the line: multi-process launches, packaging, the browser) run on the first only."""
+    if os.environ.get("HYSAC_SECOND_LINE"):
+        skip = pytest.mark.skip(reason="main_line test: run on the main transformers line only (scripts/test.sh)")
+        for item in items:
+            if "main_line" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def restore_logging():
     """Commands configure logging for their console (`hysac_hf.cli.setup_logging`); undo it after each test, so a

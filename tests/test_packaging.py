@@ -11,7 +11,7 @@ import pytest
 
 from hysac_hf.testing import REPO_ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.main_line]
 
 
 @pytest.fixture(scope="module")

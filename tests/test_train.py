@@ -337,6 +337,7 @@ def test_push_to_hub_uploads_the_export_in_one_commit(tiny_clip_dir, tmp_path, m
 
 
 @pytest.mark.slow
+@pytest.mark.main_line
 def test_accelerate_launch_prints_the_epoch_summary_on_the_console(tiny_clip_dir, tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--cpu"]
     command += ["--mixed_precision", "no", "--dynamo_backend", "no", str(REPO_ROOT / "train.py")]
@@ -414,6 +415,7 @@ def _count_host_syncs(monkeypatch) -> dict[str, int]:
 
 
 @pytest.mark.slow
+@pytest.mark.main_line
 def test_training_steps_do_not_synchronise_with_the_host(tiny_clip_dir, tmp_path, monkeypatch):
     """The syncs of a run do not grow with its number of steps: loss terms, the non-finite guard and the
     progress bar reach the host only at logging steps, checkpoints and epoch ends (none in between here)."""
@@ -429,6 +431,7 @@ def test_training_steps_do_not_synchronise_with_the_host(tiny_clip_dir, tmp_path
 
 
 @pytest.mark.slow
+@pytest.mark.main_line
 def test_compiled_training_matches_eager(tiny_clip_dir, tmp_path):
     """--torch_compile (dynamo + AOTAutograd; inductor's code generation takes minutes on 2 CPU cores) trains the
     same model as eager, resumes like it, and exports no compile wrapper."""

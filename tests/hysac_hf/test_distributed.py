@@ -56,6 +56,7 @@ def test_outside_a_process_group_gather_is_identity():
 
 
 @pytest.mark.slow
+@pytest.mark.main_line
 def test_two_processes_match_one_process_with_the_global_batch(tmp_path):
     reports = launch(tmp_path)
     report = reports["global"]

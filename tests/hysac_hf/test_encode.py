@@ -199,6 +199,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.main_line
 def test_two_processes_write_the_same_cache_as_one(hysac, processor, tmp_path):
     """`accelerate launch --num_processes 2 hysac-eval embed ...` (CPU, gloo) equals one process, rows in order."""
     model_dir = tmp_path / "model"

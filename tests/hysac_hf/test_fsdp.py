@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from hysac_hf import HySACModel
 from hysac_hf.testing import REPO_ROOT
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.main_line]
 
 SCRIPT = Path(__file__).with_name("fsdp_train_script.py")
 FSDP_CPU_CONFIG = """\

@@ -638,6 +638,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.main_line
 def test_two_processes_build_the_same_index_as_one(model_dir, photo_folder, tmp_path):
     """`accelerate launch --num_processes 2 -m hysac_hf.index.cli build ...` (CPU, gloo) equals one process."""
     folder, ordered, relative = photo_folder

@@ -447,7 +447,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mark = phase("build", started)
     peak = peak_tflops(args.device, args.peak_tflops)
 
+    import transformers
+
     rows, ratios = [], {}
+    results = {
+        "size": args.size,
+        "device": device_name(args.device),
+        "dtype": args.dtype,
+        "batch_sizes": args.batch_sizes,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "compile": {"backend": args.compile_backend, "mode": args.compile_mode},
+        "peak_tflops": peak,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "rows": rows,
+        "ratios": ratios,
+        "phases_s": phases,
+    }
     for batch_size in args.batch_sizes:
         for step in steps.values():
             step.batch = batches[batch_size]
@@ -508,25 +525,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "paired_median": statistics.median(e / c for e, c in zip(eager, compiled)),
                     "of_minima": min(eager) / min(compiled),
                 }
+        # Partial results as each batch size finishes, so that a run cut short by a time limit still reports.
+        logger.info("results so far:\n%s", format_table(results))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
     phases["total"] = time.perf_counter() - started
-
-    import transformers
-
-    results = {
-        "size": args.size,
-        "device": device_name(args.device),
-        "dtype": args.dtype,
-        "batch_sizes": args.batch_sizes,
-        "rounds": args.rounds,
-        "warmup": args.warmup,
-        "compile": {"backend": args.compile_backend, "mode": args.compile_mode},
-        "peak_tflops": peak,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "rows": rows,
-        "ratios": ratios,
-        "phases_s": phases,
-    }
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

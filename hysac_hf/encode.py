@@ -21,7 +21,6 @@ safetensors file's SHA-256, and a free-form source description).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from .atomic import write_folder_atomically
 from .cli import UsageError
 from .data.collate import ItemCollator, QuadrupletCollator
 from .modeling.configuration_hysac import CONTENT, CONTENT_KINDS, content_kind
+from .modeling.pipeline_hysac import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class EmbeddingCache:
                 "num_rows": self.num_rows,
                 "dim": self.dim,
                 "kinds": sorted(tensors),
-                "sha256": _sha256(folder / CACHE_FILE),
+                "sha256": sha256_file(folder / CACHE_FILE),
                 "source": self.source,
             }
             (folder / META_FILE).write_text(json.dumps(meta, indent=1))
@@ -153,7 +153,7 @@ class EmbeddingCache:
         except json.JSONDecodeError as error:
             raise UsageError(f"{directory / META_FILE} is not valid JSON ({error}); re-create the cache") from None
         expected_sha = meta.get("sha256")
-        if expected_sha is not None and _sha256(directory / CACHE_FILE) != expected_sha:
+        if expected_sha is not None and sha256_file(directory / CACHE_FILE) != expected_sha:
             raise UsageError(
                 f"{directory / CACHE_FILE} does not match its {META_FILE} (checksum differs): the folder mixes two "
                 "caches or the file is corrupt; re-create it with 'hysac-eval embed'"
@@ -188,14 +188,6 @@ class EmbeddingCache:
             )
         except (KeyError, ValueError) as error:
             raise UsageError(f"{directory} is not a valid embedding cache: {error}") from None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------------------

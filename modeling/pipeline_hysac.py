@@ -24,9 +24,36 @@ transformers ships it): transformers 4 copies a local folder's remote code one i
 only this file needed would be missing when `AutoModel` loads the folder.
 
 Retrieval ranks by Lorentz distance computed in float64 on the CPU, nearest first, equal distances in gallery
-order: the same ranking as a brute-force float64 search. A saved gallery index (format 1, written by
-`hysac_hf.index`) is read here without `hysac_hf` (:func:`load_gallery_index`): its checksum, curvature and
-model probe are checked before any search.
+order: the same ranking as a brute-force float64 search.
+
+The saved gallery index folder (format 1) is defined here, once: its file names, fields, model probe and
+tolerances, and its readers, which need no `hysac_hf`: :func:`read_index_folder` checks the folder's parts without a
+model (`index.json` fields, checksum, shapes, finite values, metadata lines), :func:`check_index_model` checks a
+model against it (dimension, curvature, probe), :func:`read_faiss_index` reads its optional FAISS file, and
+:func:`load_gallery_index` composes them for the pipeline. `hysac_hf.index` writes the folder and reads it through
+these functions (turning their `ValueError` into its `UsageError`).
+
+```
+index_dir/
+  index.json              {"format": 1, "modality": "image"|"text", "count": N, "dim": D, "curvature": c,
+                           "model": name_or_path, "model_probe": [[...], [...]],
+                           "faiss": {"type": "ivf", "params": {...}, "sha256": ...} or null,
+                           "embeddings_sha256": ..., "metadata": "metadata.jsonl",
+                           "bounds": {"S"|"V"|"U"|"G": {"avg", "up_95", "low_05"}} or null,
+                           "traversal_offset": float or null}
+  embeddings.safetensors  {"embeddings": (N, D) float32 hyperboloid space components, row i = item i}
+  metadata.jsonl          one JSON object per item, row i = item i
+  faiss.index             only when "faiss" is not null: faiss.write_index of the search structure over
+                          mips_pool_vectors(embeddings, curvature) (queries: mips_query_vectors)
+```
+
+`"faiss": null` means exact search. `"bounds"` and `"traversal_offset"` are the embedding model's `config.bounds`
+and `config.traversal_offset` at build time (what the `redirect` policy needs when no model is at hand);
+`faiss.sha256` guards the FAISS file as `embeddings_sha256` guards the embeddings. `model_probe` fingerprints the
+embedding model: `encode_text` of `PROBE_TEXTS`, rounded to `PROBE_DECIMALS` decimals. A reader holding a model
+recomputes it and refuses an index built with another model (max abs difference above
+`PROBE_TOLERANCE * (1 + max abs stored value)`) or another curvature (relative difference above
+`CURVATURE_TOLERANCE`).
 """
 
 from __future__ import annotations
@@ -36,19 +63,19 @@ import json
 import math
 import numbers
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import safe_open
 from torch import Tensor
 from transformers import Pipeline
 from transformers.utils import logging
 
-from .configuration_hysac import BOUND_STATS, MODALITIES
+from .configuration_hysac import BOUND_STATS, MODALITIES, validate_bounds
 from .lorentz import mips_query_vectors, pairwise_dist
 from .traversal import METHODS
 
@@ -66,14 +93,18 @@ DEFAULT_GALLERY_BATCH_SIZE = 32
 # Gallery rows ranked at once: a (queries, RANK_CHUNK) float64 block of distances.
 RANK_CHUNK = 65_536
 
-# The saved gallery index folder, format 1 (hysac_hf.index writes it; load_gallery_index reads it).
+# The saved gallery index folder, format 1: defined here, once. hysac_hf.index writes it and reads it through the
+# functions below (wrapping their ValueError in its UsageError); the pipeline reads it with load_gallery_index.
 INDEX_FORMAT = 1
 INDEX_FILE = "index.json"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 EMBEDDINGS_KEY = "embeddings"
+METADATA_FILE = "metadata.jsonl"
 FAISS_FILE = "faiss.index"
+REQUIRED_FIELDS = ("format", "modality", "count", "dim", "curvature", "model_probe", "embeddings_sha256")
 # The model probe: `encode_text` of these texts identifies the model that embedded a gallery.
 PROBE_TEXTS = ("a photo of a cat", "an empty street at night")
+PROBE_DECIMALS = 6  # the writer rounds the stored probe to this many decimals
 PROBE_TOLERANCE = 1e-3  # max abs difference allowed: PROBE_TOLERANCE * (1 + max abs value); device/dtype noise
 CURVATURE_TOLERANCE = 1e-5  # relative
 REBUILD_HINT = (
@@ -348,12 +379,176 @@ class Gallery:
         return self.embeddings.shape[0]
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks, as a hex string."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _corrupt(folder: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"the gallery index {folder} is corrupt: {problem}; rebuild it with `hysac-index build` or restore a copy"
+    )
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error message (FAISS errors carry a C++ stack)."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _finite_number(value: Any, name: str, folder: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _corrupt(folder, f"{INDEX_FILE} field {name!r} = {value!r} is not a finite number")
+    return float(value)
+
+
+def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
+    """`index.json` of a gallery index folder, with its fields checked (types and ranges, not the other files).
+
+    Checks: format 1; every field of `REQUIRED_FIELDS`; `modality` one of `MODALITIES`; `count` and `dim`
+    non-negative integers; `curvature` finite and positive; `model_probe` null or `(len(PROBE_TEXTS), dim)` finite
+    numbers; `faiss` null or `{"type": str, "params": {...}}`; `metadata` null or a plain file name; `bounds`
+    (:func:`validate_bounds`, returned as floats) and `traversal_offset` (a finite number) when present.
+
+    Raises:
+        ValueError: not an index folder, unreadable JSON, another format, or a missing or malformed field.
+    """
+    folder = Path(folder)
+    path = folder / INDEX_FILE
+    if not path.is_file():
+        raise ValueError(
+            f"{folder} is not a saved gallery index (no {INDEX_FILE}); build one with "
+            "`hysac-index build --model MODEL --images DIR --output INDEX_DIR`"
+        )
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _corrupt(folder, f"{INDEX_FILE} is not readable JSON ({error})") from None
+    if not isinstance(info, dict):
+        raise _corrupt(folder, f"{INDEX_FILE} holds a {type(info).__name__}, not an object")
+    missing = [key for key in REQUIRED_FIELDS if key not in info]
+    if "format" not in missing and info["format"] != INDEX_FORMAT:  # another format may have other fields
+        raise ValueError(
+            f"the gallery index {folder} has format {info['format']!r}; this code reads format {INDEX_FORMAT}: "
+            "rebuild it with `hysac-index build`, or use the hysac_hf and model code that wrote it"
+        )
+    if missing:
+        raise _corrupt(folder, f"{INDEX_FILE} lacks {missing}")
+    if info["modality"] not in MODALITIES:
+        raise _corrupt(folder, f"modality {info['modality']!r} is not one of {list(MODALITIES)}")
+    for name in ("count", "dim"):
+        value = info[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise _corrupt(folder, f"{INDEX_FILE} field {name!r} = {value!r} is not a non-negative integer")
+    if _finite_number(info["curvature"], "curvature", folder) <= 0:
+        raise _corrupt(folder, f"curvature {info['curvature']} is not positive")
+    if info["model_probe"] is not None:
+        try:
+            probe = torch.as_tensor(info["model_probe"], dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise _corrupt(folder, "model_probe is not a list of lists of numbers") from None
+        if probe.shape != (len(PROBE_TEXTS), info["dim"]) or not bool(torch.isfinite(probe).all()):
+            raise _corrupt(
+                folder,
+                f"model_probe has shape {tuple(probe.shape)}, expected ({len(PROBE_TEXTS)}, {info['dim']}) "
+                "finite numbers",
+            )
+    faiss_info = info.get("faiss")
+    if faiss_info is not None and (
+        not isinstance(faiss_info, dict)
+        or not isinstance(faiss_info.get("type"), str)
+        or not isinstance(faiss_info.get("params", {}), dict)
+    ):
+        raise _corrupt(folder, f"{INDEX_FILE} field 'faiss' = {faiss_info!r} is not {{'type': str, 'params': {{}}}}")
+    if info.get("metadata") is not None and (
+        not isinstance(info["metadata"], str) or Path(info["metadata"]).name != info["metadata"]
+    ):
+        raise _corrupt(folder, f"{INDEX_FILE} field 'metadata' = {info['metadata']!r} is not a file name")
+    try:
+        info["bounds"] = validate_bounds(info.get("bounds"))
+    except ValueError as error:
+        raise _corrupt(folder, f"its bounds are invalid: {error}") from None
+    if info.get("traversal_offset") is not None:
+        info["traversal_offset"] = _finite_number(info["traversal_offset"], "traversal_offset", folder)
+    return info
+
+
+def read_metadata(folder: str | os.PathLike, name: str | None, count: int) -> list[dict[str, Any]]:
+    """The metadata file `name` of an index folder: exactly `count` lines, each a JSON object (`count` empty
+    objects when `name` is None).
+
+    Raises:
+        ValueError: a missing or unreadable file, another number of lines, or a line that is not a JSON object.
+    """
+    folder = Path(folder)
+    if name is None:
+        return [{} for _ in range(count)]
+    path = folder / name
+    if not path.is_file():
+        raise _corrupt(folder, f"its metadata file {name} is missing")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise _corrupt(folder, f"{name} is not readable UTF-8 text ({error})") from None
+    if len(lines) != count:
+        raise _corrupt(folder, f"{name} has {len(lines)} lines for {count} items")
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise _corrupt(folder, f"line {number} of {name} is not JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise _corrupt(folder, f"line {number} of {name} is not a JSON object")
+        rows.append(row)
+    return rows
+
+
+def read_index_folder(folder: str | os.PathLike) -> tuple[Tensor, dict[str, Any], list[dict[str, Any]]]:
+    """Read a gallery index folder (format 1) and check that its parts belong together. Needs no model, no FAISS.
+
+    Checks, in order: `index.json` (:func:`read_index_json`), `embeddings.safetensors` present with the SHA-256
+    recorded in `embeddings_sha256`, holding one float32 tensor `"embeddings"` of shape `(count, dim)`, `count >= 1`,
+    finite values, and the metadata file (:func:`read_metadata`). `faiss.index` is not read here
+    (:func:`read_faiss_index` reads it).
+
+    Returns:
+        `(embeddings, info, metadata_rows)`: the `(count, dim)` float32 embeddings, the parsed `index.json`, and
+        `count` metadata dicts (row `i` describes item `i`).
+    Raises:
+        ValueError: not an index folder, a corrupt one (what is wrong, and to rebuild it) or an empty one.
+    """
+    folder = Path(folder)
+    info = read_index_json(folder)
+    path = folder / EMBEDDINGS_FILE
+    if not path.is_file():
+        raise _corrupt(folder, f"{EMBEDDINGS_FILE} is missing")
+    if sha256_file(path) != info["embeddings_sha256"]:
+        raise _corrupt(folder, f"the SHA-256 of {EMBEDDINGS_FILE} differs from the one in {INDEX_FILE}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+            embeddings = handle.get_tensor(EMBEDDINGS_KEY) if keys == [EMBEDDINGS_KEY] else None
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for unreadable files
+        raise _corrupt(folder, f"{EMBEDDINGS_FILE} is not readable ({type(error).__name__}: {error})") from None
+    if embeddings is None:
+        raise _corrupt(folder, f"{EMBEDDINGS_FILE} holds {keys}, expected only {EMBEDDINGS_KEY!r}")
+    count, dim = info["count"], info["dim"]
+    if tuple(embeddings.shape) != (count, dim) or embeddings.dtype != torch.float32:
+        raise _corrupt(
+            folder,
+            f"the embeddings are {tuple(embeddings.shape)} {embeddings.dtype}, {INDEX_FILE} says ({count}, {dim}) "
+            "float32",
+        )
+    if count == 0:
+        raise ValueError(f"the gallery index {folder} is empty (0 items); rebuild it from at least one item")
+    if not bool(torch.isfinite(embeddings).all()):
+        raise _corrupt(folder, "the embeddings contain NaN or infinite values")
+    return embeddings, info, read_metadata(folder, info.get("metadata"), count)
 
 
 def model_probe(model: Any, tokenizer: Any) -> Tensor:
@@ -370,89 +565,27 @@ def model_probe(model: Any, tokenizer: Any) -> Tensor:
     return probe.float().cpu()
 
 
-def _corrupt(folder: Path, problem: str) -> ValueError:
-    return ValueError(
-        f"the gallery index {folder} is corrupt: {problem}; rebuild it (`hysac-index build`) or restore a copy"
-    )
+def check_index_model(
+    info: dict[str, Any], model: Any, probe: Callable[[], Tensor], folder: str | os.PathLike = "(unnamed)"
+) -> None:
+    """Refuse a model other than the one that embedded the index: its dimension, its curvature, then its probe.
 
-
-def load_gallery_index(folder: str | os.PathLike, model: Any, tokenizer: Any) -> Gallery:
-    """Read a saved gallery index folder (format 1) and check that `model` can search it.
-
-    Checks, in order: `index.json` (format, fields), the SHA-256 of `embeddings.safetensors`, the embeddings'
-    shape against the recorded count and dimension, the metadata lines, the model's dimension and curvature, and
-    the model probe (`encode_text` of `PROBE_TEXTS`, recomputed with `model` and `tokenizer`). FAISS is not needed.
-
+    Args:
+        info: the checked `index.json` (:func:`read_index_json`).
+        model: the HySAC model that will search the index (`config.projection_dim`, `curvature`).
+        probe: computes the model's `(len(PROBE_TEXTS), D)` probe embeddings; called only when the index stores a
+            probe and the dimension and curvature agree.
+        folder: the index folder, for the messages.
     Raises:
-        ValueError: a folder that is not an index, a corrupt one (checksum, shapes, metadata), an empty one, or one
-            built with another model or curvature, each saying what to do.
+        ValueError: saying which check failed and what to do. An index without a probe (built from bare embeddings)
+            passes on its dimension and curvature, with a warning.
     """
-    folder = Path(folder)
-    index_file = folder / INDEX_FILE
-    if not index_file.is_file():
-        raise ValueError(
-            f"{folder} is not a saved gallery index (no {INDEX_FILE}); build one with `hysac-index build`, or pass the "
-            "gallery as a list of images or texts, or as an (N, D) embedding tensor with gallery_modality="
-        )
-    try:
-        info = json.loads(index_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _corrupt(folder, f"{INDEX_FILE} is not readable JSON ({error})") from None
-    if not isinstance(info, dict):
-        raise _corrupt(folder, f"{INDEX_FILE} holds a {type(info).__name__}, not an object")
-    if info.get("format") != INDEX_FORMAT:
-        raise ValueError(
-            f"the gallery index {folder} has format {info.get('format')!r}; this pipeline reads format {INDEX_FORMAT}: "
-            "rebuild the index with the hysac_hf that matches this model's code"
-        )
-    required = ("modality", "count", "dim", "curvature", "model_probe", "embeddings_sha256")
-    missing = [key for key in required if key not in info]
-    if missing:
-        raise _corrupt(folder, f"{INDEX_FILE} lacks {missing}")
-    modality = info["modality"]
-    if modality not in MODALITIES:
-        raise _corrupt(folder, f"modality {modality!r} is not one of {list(MODALITIES)}")
-    embeddings_file = folder / EMBEDDINGS_FILE
-    if not embeddings_file.is_file():
-        raise _corrupt(folder, f"{EMBEDDINGS_FILE} is missing")
-    if _sha256(embeddings_file) != info["embeddings_sha256"]:
-        raise _corrupt(folder, f"the SHA-256 of {EMBEDDINGS_FILE} differs from the one in {INDEX_FILE}")
-    try:
-        embeddings = load_file(str(embeddings_file))[EMBEDDINGS_KEY]
-    except (KeyError, SafetensorError) as error:  # a checksum-valid but unreadable file: written that way
-        raise _corrupt(folder, f"{EMBEDDINGS_FILE} has no readable {EMBEDDINGS_KEY!r} tensor ({error})") from None
-    count, dim = info["count"], info["dim"]
-    if tuple(embeddings.shape) != (count, dim):
-        raise _corrupt(folder, f"embeddings have shape {tuple(embeddings.shape)}, {INDEX_FILE} says ({count}, {dim})")
-    if count == 0:
-        raise ValueError(f"the gallery index {folder} is empty (0 items); add items to it before searching")
-    embeddings = embeddings.float()
-    if not bool(torch.isfinite(embeddings).all()):
-        raise _corrupt(folder, "embeddings contain NaN or infinite values")
-
-    metadata = None
-    if info.get("metadata"):
-        metadata_file = folder / info["metadata"]
-        if not metadata_file.is_file():
-            raise _corrupt(folder, f"its metadata file {info['metadata']} is missing")
-        lines = metadata_file.read_text(encoding="utf-8").splitlines()
-        if len(lines) != count:
-            raise _corrupt(folder, f"{info['metadata']} has {len(lines)} lines for {count} items")
-        metadata = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise _corrupt(folder, f"line {number} of {info['metadata']} is not JSON ({error})") from None
-            if not isinstance(row, dict):
-                raise _corrupt(folder, f"line {number} of {info['metadata']} is not a JSON object")
-            metadata.append(row)
-
     built_with = info.get("model") or "another model"
-    if dim != model.config.projection_dim:
+    dim = int(model.config.projection_dim)
+    if dim != info["dim"]:
         raise ValueError(
-            f"the gallery index {folder} holds {dim}-dimensional embeddings (built with {built_with}), this model "
-            f"embeds in {model.config.projection_dim} dimensions; {REBUILD_HINT}"
+            f"the gallery index {folder} holds {info['dim']}-dimensional embeddings (built with {built_with}); this "
+            f"model embeds in {dim} dimensions; {REBUILD_HINT}"
         )
     curvature = float(model.curvature.detach())
     if abs(float(info["curvature"]) - curvature) > CURVATURE_TOLERANCE * curvature:
@@ -460,38 +593,94 @@ def load_gallery_index(folder: str | os.PathLike, model: Any, tokenizer: Any) ->
             f"the gallery index {folder} was embedded at curvature {info['curvature']} (by {built_with}), this model's "
             f"curvature is {curvature}: distances between the two are meaningless; {REBUILD_HINT}"
         )
-    if info["model_probe"] is None:  # an index built from bare embeddings, without their model
+    if info.get("model_probe") is None:
         logger.warning(
-            f"The gallery index {folder} has no model probe (built from embeddings without a model): only its "
-            "dimension and curvature could be checked against this model."
+            "The gallery index %s has no model probe (built from embeddings without a model): only its dimension "
+            "and curvature could be checked against this model.",
+            folder,
         )
-        return _index_gallery(folder, info, embeddings, modality, metadata)
-    try:
-        stored = torch.as_tensor(info["model_probe"], dtype=torch.float64)
-    except (TypeError, ValueError, RuntimeError):
-        raise _corrupt(folder, "model_probe is not a list of lists of numbers") from None
-    probe = model_probe(model, tokenizer).double()
-    if stored.shape != probe.shape:
-        raise _corrupt(folder, f"model_probe has shape {tuple(stored.shape)}, expected {tuple(probe.shape)}")
-    difference = float((stored - probe).abs().max())
+        return
+    stored = torch.as_tensor(info["model_probe"], dtype=torch.float64)
+    difference = float((stored - torch.as_tensor(probe(), dtype=torch.float64)).abs().max())
     if difference > PROBE_TOLERANCE * (1 + float(stored.abs().max())):
         raise ValueError(
             f"the gallery index {folder} was embedded by {built_with}, not by this model (its probe embeddings differ "
             f"by up to {difference:.3g}); {REBUILD_HINT}"
         )
-    return _index_gallery(folder, info, embeddings, modality, metadata)
 
 
-def _index_gallery(folder: Path, info: dict, embeddings: Tensor, modality: str, metadata: list | None) -> Gallery:
-    faiss_info = info.get("faiss")  # null: exact search, no FAISS file; else {"type", "params", "sha256"}
-    if faiss_info is not None and not (folder / FAISS_FILE).is_file():
-        raise _corrupt(folder, f"{INDEX_FILE} names a FAISS index but {FAISS_FILE} is missing")
+def faiss_file(folder: str | os.PathLike, info: dict[str, Any]) -> Path | None:
+    """The index's `faiss.index`, or None when `index.json` names no FAISS index (exact search).
+
+    Raises:
+        ValueError: `index.json` names one and the file is missing.
+    """
+    if info.get("faiss") is None:
+        return None
+    path = Path(folder) / FAISS_FILE
+    if not path.is_file():
+        raise _corrupt(Path(folder), f"{INDEX_FILE} names a FAISS index but {FAISS_FILE} is missing")
+    return path
+
+
+def read_faiss_index(folder: str | os.PathLike, faiss_info: dict[str, Any], count: int, dim: int) -> Any:
+    """Read `faiss.index` (needs faiss) and check it against `index.json`: the SHA-256 in `faiss.sha256` (when
+    recorded), an inner-product index of `count` vectors of dimension `dim + 1` with `params.nlist` cells; `nprobe`
+    is set from `params.nprobe`.
+
+    Raises:
+        ValueError: a missing, altered or unreadable file, or one that does not fit the index.
+    """
+    import faiss
+
+    folder = Path(folder)
+    path = faiss_file(folder, {"faiss": faiss_info})
+    if faiss_info.get("sha256") and sha256_file(path) != faiss_info["sha256"]:
+        raise _corrupt(folder, f"the SHA-256 of {FAISS_FILE} differs from the one in {INDEX_FILE}")
+    try:
+        structure = faiss.read_index(str(path))
+    except RuntimeError as error:
+        raise _corrupt(folder, f"{FAISS_FILE} is not readable ({_first_line(error)})") from None
+    params = faiss_info.get("params", {})
+    nlist = params.get("nlist")
+    if (
+        structure.ntotal != count
+        or structure.d != dim + 1
+        or structure.metric_type != faiss.METRIC_INNER_PRODUCT
+        or getattr(faiss.try_extract_index_ivf(structure), "nlist", None) != nlist
+    ):
+        raise _corrupt(
+            folder,
+            f"{FAISS_FILE} holds {structure.ntotal} vectors of dimension {structure.d}, expected an inner-product "
+            f"index of {count} vectors of dimension {dim + 1} with {nlist} cells",
+        )
+    if params.get("nprobe") is not None and hasattr(structure, "nprobe"):
+        structure.nprobe = int(params["nprobe"])
+    return structure
+
+
+def load_gallery_index(folder: str | os.PathLike, model: Any, tokenizer: Any) -> Gallery:
+    """Read a saved gallery index folder (format 1) and check that `model` can search it.
+
+    Composes :func:`read_index_folder` (the folder's parts: `index.json`, the SHA-256, shape and values of the
+    embeddings, the metadata lines) and :func:`check_index_model` (the model's dimension and curvature, and its probe,
+    recomputed with `model` and `tokenizer`); a FAISS file named by `index.json` must exist, and is read only when
+    searched with `use_faiss=True`. FAISS is not needed.
+
+    Raises:
+        ValueError: a folder that is not an index, a corrupt one (checksum, shapes, metadata), an empty one, or one
+            built with another model or curvature, each saying what to do.
+    """
+    folder = Path(folder)
+    embeddings, info, metadata = read_index_folder(folder)
+    check_index_model(info, model, lambda: model_probe(model, tokenizer), folder)
+    path = faiss_file(folder, info)
     return Gallery(
         embeddings=embeddings,
-        modality=modality,
-        metadata=metadata,
-        faiss_path=str(folder / FAISS_FILE) if faiss_info is not None else None,
-        faiss_info=faiss_info,
+        modality=info["modality"],
+        metadata=metadata if info.get("metadata") is not None else None,
+        faiss_path=None if path is None else str(path),
+        faiss_info=info.get("faiss"),
         source=str(folder),
     )
 
@@ -527,28 +716,17 @@ def rank_gallery(queries: Tensor, embeddings: Tensor, curvature: float | Tensor,
 
 
 def _read_faiss(gallery: Gallery) -> Any:
-    """The gallery's saved FAISS index, read once and checked (its SHA-256, size and dimension)."""
-    if gallery.faiss_index is not None:
-        return gallery.faiss_index
-    try:
-        import faiss
-    except ImportError:
-        raise ValueError(
-            "use_faiss=True needs faiss: pip install faiss-cpu (or search exactly: use_faiss=False)"
-        ) from None
-    folder = Path(gallery.source)
-    expected = (gallery.faiss_info or {}).get("sha256")
-    if expected is not None and _sha256(Path(gallery.faiss_path)) != expected:
-        raise _corrupt(folder, f"the SHA-256 of {FAISS_FILE} differs from the one in {INDEX_FILE}")
-    index = faiss.read_index(gallery.faiss_path)
-    count, dim = gallery.embeddings.shape
-    if index.ntotal != count or index.d != dim + 1:
-        raise _corrupt(folder, f"{FAISS_FILE} holds {index.ntotal} vectors of {index.d}, expected {count} of {dim + 1}")
-    nprobe = (gallery.faiss_info or {}).get("params", {}).get("nprobe")
-    if nprobe is not None and hasattr(index, "nprobe"):
-        index.nprobe = int(nprobe)
-    gallery.faiss_index = index
-    return index
+    """The gallery's saved FAISS index, read once and checked (:func:`read_faiss_index`)."""
+    if gallery.faiss_index is None:
+        try:
+            import faiss  # noqa: F401 - read_faiss_index imports it; say here what to do without it
+        except ImportError:
+            raise ValueError(
+                "use_faiss=True needs faiss: pip install faiss-cpu (or search exactly: use_faiss=False)"
+            ) from None
+        count, dim = gallery.embeddings.shape
+        gallery.faiss_index = read_faiss_index(Path(gallery.source), gallery.faiss_info, count, dim)
+    return gallery.faiss_index
 
 
 def faiss_rank(gallery: Gallery, queries: Tensor, curvature: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
@@ -686,21 +864,14 @@ class SafeRetrievalPipeline(_HySACPipeline):
         if isinstance(raw, (list, tuple)):
             if not raw:
                 raise ValueError("the gallery is empty; pass at least one image or text")
-            kinds = {}
-            for position, item in enumerate(raw):
-                kind = "text" if isinstance(item, str) else "image" if _is_image(item) else None
-                if kind is None:
-                    raise ValueError(
-                        f"gallery[{position}] is a {type(item).__name__}; a gallery list holds images (PIL images or "
-                        "numpy arrays) or texts (strings); image files go in a saved index folder or are opened first"
-                    )
-                kinds.setdefault(kind, position)
-            if len(kinds) > 1:
-                raise ValueError(
-                    f"the gallery mixes images (first at {kinds['image']}) and texts (first at {kinds['text']}); "
-                    "search one modality per gallery"
-                )
-            modality = next(iter(kinds))
+            modality = _one_modality(
+                raw,
+                "gallery[{}]",
+                "a gallery list holds images (PIL images or numpy arrays) or texts (strings); image files go in a "
+                "saved index folder or are opened first",
+                "the gallery mixes",
+                "search one modality per gallery",
+            )
             if gallery_modality is not None and gallery_modality != modality:
                 raise ValueError(f"gallery_modality={gallery_modality!r}, but the gallery holds {modality}s")
             return Gallery(self.embed(list(raw), modality, batch_size), modality, source=f"a list of {modality}s")
@@ -732,7 +903,7 @@ class SafeRetrievalPipeline(_HySACPipeline):
         """`load_gallery_index`, reused while the folder's files are unchanged (same inode, size, mtime)."""
         folder = Path(folder).resolve()
         signature = [str(folder)]
-        for name in (INDEX_FILE, EMBEDDINGS_FILE, "metadata.jsonl", FAISS_FILE):
+        for name in (INDEX_FILE, EMBEDDINGS_FILE, METADATA_FILE, FAISS_FILE):
             try:
                 stat = (folder / name).stat()
                 signature.append((name, stat.st_ino, stat.st_size, stat.st_mtime_ns))
@@ -812,36 +983,62 @@ class SafeRetrievalPipeline(_HySACPipeline):
         }
 
 
-def _query_modality(queries: list) -> str:
-    """The one modality of a list of queries: strings are texts, PIL images and numpy arrays are images."""
+def _one_modality(items: list, label: str, accepted: str, mixed: str, fix: str) -> str:
+    """The one modality of a list of queries or gallery items: strings are texts, PIL images and numpy arrays are
+    images.
+
+    Raises:
+        ValueError: an item of another type (`label.format(position)`, then `accepted`), or a mix of images and
+            texts (`mixed`, the first position of each, then `fix`).
+    """
     kinds = {}
-    for position, item in enumerate(queries):
+    for position, item in enumerate(items):
         kind = "text" if isinstance(item, str) else "image" if _is_image(item) else None
         if kind is None:
-            raise ValueError(
-                f"query {position} is a {type(item).__name__}; a query is a text (str) or an image (PIL image or numpy "
-                "array). Open image files first (PIL.Image.open); to search with an embedding, rank it against "
-                "the gallery with rank_gallery"
-            )
+            raise ValueError(f"{label.format(position)} is a {type(item).__name__}; {accepted}")
         kinds.setdefault(kind, position)
     if len(kinds) > 1:
-        raise ValueError(
-            f"the queries mix images (first at {kinds['image']}) and texts (first at {kinds['text']}); call the "
-            "pipeline once per modality"
-        )
+        raise ValueError(f"{mixed} images (first at {kinds['image']}) and texts (first at {kinds['text']}); {fix}")
     return next(iter(kinds))
 
 
+def _query_modality(queries: list) -> str:
+    return _one_modality(
+        queries,
+        "query {}",
+        "a query is a text (str) or an image (PIL image or numpy array). Open image files first (PIL.Image.open); "
+        "to search with an embedding, rank it against the gallery with rank_gallery",
+        "the queries mix",
+        "call the pipeline once per modality",
+    )
+
+
 __all__ = [
+    "CURVATURE_TOLERANCE",
     "DETECTION_TASK",
+    "EMBEDDINGS_FILE",
+    "EMBEDDINGS_KEY",
+    "FAISS_FILE",
+    "INDEX_FILE",
+    "INDEX_FORMAT",
+    "METADATA_FILE",
+    "PROBE_DECIMALS",
     "PROBE_TEXTS",
+    "PROBE_TOLERANCE",
     "RETRIEVAL_TASK",
     "Gallery",
     "SafeRetrievalPipeline",
     "UnsafeContentDetectionPipeline",
+    "check_index_model",
     "custom_pipelines",
+    "faiss_file",
     "load_gallery_index",
     "load_image_input",
     "model_probe",
     "rank_gallery",
+    "read_faiss_index",
+    "read_index_folder",
+    "read_index_json",
+    "read_metadata",
+    "sha256_file",
 ]

@@ -12,7 +12,8 @@
 
 - `gallery.py`: :class:`GalleryIndex` (sources, exact and approximate search, the redirect/retain policies, add,
   save/load).
-- `folder.py`: the saved folder (format 1): :func:`load_index_folder`, the model probe and its check.
+- `folder.py`: the saved folder (format 1), defined in `hysac_hf.modeling.pipeline_hysac` (the pipelines read it
+  there without hysac_hf): :func:`load_index_folder`, the model probe and its check, raising `UsageError`.
 - `ivf.py`: the approximate structure, a FAISS IVF whose cells are directions (why: its docstring).
 - `cli.py`: the `hysac-index` command (`build`, `search`, `info`).
 """

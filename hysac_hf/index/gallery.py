@@ -802,7 +802,7 @@ class GalleryIndex:
             traversal_offset=info.get("traversal_offset"),
         )
         if kind == "ivf":
-            index._structure = cls._read_faiss(directory, faiss_info, len(index), index.dim)
+            index._structure = fmt.read_faiss_index(directory, faiss_info, len(index), index.dim)
         config = None if model is None else _hysac(model).config
         if config is not None and config.bounds is not None:  # the model's calibration is the current one
             if config.bounds != index.bounds or float(config.traversal_offset) != index.traversal_offset:
@@ -813,39 +813,6 @@ class GalleryIndex:
             index.traversal_offset = float(config.traversal_offset)
         logger.info("Loaded %r from %s", index, directory)
         return index
-
-    @staticmethod
-    def _read_faiss(directory: Path, faiss_info: dict[str, Any], count: int, dim: int):
-        import faiss
-
-        path = directory / fmt.FAISS_FILE
-        if not path.is_file():
-            raise fmt._corrupt(directory, f"{fmt.FAISS_FILE} is missing ({fmt.INDEX_FILE} describes one)")
-        if faiss_info.get("sha256") and fmt.sha256_file(path) != faiss_info["sha256"]:
-            raise fmt._corrupt(directory, f"the SHA-256 of {fmt.FAISS_FILE} differs from the one in {fmt.INDEX_FILE}")
-        try:
-            structure = faiss.read_index(str(path))
-        except RuntimeError as error:
-            raise fmt._corrupt(directory, f"{fmt.FAISS_FILE} is not readable ({_first_line(error)})") from None
-        nlist = faiss_info["params"].get("nlist")
-        if (
-            structure.ntotal != count
-            or structure.d != dim + 1
-            or structure.metric_type != faiss.METRIC_INNER_PRODUCT
-            or getattr(faiss.try_extract_index_ivf(structure), "nlist", None) != nlist
-        ):
-            raise fmt._corrupt(
-                directory,
-                f"{fmt.FAISS_FILE} holds {structure.ntotal} vectors of dimension {structure.d}, expected an inner-product "
-                f"IVF of {count} vectors of dimension {dim + 1} with {nlist} cells",
-            )
-        return structure
-
-
-def _first_line(error: BaseException) -> str:
-    """The first line of a FAISS error (they carry a C++ stack)."""
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
 
 
 def check_output_folder(directory: str | os.PathLike) -> None:

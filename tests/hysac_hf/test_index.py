@@ -348,12 +348,13 @@ def _corrupt_cases():
             "line 6 of metadata.jsonl is not JSON",
         ),
         (lambda f: (f / "index.json").write_text("{not json"), "index.json is not readable JSON"),
-        (lambda f: (f / "index.json").unlink(), "is not a gallery index"),
+        (lambda f: (f / "index.json").unlink(), "is not a saved gallery index"),
         (lambda f: (f / "embeddings.safetensors").unlink(), "embeddings.safetensors is missing"),
         (edit_json(format=2), "has format 2"),
         (edit_json(count="6"), "'count' = '6' is not a non-negative integer"),
         (edit_json(model_probe=[[1.0]]), "model_probe has shape"),
         (edit_json(bounds={"S": {}}), "bounds are invalid"),
+        (edit_json(metadata="../metadata.jsonl"), "'metadata' = '../metadata.jsonl' is not a file name"),
         (edit_json(faiss={"type": "hnsw", "params": {}}), "uses a 'hnsw' FAISS index"),
     ]
 
@@ -509,6 +510,21 @@ def test_the_retrieval_pipeline_reader_accepts_the_folder(hysac, processor, phot
     assert torch.equal(gallery.embeddings, embeddings) and gallery.metadata == rows == [{"path": p} for p in relative]
 
 
+@pytest.mark.parametrize(("damage", "message"), [case for case in _corrupt_cases() if "FAISS" not in case[1]])
+def test_the_pipeline_reader_refuses_what_the_library_refuses(hysac, processor, photo_list, tmp_path, damage, message):
+    """One reader of the format: the pipeline's ValueError carries the library's UsageError message, word for word
+    (the library reads no FAISS kind the pipeline does not; that case is the library's own)."""
+    from hysac_hf.modeling.pipeline_hysac import load_gallery_index
+
+    GalleryIndex.from_images(hysac, processor, photo_list, show_progress=False).save(tmp_path / "index")
+    damage(tmp_path / "index")
+    with pytest.raises(UsageError, match=message) as library:
+        GalleryIndex.load(tmp_path / "index", hysac, processor)
+    with pytest.raises(ValueError, match=message) as pipeline:
+        load_gallery_index(tmp_path / "index", hysac, processor.tokenizer)
+    assert type(pipeline.value) is ValueError and str(pipeline.value) == str(library.value)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # The command line
 def test_cli_build_search_info(model_dir, hysac, processor, photo_folder, captions, tmp_path, capsys):
@@ -594,7 +610,7 @@ def test_cli_help_has_examples_and_one_spelling_per_flag(capsys):
             ["build", "--model", "nowhere", "--texts", "t.txt", "--output", "out"],
             "cannot load a HySAC model from nowhere",
         ),
-        (["search", "--index", "nowhere", "--model", "m", "--text", "x"], "nowhere is not a gallery index"),
+        (["search", "--index", "nowhere", "--model", "m", "--text", "x"], "nowhere is not a saved gallery index"),
     ],
 )
 def test_cli_input_errors_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):

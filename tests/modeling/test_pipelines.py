@@ -516,7 +516,7 @@ def test_faiss_index_gives_the_exact_results(retriever, model, processor, galler
 def test_index_saved_by_hysac_hf_index(retriever, model, processor, gallery_images, tmp_path, kind):
     """The library's writer (hysac_hf.index) and the pipeline's reader agree on the folder, FAISS part included."""
     index_module = pytest.importorskip("hysac_hf.index")
-    assert index_module.PROBE_TEXTS == PROBE_TEXTS and index_module.INDEX_FORMAT == 1  # one format, two readers
+    assert index_module.PROBE_TEXTS is PROBE_TEXTS and index_module.INDEX_FORMAT == 1  # one definition of the format
     options = {}
     if kind == "ivf":
         pytest.importorskip("faiss")

@@ -232,7 +232,6 @@ class SpaceAssets:
     items: list[dict[str, Any]]
     modality: str = "image"
     demo_result: dict[str, Any] | None = None
-    seconds: float = 0.0
 
 
 def prepare(cache: Path | None = None, model: str | None = None) -> SpaceAssets:
@@ -263,7 +262,7 @@ def prepare(cache: Path | None = None, model: str | None = None) -> SpaceAssets:
     modality = json.loads((index / "index.json").read_text())["modality"]
     seconds = time.perf_counter() - started
     logger.info("Ready in %.1f s (model %s, index %s)", seconds, model, index)
-    return SpaceAssets(model, gallery, index, items, modality, demo_result, seconds)
+    return SpaceAssets(model, gallery, index, items, modality, demo_result)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -419,7 +418,16 @@ class HySACSpace:
             + (", ".join(f"{k} {v:.4f}" for k, v in sorted(thresholds.items())) if thresholds else "none"),
             f"**Gallery** {len(self.assets.items)} mini-ViSU photos (plain and with synthetic markers)",
         ]
-        return " · ".join(parts)
+        lines = [" · ".join(parts)]
+        result = self.assets.demo_result
+        if result:  # the tiny model's own evaluation on mini-ViSU's test split (hysac_hf.demo.run)
+            means = ", ".join(f"{key} {value:.3f}" for key, value in result["mean_distance"].items())
+            lines.append(
+                f"Trained on mini-ViSU by `hysac-demo`: mean distance to the root on its test split {means} "
+                f"(order S < V < U < G: {'yes' if result['ordered'] else 'no'}); "
+                f"R@1 text-to-image {result['recall_at_1']['T->I']:.1f}%."
+            )
+        return "\n\n".join(lines)
 
     # Check --------------------------------------------------------------------------------------------------
     def check_image(self, upload: Any):

@@ -397,6 +397,24 @@ def test_search_refusals_are_messages(space, tmp_path):
     assert "query.webp is not an image" in summary and pictures == []
 
 
+def test_a_model_without_calibration_gets_the_pipelines_messages(tiny_clip_dir, tmp_path):
+    """HYSAC_MODEL may name a folder without thresholds or bounds: Check and redirect say how to calibrate, retain
+    still searches."""
+    folder = tmp_path / "uncalibrated"
+    model = HySACModel.from_clip(tiny_clip_dir)
+    assert model.config.bounds is None and not model.config.unsafe_thresholds
+    model.save_pretrained(folder)
+    HySACProcessor.from_pretrained(tiny_clip_dir).save_pretrained(folder)
+    space = app.HySACSpace(app.prepare(tmp_path / "cache", model=str(folder)))
+    verdict, figure = space.check_text(CHECK_TEXT)
+    assert figure is None and "no calibrated unsafe threshold" in verdict and "calibrate" in verdict
+    summary, pictures, _ = space.search_text(QUERY_TEXT, "redirect", "up_95", 3)
+    assert pictures == [] and "config.bounds is None" in summary and "policy=&#x27;retain&#x27;" in summary
+    summary, pictures, table = space.search_text(QUERY_TEXT, "retain", "up_95", 3)
+    assert len(pictures) == 3 and len(result_rows(table)) == 3
+    assert data_attributes(summary, "hysac-summary")["redirected"] == "false" and "threshold b'" not in summary
+
+
 def test_bounds_figure_draws_the_calibrated_bounds_and_the_item():
     from hysac_hf.modeling.configuration_hysac import CONTENT_KINDS
     from matplotlib.colors import to_hex

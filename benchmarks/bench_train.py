@@ -25,9 +25,16 @@ step-time ratios HySAC/CLIP (median of the per-round ratios; ratio of the minima
 Compilation: each model is compiled once for every batch size and caption length. The inputs are marked dynamic in
 the batch and text-length dimensions (in training the text length changes every batch, so the compiled text tower
 goes dynamic after the second batch anyway), and the pixel values arrive in the towers' dtype so that the step's
-cast is a no-op that keeps the mark (a real batch pays one cast of 2B images, microseconds on a GPU). The CLIP
-towers compile to the same graphs as HySAC's, so they mostly hit inductor's caches. Phases and their elapsed times
-are logged to stderr as they finish; the table goes to stdout.
+cast is a no-op that keeps the mark (a real batch pays one cast of 2B images, microseconds on a GPU);
+``--static_shapes`` compiles static graphs per batch size instead. The CLIP
+towers are called exactly as HySAC's, so they reuse the code compiled for HySAC's towers (their first call takes no
+compilation). Phases and their elapsed times are logged to stderr as they finish, with the table so far after each
+batch size; the final table goes to stdout.
+
+train.py has no step or module-building function that takes a model in memory (`build_module` loads a folder with
+a processor), so `build_module` and `TrainingStep` below mirror its code with the same helpers and settings: keep
+them in step with train.py (tests/test_benchmarks.py checks that the step trains, holds the frozen towers in bf16
+and skips a non-finite step on the device).
 
     python benchmarks/bench_train.py --device cuda --size large                 # ViT-L/14, bf16, b=32 and 64
     python benchmarks/bench_train.py --size small --threads 2                   # CPU, ViT-S/32-like, fp32, b=8
@@ -101,6 +108,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--compile_backend", default="inductor", help="torch.compile backend (train.py's flag)")
     parser.add_argument("--compile_mode", default=None, help="torch.compile mode (train.py's flag)")
+    parser.add_argument(
+        "--static_shapes",
+        action="store_true",
+        help="do not mark the inputs dynamic: every batch size compiles its own static graphs (minutes more; what "
+        "a run with fixed-length text would get)",
+    )
     parser.add_argument("--no_memory", dest="memory", action="store_false", help="skip the peak-memory measurement")
     parser.add_argument("--memory_child", default=None, help=argparse.SUPPRESS)  # internal: "MODEL:MODE"
     add_common_arguments(parser)
@@ -308,14 +321,17 @@ class TrainingStep:
         return sum(storages.values())
 
 
-def make_batch(batch_size: int, size: str, image_dtype: torch.dtype, device: str, seed: int) -> dict[str, Tensor]:
-    """2B images and 2B captions (padded to the longest), marked dynamic in batch and text length."""
+def make_batch(
+    batch_size: int, image_dtype: torch.dtype, device: str, seed: int, dynamic: bool = True
+) -> dict[str, Tensor]:
+    """2B images and 2B captions (padded to the longest), marked dynamic in batch and text length (`dynamic`)."""
     generator = torch.Generator().manual_seed(seed)
     pixel_values = torch.randn(2 * batch_size, 3, 224, 224, generator=generator).to(device, image_dtype)
     input_ids = caption_ids(2 * batch_size, generator).to(device)
-    torch._dynamo.maybe_mark_dynamic(pixel_values, 0)
-    torch._dynamo.maybe_mark_dynamic(input_ids, 0)
-    torch._dynamo.maybe_mark_dynamic(input_ids, 1)
+    if dynamic:
+        torch._dynamo.maybe_mark_dynamic(pixel_values, 0)
+        torch._dynamo.maybe_mark_dynamic(input_ids, 0)
+        torch._dynamo.maybe_mark_dynamic(input_ids, 1)
     return {"pixel_values": pixel_values, "input_ids": input_ids}
 
 
@@ -328,7 +344,10 @@ def build_steps(args, config, accelerator, variants) -> tuple[dict, dict]:
         steps[(model_name, mode)] = TrainingStep(model_name, module, config, accelerator, batch={})
     del source
     image_dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    batches = {b: make_batch(b, args.size, image_dtype, args.device, args.seed + b) for b in args.batch_sizes}
+    batches = {
+        b: make_batch(b, image_dtype, args.device, args.seed + b, dynamic=not args.static_shapes)
+        for b in args.batch_sizes
+    }
     return steps, batches
 
 
@@ -407,6 +426,8 @@ def cpu_peak_mib(args: argparse.Namespace, model_name: str, mode: str, batch_siz
         args.compile_backend,
         "--no_reexec",  # the environment (GLIBC_TUNABLES) is inherited
     ]
+    if args.static_shapes:
+        command.append("--static_shapes")
     if args.compile_mode:
         command += ["--compile_mode", args.compile_mode]
     if args.threads:
@@ -457,7 +478,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "batch_sizes": args.batch_sizes,
         "rounds": args.rounds,
         "warmup": args.warmup,
-        "compile": {"backend": args.compile_backend, "mode": args.compile_mode},
+        "compile": {"backend": args.compile_backend, "mode": args.compile_mode, "static_shapes": args.static_shapes},
         "peak_tflops": peak,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -542,7 +563,8 @@ def format_table(results: dict[str, Any]) -> str:
         (
             f"bench_train: size={results['size']} device={results['device']} dtype={results['dtype']} "
             f"rounds={results['rounds']} warmup={results['warmup']} compile={results['compile']['backend']}"
-            f"/{results['compile']['mode'] or 'default'} torch={results['torch']} transformers={results['transformers']}"
+            f"/{results['compile']['mode'] or 'default'}{'/static' if results['compile']['static_shapes'] else ''} "
+            f"torch={results['torch']} transformers={results['transformers']}"
         ),
         (
             "one step = B quadruplets (2B images + 2B captions of 10-20 tokens padded to the longest), LoRA, "

@@ -47,6 +47,9 @@ if [ -n "${HYSAC_FORCE_WHEEL:-}" ] || ! (cd /tmp && "$PY" -c "import hysac_hf.mo
     }
     WHEEL="$(ls "$WORK"/wheels/hysac_hf-*.whl | head -n 1)"
   fi
+  if [ -n "$(find hysac_hf modeling model_cards train.py -name '*.py' -newer "$WHEEL" -print -quit 2>/dev/null)" ]; then
+    say "warning: $WHEEL is older than some sources: rebuild it (pip wheel --no-deps -w .whl .) if they changed"
+  fi
   "$PY" -m pip install -q --no-index --no-deps --target "$WORK/site" "$WHEEL" || { say "pip install of $WHEEL failed"; exit 2; }
   export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
   say "installed $(basename "$WHEEL") into $WORK/site"

@@ -24,7 +24,6 @@ import html
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -397,12 +396,9 @@ class HySACSpace:
     def __post_init__(self):
         from transformers import pipeline
 
+        # Loaded as any downstream app loads them (each holds its own copy of the model).
         self.detector = pipeline("unsafe-content-detection", model=self.assets.model, trust_remote_code=True)
-        # The retrieval pipeline class of the same remote code, sharing the loaded model and processor.
-        module = sys.modules[type(self.detector).__module__]
-        self.retriever = module.SafeRetrievalPipeline(
-            model=self.detector.model, processor=self.detector.processor, task="safe-retrieval"
-        )
+        self.retriever = pipeline("safe-retrieval", model=self.assets.model, trust_remote_code=True)
 
     @property
     def config(self):

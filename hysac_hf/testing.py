@@ -218,3 +218,84 @@ def run_without_hysac_hf(
         text=True,
         timeout=timeout,
     )
+
+
+def tiny_hysac(clip_dir: str | Path, bounds: dict | None = None):
+    """A HySAC built from a tiny CLIP folder (:func:`make_tiny_clip`) with non-default scalars, so that each of them
+    matters in a check: curvature c = 1.7, feature scales 0.3 (images) and 0.25 (texts), logit scale 20.
+
+    Args:
+        bounds: the model's `config.bounds` (default :data:`TINY_BOUNDS`).
+    Returns:
+        the `HySACModel`, in eval mode.
+    """
+    import math
+
+    import torch
+
+    from .modeling.modeling_hysac import HySACModel
+
+    model = HySACModel.from_clip(clip_dir, bounds=TINY_BOUNDS if bounds is None else bounds)
+    with torch.no_grad():
+        model.curv.fill_(math.log(1.7))
+        model.visual_alpha.fill_(math.log(0.3))
+        model.textual_alpha.fill_(math.log(0.25))
+        model.logit_scale.fill_(math.log(20.0))
+    return model.eval()
+
+
+def save_model_folder(model, processor, folder: str | Path) -> Path:
+    """Save a HySAC model and its processor into one folder, as a user's exported model folder.
+
+    Returns:
+        the folder, loadable with `hysac_hf.cli.load_model`, `AutoModel` or `pipeline(...)` offline.
+    """
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 at the time of the call (for `accelerate launch --main_process_port`)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_on_cpu_processes(
+    target: Sequence[str],
+    num_processes: int = 2,
+    *,
+    config_file: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    cwd: str | Path | None = None,
+    timeout: int = 300,
+) -> subprocess.CompletedProcess:
+    """Run `target` (`["-m", module, *args]` or `[script, *args]`) with this Python on CPU processes.
+
+    One process: `python *target`. More: `accelerate launch --multi_gpu --num_processes N` (gloo on the CPU, no
+    mixed precision, no dynamo) on a free port, or `accelerate launch --config_file config_file` when given (the
+    file then sets the processes and the distributed type). The environment adds `ACCELERATE_USE_CPU=true`,
+    `OMP_NUM_THREADS=1` and `env`; output is captured as text, and a failure is returned, not raised.
+    """
+    command = [sys.executable]
+    if config_file is not None:
+        command += ["-m", "accelerate.commands.launch", "--config_file", str(config_file)]
+        command += ["--main_process_port", str(free_port())]
+    elif num_processes > 1:
+        command += ["-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_processes)]
+        command += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+        command += ["--main_process_port", str(free_port())]
+    full_env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        [*command, *map(str, target)],
+        env=full_env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

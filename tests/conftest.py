@@ -12,13 +12,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import math
-
 import pytest
 import torch
 
-from hysac_hf import HySACModel, HySACProcessor
-from hysac_hf.testing import SAMPLE_CAPTIONS, TINY_BOUNDS, make_tiny_clip, sample_images
+from hysac_hf import HySACProcessor
+from hysac_hf.testing import SAMPLE_CAPTIONS, make_tiny_clip, sample_images, save_model_folder, tiny_hysac
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -63,13 +61,26 @@ def processor(tiny_clip_dir):
 @pytest.fixture()
 def hysac(tiny_clip_dir):
     """A fresh HySAC built from the tiny CLIP, with non-default scalars so that they matter in every check."""
-    model = HySACModel.from_clip(tiny_clip_dir, bounds=TINY_BOUNDS)
-    with torch.no_grad():
-        model.curv.fill_(math.log(1.7))
-        model.visual_alpha.fill_(math.log(0.3))
-        model.textual_alpha.fill_(math.log(0.25))
-        model.logit_scale.fill_(math.log(20.0))
-    return model.eval()
+    return tiny_hysac(tiny_clip_dir)
+
+
+@pytest.fixture()
+def model_dir(hysac, processor, tmp_path):
+    """The `hysac` fixture saved with its processor in `tmp_path / "model"`, as a user's model folder."""
+    return save_model_folder(hysac, processor, tmp_path / "model")
+
+
+@pytest.fixture()
+def fresh_accelerate_state():
+    """Accelerate's singletons reset before and after the test, so that it builds its own `Accelerator` (test code
+    may reset them; library code never does). Use with `pytest.mark.usefixtures("fresh_accelerate_state")`."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from hysac_hf.demo import (
     photo_distances,
     zero_shot,
 )
+from hysac_hf.testing import save_model_folder
 
 
 def _lift64(features: torch.Tensor, alpha: float, c: float) -> torch.Tensor:
@@ -98,9 +99,7 @@ def test_zero_shot_needs_two_captions(hysac, processor, photos):
 
 
 def test_load_exported_gives_the_same_embeddings(hysac, processor, photos, tmp_path):
-    hysac.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    model, loaded_processor = load_exported(tmp_path)
+    model, loaded_processor = load_exported(save_model_folder(hysac, processor, tmp_path))
     assert not model.training
     assert model.config.bounds == hysac.config.bounds
     subset = {name: photos[name] for name in ("rocket", "coffee")}

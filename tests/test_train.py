@@ -25,17 +25,7 @@ from hysac_hf.training import (
     parameter_groups,
 )
 
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each test builds its own Accelerator (test code may reset Accelerate's singletons; library code never does)."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")  # each test builds its own Accelerator
 
 
 def argv(tiny_clip_dir, output_dir, *extra: str) -> list[str]:
@@ -275,14 +265,11 @@ def test_output_dir_that_is_a_file_and_debug_traceback(tiny_clip_dir, tmp_path, 
         train.cli(argv(tiny_clip_dir, tmp_path / "file", "--debug"))
 
 
-def test_a_truncated_model_is_one_clear_line(hysac, processor, tmp_path, capsys):
-    folder = tmp_path / "model"
-    hysac.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    weights = folder / "model.safetensors"
+def test_a_truncated_model_is_one_clear_line(model_dir, tmp_path, capsys):
+    weights = model_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 3])
-    code, err = run_cli(argv(folder, tmp_path / "run"), capsys)
-    assert code == 2 and f"cannot load a HySAC model from {folder}" in err and len(err.splitlines()) == 1
+    code, err = run_cli(argv(model_dir, tmp_path / "run"), capsys)
+    assert code == 2 and f"cannot load a HySAC model from {model_dir}" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "run").exists()
 
 

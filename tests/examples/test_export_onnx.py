@@ -24,14 +24,6 @@ def load_script():
     return module
 
 
-@pytest.fixture()
-def model_dir(hysac, processor, tmp_path):
-    folder = tmp_path / "hysac-tiny"
-    hysac.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
 def onnxruntime_embeds(path, feeds: dict[str, torch.Tensor]) -> np.ndarray:
     import onnxruntime
 

@@ -20,6 +20,7 @@ from hysac_hf.calibration import (
 from hysac_hf.cli import UsageError
 from hysac_hf.data import QuadrupletCollator, load_mini_visu
 from hysac_hf.encode import EmbeddingCache, encode_quadruplets
+from hysac_hf.testing import save_model_folder
 
 
 def test_fit_bounds_matches_numpy_percentiles():
@@ -83,10 +84,7 @@ def test_histogram_is_a_png_and_leaves_the_backend_alone(tmp_path):
 def model_folder(hysac, processor, tmp_path):
     """A saved HySAC folder without bounds."""
     hysac.config.bounds = None
-    folder = tmp_path / "model"
-    hysac.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
+    return save_model_folder(hysac, processor, tmp_path / "model")
 
 
 def test_cli_writes_bounds_through_the_config_and_a_histogram(hysac, processor, model_folder, tmp_path, capsys):

@@ -3,48 +3,20 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from hysac_hf.distributed import gather_with_grad, world_info
+from hysac_hf.testing import run_on_cpu_processes
 
 SCRIPT = Path(__file__).with_name("ddp_equivalence_script.py")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch(tmp_path) -> dict:
     report = tmp_path / "report.json"
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "--main_process_port",
-        str(free_port()),
-        str(SCRIPT),
-        str(report),
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    result = run_on_cpu_processes([SCRIPT, report], num_processes=2)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(report.read_text())
 

@@ -3,10 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 
 import datasets
 import pytest
@@ -15,6 +11,7 @@ import torch
 from hysac_hf.cli import UsageError
 from hysac_hf.data import load_image, load_mini_visu
 from hysac_hf.encode import CACHE_FILE, META_FILE, EmbeddingCache, encode_images, encode_quadruplets, encode_texts
+from hysac_hf.testing import run_on_cpu_processes
 
 
 def direct(model, processor, rows):
@@ -192,36 +189,15 @@ def test_a_crash_while_saving_leaves_the_old_cache(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary folder left behind
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.main_line
-def test_two_processes_write_the_same_cache_as_one(hysac, processor, tmp_path):
+def test_two_processes_write_the_same_cache_as_one(model_dir, tmp_path):
     """`accelerate launch --num_processes 2 hysac-eval embed ...` (CPU, gloo) equals one process, rows in order."""
-    model_dir = tmp_path / "model"
-    hysac.save_pretrained(model_dir)
-    processor.save_pretrained(model_dir)
-    embed = ["embed", "--model", str(model_dir), "--dataset", "mini-visu", "--split", "test", "--max_samples", "13"]
-    embed += ["--batch_size", "4"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "hysac_hf.evaluation.cli", *embed, "--output", str(tmp_path / "one")],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    embed = ["-m", "hysac_hf.evaluation.cli", "embed", "--model", model_dir, "--dataset", "mini-visu"]
+    embed += ["--split", "test", "--max_samples", "13", "--batch_size", "4"]
+    single = run_on_cpu_processes([*embed, "--output", tmp_path / "one"], num_processes=1)
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(free_port()), "-m", "hysac_hf.evaluation.cli"]
-    double = subprocess.run(
-        [*launch, *embed, "--output", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300
-    )
+    double = run_on_cpu_processes([*embed, "--output", tmp_path / "two"], num_processes=2)
     assert double.returncode == 0, double.stderr[-3000:]
     one, two = EmbeddingCache.load(tmp_path / "one"), EmbeddingCache.load(tmp_path / "two")
     assert two.num_rows == one.num_rows == 13 and two.tags == one.tags

@@ -3,17 +3,13 @@ export equal to the unsharded model's. See fsdp_train_script.py for how FSDP is 
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
 from hysac_hf import HySACModel
-from hysac_hf.testing import REPO_ROOT
+from hysac_hf.testing import REPO_ROOT, run_on_cpu_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.main_line]
 
@@ -38,12 +34,6 @@ use_cpu: true
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def common(tiny_clip_dir, output_dir, batch: int) -> list[str]:
     return [
         "--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(output_dir), "--cpu",
@@ -55,14 +45,10 @@ def common(tiny_clip_dir, output_dir, batch: int) -> list[str]:
 
 def launch(config_file: Path | None, args: list[str], cwd: Path) -> str:
     """`accelerate launch` on 2 CPU processes: FSDP through fsdp_train_script.py, or plain DDP with train.py."""
-    command = [sys.executable, "-m", "accelerate.commands.launch"]
-    if config_file is None:
-        command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no"]
-        command += ["--dynamo_backend", "no", "--main_process_port", str(free_port()), str(REPO_ROOT / "train.py")]
-    else:
-        command += ["--config_file", str(config_file), "--main_process_port", str(free_port()), str(SCRIPT)]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=600, cwd=cwd)
+    script = REPO_ROOT / "train.py" if config_file is None else SCRIPT
+    result = run_on_cpu_processes(
+        [script, *args], config_file=config_file, env={"PYTHONPATH": str(REPO_ROOT)}, cwd=cwd, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stderr
 

@@ -10,8 +10,6 @@ import copy
 import importlib.util
 import json
 import math
-import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -27,7 +25,7 @@ from hysac_hf.encode import encode_images, encode_texts
 from hysac_hf.index import PROBE_TEXTS, GalleryIndex, load_index_folder, model_probe
 from hysac_hf.index import folder as fmt
 from hysac_hf.index.cli import main
-from hysac_hf.testing import REPO_ROOT
+from hysac_hf.testing import REPO_ROOT, run_on_cpu_processes, save_model_folder
 
 faiss = pytest.importorskip("faiss")
 
@@ -90,14 +88,6 @@ def photo_folder(photo_list, tmp_path):
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
         image.save(folder / name)
     return folder, photo_list, relative
-
-
-@pytest.fixture()
-def model_dir(hysac, processor, tmp_path):
-    path = tmp_path / "model"
-    hysac.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -638,8 +628,7 @@ def test_cli_search_refusals(model_dir, hysac, processor, photo_list, tmp_path, 
     other = copy.deepcopy(hysac)
     with torch.no_grad():
         other.curv.fill_(math.log(3.0))
-    other.save_pretrained(tmp_path / "other")
-    processor.save_pretrained(tmp_path / "other")
+    save_model_folder(other, processor, tmp_path / "other")
     assert main(["search", "--index", str(tmp_path / "index"), "--model", str(tmp_path / "other"), "--text", "x"]) == 2
     assert "rebuild the index with this model" in capsys.readouterr().err
     (tmp_path / "index" / "metadata.jsonl").write_text("")
@@ -647,39 +636,15 @@ def test_cli_search_refusals(model_dir, hysac, processor, photo_list, tmp_path, 
     assert "is corrupt: metadata.jsonl has 0 lines for 6 items" in capsys.readouterr().err
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.main_line
 def test_two_processes_build_the_same_index_as_one(model_dir, photo_folder, tmp_path):
     """`accelerate launch --num_processes 2 -m hysac_hf.index.cli build ...` (CPU, gloo) equals one process."""
     folder, ordered, relative = photo_folder
-    build = ["build", "--model", str(model_dir), "--images", str(folder), "--batch_size", "2"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    single = subprocess.run(
-        [sys.executable, "-m", "hysac_hf.index.cli", *build, "--output", str(tmp_path / "one")],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    build = ["-m", "hysac_hf.index.cli", "build", "--model", model_dir, "--images", folder, "--batch_size", "2"]
+    single = run_on_cpu_processes([*build, "--output", tmp_path / "one"], num_processes=1)
     assert single.returncode == 0, single.stderr[-2000:]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launch += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launch += ["--main_process_port", str(_free_port()), "-m", "hysac_hf.index.cli"]
-    double = subprocess.run(
-        [*launch, *build, "--output", str(tmp_path / "two")],
-        check=False,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    double = run_on_cpu_processes([*build, "--output", tmp_path / "two"], num_processes=2)
     assert double.returncode == 0, double.stderr[-3000:]
     assert json.loads(double.stdout)["count"] == len(ordered)  # printed once, by the main process
     one, two = GalleryIndex.load(tmp_path / "one"), GalleryIndex.load(tmp_path / "two")

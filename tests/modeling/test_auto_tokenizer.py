@@ -32,7 +32,7 @@ import pytest
 import transformers
 
 from hysac_hf import HySACModel
-from hysac_hf.testing import TINY_BOUNDS, run_without_hysac_hf
+from hysac_hf.testing import TINY_BOUNDS, run_without_hysac_hf, save_model_folder
 
 pytestmark = pytest.mark.slow
 
@@ -110,8 +110,7 @@ def folders(tiny_clip_dir, processor, tmp_path_factory):
     """HySAC folders saved by `HySACModel`/`HySACProcessor.save_pretrained` on this line and on the other one."""
     root = tmp_path_factory.mktemp("saved")
     saved = {"this-line": root / "this-line" / "hysac"}
-    HySACModel.from_clip(str(tiny_clip_dir), bounds=TINY_BOUNDS).save_pretrained(saved["this-line"])
-    processor.save_pretrained(saved["this-line"])
+    save_model_folder(HySACModel.from_clip(str(tiny_clip_dir), bounds=TINY_BOUNDS), processor, saved["this-line"])
     if OTHER_PYTHON:
         saved["other-line"] = root / "other-line" / "hysac"
         args = [str(tiny_clip_dir), str(saved["other-line"]), json.dumps(TINY_BOUNDS)]

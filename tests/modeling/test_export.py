@@ -122,6 +122,16 @@ def run_onnx(path, names, args):
     return session.run(None, {name: arg.numpy() for name, arg in zip(names, args)})[0]
 
 
+def assert_onnx_matches(module, path, names, args, sizes) -> None:
+    """The exported file, run by onnxruntime on the first `size` rows of `args`, matches `module` within 1e-4."""
+    for size in sizes:
+        smaller = tuple(a[:size] for a in args)
+        expected = module(*smaller).numpy()
+        got = run_onnx(path, names, smaller)
+        assert got.shape == expected.shape
+        assert abs(got - expected).max() <= 1e-4
+
+
 @pytest.mark.parametrize("method", ["get_image_features", "get_text_features", "forward"])
 def test_dynamo_onnx_export_of_get_features_and_forward(hysac, inputs, method, tmp_path):
     module = Call(hysac, method).eval()
@@ -133,12 +143,7 @@ def test_dynamo_onnx_export_of_get_features_and_forward(hysac, inputs, method, t
         torch.onnx.export(
             module, args, str(path), dynamo=True, dynamic_shapes=dynamic, input_names=names, verbose=False
         )
-        for size in (4, 2):
-            smaller = tuple(a[:size] for a in args)
-            expected = module(*smaller).numpy()
-            got = run_onnx(path, names, smaller)
-            assert got.shape == expected.shape
-            assert abs(got - expected).max() <= 1e-4
+        assert_onnx_matches(module, path, names, args, sizes=(4, 2))
 
 
 @pytest.mark.parametrize("method", ["encode_image", "encode_text", "forward"])
@@ -158,9 +163,4 @@ def test_legacy_onnx_export_works_through_the_exp_log_formulas(hysac, inputs, me
             opset_version=17,
             dynamic_axes={**{name: {0: f"batch_{name}"} for name in names}, "out": {0: "rows"}},
         )
-        for size in (4, 3):
-            smaller = tuple(a[:size] for a in args)
-            expected = module(*smaller).numpy()
-            got = run_onnx(path, names, smaller)
-            assert got.shape == expected.shape
-            assert abs(got - expected).max() <= 1e-4
+        assert_onnx_matches(module, path, names, args, sizes=(4, 3))

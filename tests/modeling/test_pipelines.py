@@ -31,8 +31,7 @@ from hysac_hf.modeling.pipeline_hysac import (
 from PIL import Image
 from safetensors.torch import save_file
 
-from hysac_hf import HySACModel
-from hysac_hf.testing import TINY_BOUNDS, run_without_hysac_hf
+from hysac_hf.testing import run_without_hysac_hf, save_model_folder, tiny_hysac
 
 PYTHONS = [sys.executable] + [p for p in [os.environ.get("HYSAC_OTHER_PYTHON")] if p]
 IMAGE_NAMES = ["astronaut", "cat", "coffee", "rocket", "camera", "logo"]  # camera is grayscale, logo RGBA
@@ -169,12 +168,7 @@ def folder_bytes(folder) -> dict:
 def model(tiny_clip_dir, processor, photos):
     """A tiny HySAC whose calibrated thresholds split the standard images and texts (both labels occur), and whose
     bounds make the traversal into safe images (V) split the standard text queries."""
-    hysac = HySACModel.from_clip(tiny_clip_dir, bounds=TINY_BOUNDS)
-    with torch.no_grad():
-        hysac.curv.fill_(math.log(1.7))
-        hysac.visual_alpha.fill_(math.log(0.3))
-        hysac.textual_alpha.fill_(math.log(0.25))
-    hysac.eval()
+    hysac = tiny_hysac(tiny_clip_dir)
     image_d = hysac.distance_to_root(embed_images(hysac, processor, [photos[n] for n in IMAGE_NAMES]))
     text_d = hysac.distance_to_root(embed_texts(hysac, processor, TEXTS))
     hysac.config.unsafe_thresholds = {"image": split_point(image_d), "text": split_point(text_d)}
@@ -184,10 +178,7 @@ def model(tiny_clip_dir, processor, photos):
 
 @pytest.fixture(scope="module")
 def folder(model, processor, tmp_path_factory):
-    path = tmp_path_factory.mktemp("pipelines") / "hysac-tiny"
-    model.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_model_folder(model, processor, tmp_path_factory.mktemp("pipelines") / "hysac-tiny")
 
 
 @pytest.fixture()

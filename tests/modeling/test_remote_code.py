@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from hysac_hf.testing import run_without_hysac_hf
+from hysac_hf.testing import run_without_hysac_hf, save_model_folder
 
 pytestmark = pytest.mark.slow
 
@@ -69,9 +69,7 @@ def run_child(folder, tmp_path, image_paths, texts, python=sys.executable):
 
 @pytest.mark.parametrize("python", PYTHONS, ids=lambda p: "this-python" if p == sys.executable else "other-line")
 def test_remote_code_round_trip_without_hysac_hf(hysac, processor, photos, tmp_path, python):
-    folder = tmp_path / "hysac-tiny"
-    hysac.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = save_model_folder(hysac, processor, tmp_path / "hysac-tiny")
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == {
         "AutoConfig": "configuration_hysac.HySACConfig",
@@ -129,8 +127,7 @@ def test_with_hysac_hf_imported_auto_classes_need_no_remote_code(hysac, processo
 
     from hysac_hf import HySACConfig, HySACModel, HySACProcessor
 
-    hysac.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
+    save_model_folder(hysac, processor, tmp_path)
     assert type(AutoConfig.from_pretrained(tmp_path)) is HySACConfig
     model = AutoModel.from_pretrained(tmp_path)
     assert type(model) is HySACModel

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from hysac_hf.testing import run_without_hysac_hf
+from hysac_hf.testing import run_without_hysac_hf, save_model_folder
 
 pytest.importorskip("sentence_transformers")
 pytestmark = pytest.mark.slow
@@ -88,9 +88,7 @@ def test_saved_folder_carries_the_sentence_transformers_files(hysac, processor, 
 
 @pytest.mark.parametrize("python", PYTHONS, ids=lambda p: "this-python" if p == sys.executable else "other-line")
 def test_sentence_transformers_ranks_as_hysac_or_refuses(hysac, processor, photos, tmp_path, python):
-    folder = tmp_path / "hysac-tiny"
-    hysac.save_pretrained(folder)
-    processor.save_pretrained(folder)
+    folder = save_model_folder(hysac, processor, tmp_path / "hysac-tiny")
     image_paths = []
     for name in IMAGES:
         image_paths.append(str(tmp_path / f"{name}.png"))

@@ -16,14 +16,6 @@ from hysac_hf.evaluation.cli import main
 from hysac_hf.evaluation.retrieval import evaluate_retrieval
 
 
-@pytest.fixture()
-def model_dir(hysac, processor, tmp_path):
-    path = tmp_path / "model"
-    hysac.save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
-
-
 def photo_dataset(photos, captions) -> datasets.Dataset:
     names = sorted(photos)[:4]
     rows = {

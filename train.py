@@ -431,7 +431,7 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
         TrainingProgress,
         export_from_state,
         list_checkpoints,
-        parameter_groups,
+        make_optimizer,
         step_seed,
         trainable_names,
         validation_metrics,
@@ -460,14 +460,7 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
 
     # Optimiser and schedule. The fused AdamW skips a step on the device when told the loss was not finite
     # (`found_inf`), so the guard needs no host-device synchronisation per step.
-    fused = _fused_adamw_supported(accelerator.device)
-    optimizer = torch.optim.AdamW(
-        parameter_groups(module, config.weight_decay),
-        lr=config.learning_rate,
-        betas=(config.adam_beta1, config.adam_beta2),
-        eps=config.adam_epsilon,
-        fused=fused or None,
-    )
+    optimizer, fused = make_optimizer(module, config, accelerator.device)
     batches_per_process = len(train_set) // (config.per_device_train_batch_size * accelerator.num_processes)
     steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
     total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
@@ -717,18 +710,11 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
 
 
 def _fused_adamw_supported(device) -> bool:
-    """Whether this torch has the fused AdamW (which can skip a step on the device) for `device`."""
-    import torch
+    """`hysac_hf.training.fused_adamw_supported`, under the name benchmarks/bench_train.py imports (it can build
+    train.py's optimizer with `hysac_hf.training.make_optimizer` instead; this goes then)."""
+    from hysac_hf.training import fused_adamw_supported
 
-    try:
-        probe = torch.nn.Parameter(torch.zeros(1, device=device))
-        probe.grad = torch.zeros(1, device=device)
-        optimizer = torch.optim.AdamW([probe], fused=True)
-        optimizer.found_inf = torch.zeros((), device=device)
-        optimizer.step()
-    except (RuntimeError, TypeError, ValueError):
-        return False
-    return True
+    return fused_adamw_supported(device)
 
 
 def write_export(config: TrainingConfig, model, processor, summary: dict[str, Any], calibration=None) -> Path:

@@ -112,6 +112,38 @@ def parameter_groups(module: nn.Module, weight_decay: float) -> list[dict[str, A
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_adamw_supported(device: torch.device | str) -> bool:
+    """Whether this torch has the fused AdamW (which can skip a step on the device) for `device`."""
+    try:
+        probe = torch.nn.Parameter(torch.zeros(1, device=device))
+        probe.grad = torch.zeros(1, device=device)
+        optimizer = torch.optim.AdamW([probe], fused=True)
+        optimizer.found_inf = torch.zeros((), device=device)
+        optimizer.step()
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def make_optimizer(module: nn.Module, config: Any, device: torch.device | str) -> tuple[torch.optim.AdamW, bool]:
+    """The training AdamW: :func:`parameter_groups` with `config.weight_decay`, `config.learning_rate`,
+    `config.adam_beta1`/`adam_beta2`/`adam_epsilon`, fused where this torch has it for `device`.
+
+    Returns:
+        the optimizer, and whether it is fused: a fused AdamW skips its step on the device when its `found_inf` is
+        set, so a non-finite loss can be skipped without a host-device synchronisation per step.
+    """
+    fused = fused_adamw_supported(device)
+    optimizer = torch.optim.AdamW(
+        parameter_groups(module, config.weight_decay),
+        lr=config.learning_rate,
+        betas=(config.adam_beta1, config.adam_beta2),
+        eps=config.adam_epsilon,
+        fused=fused or None,
+    )
+    return optimizer, fused
+
+
 def hold_frozen_weights_in(model: HySACModel, dtype: torch.dtype) -> HySACModel:
     """Store the (frozen) towers and projections in `dtype` (bf16/fp16 under mixed precision with LoRA), so that no
     step re-casts them; the HySAC scalars stay float32. Call before `configure_trainable`: peft then creates the LoRA
@@ -303,7 +335,9 @@ __all__ = [
     "list_checkpoints",
     "load_base_model",
     "export_from_state",
+    "fused_adamw_supported",
     "hold_frozen_weights_in",
+    "make_optimizer",
     "make_scalars_shardable",
     "parameter_groups",
     "step_seed",

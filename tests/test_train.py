@@ -160,6 +160,34 @@ def test_lora_setup_and_export_merges_into_a_plain_model(tiny_clip_dir):
         assert not torch.allclose(base.encode_image(pixels), image_peft, atol=1e-4)
 
 
+def test_make_optimizer_is_the_configured_adamw_whose_fused_step_obeys_found_inf():
+    """train.py's optimizer (`make_optimizer`): the config's hyper-parameters, decay on matrices only, and, fused,
+    a step skipped on the device when `found_inf` is set (what the non-finite guard relies on)."""
+    from types import SimpleNamespace
+
+    from hysac_hf.training import fused_adamw_supported, make_optimizer
+
+    module = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.LayerNorm(2))
+    config = SimpleNamespace(weight_decay=0.2, learning_rate=1e-2, adam_beta1=0.8, adam_beta2=0.9, adam_epsilon=1e-6)
+    optimizer, fused = make_optimizer(module, config, "cpu")
+    assert fused == fused_adamw_supported("cpu") and optimizer.defaults["fused"] == (fused or None)
+    decayed, plain = optimizer.param_groups
+    assert [tuple(p.shape) for p in decayed["params"]] == [(2, 3)] and len(plain["params"]) == 3
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.2, 0.0)
+    assert {(g["lr"], g["betas"], g["eps"]) for g in optimizer.param_groups} == {(1e-2, (0.8, 0.9), 1e-6)}
+    if not fused:
+        pytest.skip("this torch has no fused AdamW on the CPU")
+    before = [p.detach().clone() for p in module.parameters()]
+    for param in module.parameters():
+        param.grad = torch.ones_like(param)
+    optimizer.found_inf = torch.ones(())
+    optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(module.parameters(), before))  # skipped
+    optimizer.found_inf = torch.zeros(())
+    optimizer.step()
+    assert all(not torch.equal(p, b) for p, b in zip(module.parameters(), before))  # taken
+
+
 @pytest.mark.slow
 def test_export_is_a_hub_folder_with_calibrated_bounds_and_a_card_for_this_run(tiny_clip_dir, tmp_path):
     from huggingface_hub import ModelCard

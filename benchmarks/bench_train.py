@@ -8,7 +8,7 @@ noise hits every variant alike):
   in bf16 under bf16 (`hold_frozen_weights_in`; LoRA weights and the four scalars float32), and for "compiled"
   the two towers compiled in place (`tower.compile(backend=..., mode=...)`). The step is train.py's loop body for
   one micro-batch: Accelerate's autocast and `accumulate`, `HySACLoss()(out, curvature=..., logit_scale=...)`,
-  the non-finite guard on the device (`optimizer.found_inf`, fused AdamW over `parameter_groups(module, 0.2)`, no
+  the non-finite guard on the device (`optimizer.found_inf` on train.py's fused AdamW, `make_optimizer`; no
   host sync), the scheduler, the loss terms accumulated on the device, `clamp_parameters()`.
 - **CLIP eager / compiled**: the same towers, LoRA settings, precision, inputs, optimiser, guard and scheduler;
   the same encodings (tower -> projection) but no lift: L2-normalised cosine logits over the 2B x 2B batch,
@@ -239,19 +239,11 @@ class TrainingStep:
         from transformers import get_scheduler
 
         from hysac_hf.losses import LOSS_TERMS, HySACLoss
-        from hysac_hf.train import _fused_adamw_supported
-        from hysac_hf.training import parameter_groups
+        from hysac_hf.training import make_optimizer
 
         self.model_name, self.config, self.accelerator, self.batch = model_name, config, accelerator, batch
         device = accelerator.device
-        fused = _fused_adamw_supported(device)
-        optimizer = torch.optim.AdamW(
-            parameter_groups(module, config.weight_decay),
-            lr=config.learning_rate,
-            betas=(config.adam_beta1, config.adam_beta2),
-            eps=config.adam_epsilon,
-            fused=fused or None,
-        )
+        optimizer, fused = make_optimizer(module, config, device)
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10**6)
         self.module, self.optimizer, self.scheduler = accelerator.prepare(module, optimizer, scheduler)
         self.skip_on_device = fused and accelerator.scaler is None

@@ -49,18 +49,6 @@ def assert_finite_numbers(row: dict, skip: tuple[str, ...] = ()) -> None:
             assert math.isfinite(value) and value >= 0, (key, value, row)
 
 
-@pytest.fixture()
-def fresh_accelerate_state():
-    """The in-process tests build an Accelerator; reset Accelerate's singletons around them."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 # --------------------------------------------------------------------------------------------------------
 # Smoke runs
 @pytest.mark.slow
@@ -156,7 +144,8 @@ def build_tiny_steps(dtype: str):
 
 
 @pytest.mark.slow
-def test_benchmark_step_trains_like_train_py(fresh_accelerate_state):
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_benchmark_step_trains_like_train_py():
     steps = build_tiny_steps("bf16")
     for (model_name, _), step in steps.items():
         inner = step.accelerator.unwrap_model(step.module)

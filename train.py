@@ -709,14 +709,6 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
     return summary
 
 
-def _fused_adamw_supported(device) -> bool:
-    """`hysac_hf.training.fused_adamw_supported`, under the name benchmarks/bench_train.py imports (it can build
-    train.py's optimizer with `hysac_hf.training.make_optimizer` instead; this goes then)."""
-    from hysac_hf.training import fused_adamw_supported
-
-    return fused_adamw_supported(device)
-
-
 def write_export(config: TrainingConfig, model, processor, summary: dict[str, Any], calibration=None) -> Path:
     """Write the Hub-ready folder (weights, config, processor, remote code, model card, histogram) atomically.
 

@@ -423,16 +423,15 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
     from hysac_hf.calibration import calibrate, calibrate_thresholds
     from hysac_hf.data import QuadrupletCollator
     from hysac_hf.encode import encode_quadruplets
-    from hysac_hf.losses import LOSS_TERMS, HySACLoss
+    from hysac_hf.losses import HySACLoss
     from hysac_hf.training import (
         CHECKPOINT_PREFIX,
         EpochPermutationSampler,
-        NonFiniteLossError,
         TrainingProgress,
         export_from_state,
         list_checkpoints,
+        TrainStep,
         make_optimizer,
-        step_seed,
         trainable_names,
         validation_metrics,
     )
@@ -472,7 +471,6 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
         num_training_steps=config.schedule_steps or total_steps,
     )
     module, optimizer, train_loader, scheduler = accelerator.prepare(module, optimizer, train_loader, scheduler)
-    skip_on_device = fused and accelerator.scaler is None  # fp16's GradScaler does its own skipping
     progress = TrainingProgress()
     min_radius = accelerator.unwrap_model(module).hysac.config.min_radius
     loss_kwargs = dict(
@@ -512,19 +510,20 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
         best_state = progress.load(resume_path)
         logger.info("resumed at optimiser step %d (epoch %d)", progress.global_step, progress.epochs_done)
 
-    device = accelerator.device
-    # Device-side bookkeeping: read on the host only at logging steps, checkpoints and epoch ends.
-    window_bad = torch.zeros((), device=device)  # non-finite losses in the current accumulation window
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)  # first optimiser step with one
+    step = TrainStep(
+        module,
+        optimizer,
+        scheduler,
+        accelerator,
+        loss_fn=lambda out: loss_fn(out, curvature=out["curvature"], logit_scale=out["logit_scale"]),
+        clamp=lambda: accelerator.unwrap_model(module).hysac.clamp_parameters(),
+        seed=config.seed,
+        max_grad_norm=config.max_grad_norm,
+        skip_on_device=fused,
+    )
 
     def check_finite() -> None:
-        step = int(first_bad)  # one host-device synchronisation
-        if step >= 0:
-            raise NonFiniteLossError(
-                f"non-finite loss at optimiser step {step}: that step was skipped, so the weights were not updated "
-                f"by it (stopped at step {progress.global_step}); the last checkpoint is in {output_dir}/checkpoints. "
-                "Lower --learning_rate, use --mixed_precision no or bf16, or check the data."
-            )
+        step.check_finite(progress.global_step, note=f"; the last checkpoint is in {output_dir}/checkpoints")
 
     def save_checkpoint() -> None:
         check_finite()
@@ -564,42 +563,16 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
         sampler.use_epoch(epoch)
         skip = progress.micro_step - epoch * batches_per_process
         loader = accelerator.skip_first_batches(train_loader, skip) if skip > 0 else train_loader
-        running = {name: torch.zeros((), device=device) for name in LOSS_TERMS + ("loss",)}
-        count = 0
+        step.reset_running()
         for batch in loader:
-            torch.manual_seed(step_seed(config.seed, progress.micro_step, accelerator.process_index))
-            with accelerator.accumulate(module):
-                out = module(**batch)
-                terms = loss_fn(out, curvature=out["curvature"], logit_scale=out["logit_scale"])
-                loss = terms["loss"]
-                bad = (~torch.isfinite(loss.detach())).float()
-                if accelerator.num_processes > 1:
-                    bad = accelerator.reduce(bad, reduction="sum")  # a collective on the device, not a sync
-                window_bad += bad
-                first_bad = torch.where((first_bad < 0) & (bad > 0), progress.global_step, first_bad)
-                if not skip_on_device and bool(bad):  # no fused optimiser: check on the host, before the step
-                    check_finite()
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if skip_on_device:
-                        optimizer.optimizer.found_inf = (window_bad > 0).float()
-                    if config.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(module.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
+            out = step(batch, progress.micro_step, progress.global_step)
             progress.micro_step += 1
-            count += 1
-            for name in running:
-                running[name] += terms[name].detach()
             if accelerator.sync_gradients:
-                window_bad.zero_()
-                accelerator.unwrap_model(module).hysac.clamp_parameters()
                 progress.global_step += 1
                 bar.update(1)
                 if progress.global_step % config.logging_steps == 0:
                     check_finite()
-                    logs = {f"train/{k}": (v / count).item() for k, v in running.items()}
+                    logs = {f"train/{k}": v for k, v in step.running_means().items()}
                     logs["train/lr"] = scheduler.get_last_lr()[0]
                     logs["train/curvature"] = float(out["curvature"].detach().reshape(-1)[0])
                     bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
@@ -611,7 +584,7 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
                     break
         check_finite()
         epoch_finished = progress.micro_step >= (epoch + 1) * batches_per_process
-        train_loss = (running["loss"] / max(count, 1)).item()
+        train_loss = step.running_means().get("loss", float("nan"))
         if eval_set is None or not epoch_finished:
             logger.info("epoch %d: train_loss %.4f", epoch + 1, train_loss)
             continue

@@ -31,10 +31,10 @@ towers are called exactly as HySAC's, so they reuse the code compiled for HySAC'
 compilation). Phases and their elapsed times are logged to stderr as they finish, with the table so far after each
 batch size; the final table goes to stdout.
 
-train.py has no step or module-building function that takes a model in memory (`build_module` loads a folder with
-a processor), so `build_module` and `TrainingStep` below mirror its code with the same helpers and settings: keep
-them in step with train.py (tests/test_benchmarks.py checks that the step trains, holds the frozen towers in bf16
-and skips a non-finite step on the device).
+The step is train.py's own (`hysac_hf.training.TrainStep`, with `make_optimizer`); `build_module` below mirrors
+train.py's `build_module` with the same helpers and settings for a model in memory (train.py's loads a folder with
+a processor); tests/test_benchmarks.py checks that the step trains, holds the frozen towers in bf16 and skips a
+non-finite step on the device.
 
     python benchmarks/bench_train.py --device cuda --size large                 # ViT-L/14, bf16, b=32 and 64
     python benchmarks/bench_train.py --size small --threads 2                   # CPU, ViT-S/32-like, fp32, b=8
@@ -229,80 +229,62 @@ def build_module(model_name: str, mode: str, source, config, device: str) -> nn.
 
 
 class TrainingStep:
-    """train.py's loop body for one micro-batch (gradient accumulation 1, one process), on a fixed batch.
+    """train.py's step (`hysac_hf.training.TrainStep`: forward, loss, the on-device non-finite guard, backward, fused
+    AdamW, scheduler, clamps) on a fixed batch, for HySAC or the CLIP baseline (gradient accumulation 1).
 
-    The device-side bookkeeping (non-finite count, first bad step, running loss terms) is kept as train.py keeps it;
-    nothing here reads a device value on the host.
+    Nothing here reads a device value on the host; `running` and `first_bad` are the step's device-side bookkeeping.
     """
 
     def __init__(self, model_name: str, module: nn.Module, config, accelerator, batch: dict[str, Tensor]):
         from transformers import get_scheduler
 
-        from hysac_hf.losses import LOSS_TERMS, HySACLoss
-        from hysac_hf.training import make_optimizer
+        from hysac_hf.losses import HySACLoss
+        from hysac_hf.training import TrainStep, make_optimizer
 
         self.model_name, self.config, self.accelerator, self.batch = model_name, config, accelerator, batch
-        device = accelerator.device
-        optimizer, fused = make_optimizer(module, config, device)
+        optimizer, fused = make_optimizer(module, config, accelerator.device)
         scheduler = get_scheduler(config.lr_scheduler_type, optimizer, num_warmup_steps=0, num_training_steps=10**6)
         self.module, self.optimizer, self.scheduler = accelerator.prepare(module, optimizer, scheduler)
-        self.skip_on_device = fused and accelerator.scaler is None
+        inner = accelerator.unwrap_model(self.module)
         if model_name == "HySAC":
-            hysac = accelerator.unwrap_model(self.module).hysac
-            self.loss_fn = HySACLoss(
+            loss = HySACLoss(
                 entailment_weight=config.entailment_weight,
                 aperture_scale=config.aperture_scale,
-                min_radius=hysac.config.min_radius,
+                min_radius=inner.hysac.config.min_radius,
                 weighting=config.loss_weighting,
                 local_negatives=config.local_negatives,
             )
-            self.terms = LOSS_TERMS + ("loss",)
+            loss_fn = lambda out: loss(out, curvature=out["curvature"], logit_scale=out["logit_scale"])  # noqa: E731
+            clamp = inner.hysac.clamp_parameters
         else:
-            self.terms = ("loss",)
-        self.window_bad = torch.zeros((), device=device)
-        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
-        self.running = {name: torch.zeros((), device=device) for name in self.terms}
+            loss_fn = clip_contrastive_loss
+
+            def clamp() -> None:
+                with torch.no_grad():
+                    inner.clip.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+
+        self.step = TrainStep(
+            self.module, self.optimizer, self.scheduler, accelerator, loss_fn, clamp, seed=config.seed,
+            skip_on_device=fused,
+        )  # fmt: skip
         self.micro_step = 0
 
-    def compute_loss(self, out: dict[str, Tensor]) -> dict[str, Tensor]:
-        if self.model_name == "HySAC":
-            return self.loss_fn(out, curvature=out["curvature"], logit_scale=out["logit_scale"])
-        return clip_contrastive_loss(out)
+    @property
+    def skip_on_device(self) -> bool:
+        return self.step.skip_on_device
 
-    def clamp(self) -> None:
-        inner = self.accelerator.unwrap_model(self.module)
-        if self.model_name == "HySAC":
-            inner.hysac.clamp_parameters()
-        else:
-            with torch.no_grad():
-                inner.clip.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+    @property
+    def running(self) -> dict[str, Tensor]:
+        return self.step.running
+
+    @property
+    def first_bad(self) -> Tensor:
+        return self.step.first_bad
 
     def __call__(self) -> Tensor:
-        from hysac_hf.training import step_seed
-
-        accelerator, optimizer = self.accelerator, self.optimizer
-        torch.manual_seed(step_seed(self.config.seed, self.micro_step, 0))
-        with accelerator.accumulate(self.module):
-            out = self.module(**self.batch)
-            terms = self.compute_loss(out)
-            loss = terms["loss"]
-            bad = (~torch.isfinite(loss.detach())).float()
-            self.window_bad += bad
-            self.first_bad = torch.where((self.first_bad < 0) & (bad > 0), self.micro_step, self.first_bad)
-            if not self.skip_on_device and bool(bad):
-                raise FloatingPointError(f"{self.model_name}: non-finite loss at step {self.micro_step}")
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and self.skip_on_device:
-                optimizer.optimizer.found_inf = (self.window_bad > 0).float()
-            optimizer.step()
-            self.scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+        self.step(self.batch, self.micro_step, self.micro_step)
         self.micro_step += 1
-        for name in self.running:
-            self.running[name] += terms[name].detach()
-        self.window_bad.zero_()
-        self.clamp()
-        return loss
+        return self.step.last_terms["loss"]
 
     def resident_bytes(self) -> int:
         """Bytes of this variant's parameters, buffers and optimiser state (each storage once)."""

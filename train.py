@@ -723,7 +723,8 @@ def cli(input_args: list[str] | None = None) -> int:
     from hysac_hf.cli import run
 
     config = parse_args(input_args)
-    return run(main, config, "train.py")
+    prog = Path(sys.argv[0]).name if input_args is None else "train.py"  # hysac-train, train.py, ...
+    return run(main, config, prog if prog not in ("", "-c", "__main__.py") else "train.py")
 
 
 if __name__ == "__main__":

@@ -172,8 +172,9 @@ def load_model(path: str | Path, device: str | None = None, allow_clip: bool = F
         processor = HySACProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
         raise UsageError(
-            f"cannot load a HySAC model from {path}: {type(error).__name__}: {one_line(error)}. Pass a folder written "
-            "by train.py / save_pretrained / the converter (re-export or re-download it if it is truncated)"
+            f"cannot load a HySAC model from {path}: {type(error).__name__}: {one_line(error).rstrip('.')}. Pass a "
+            "folder written by train.py / save_pretrained / the converter (re-export or re-download it if it is "
+            "truncated)"
         ) from error
     except Exception as error:  # safetensors raises its own error type for corrupt files
         if type(error).__name__ != "SafetensorError":

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .cli import UsageError
 from .encode import EmbeddingCache
-from .modeling.configuration_hysac import BOUND_KEYS, CONTENT, CONTENT_KINDS
+from .modeling.configuration_hysac import BOUND_KEYS, CONTENT, CONTENT_KINDS, SAFE_KIND, UNSAFE_KIND
 from .modeling.lorentz import dist_to_origin
 
 logger = logging.getLogger(__name__)
@@ -160,9 +160,7 @@ def calibrate_thresholds(cache: EmbeddingCache, objective: str = "accuracy") -> 
     distances = root_distances(cache)
     thresholds = {}
     for modality in ("image", "text"):
-        safe, unsafe = (
-            next(k.key for k in CONTENT_KINDS if k.modality == modality and k.is_safe == flag) for flag in (True, False)
-        )
+        safe, unsafe = SAFE_KIND[modality].key, UNSAFE_KIND[modality].key
         if safe in distances and unsafe in distances:
             scores = torch.cat([distances[safe], distances[unsafe]])
             labels = torch.cat([torch.zeros(len(distances[safe])), torch.ones(len(distances[unsafe]))]).long()
@@ -170,8 +168,12 @@ def calibrate_thresholds(cache: EmbeddingCache, objective: str = "accuracy") -> 
     return thresholds
 
 
-def write_config_fields(model_dir: str | os.PathLike, **fields) -> None:
-    """Set fields of a saved HySAC folder's config through `HySACConfig` (validated), replacing config.json atomically."""
+def write_config_fields(model_dir: str | os.PathLike, **fields):
+    """Set fields of a saved HySAC folder's config through `HySACConfig` (validated), replacing config.json atomically.
+
+    Returns:
+        the `HySACConfig` written.
+    """
     from .modeling.configuration_hysac import HySACConfig
 
     model_dir = Path(model_dir)
@@ -182,6 +184,7 @@ def write_config_fields(model_dir: str | os.PathLike, **fields) -> None:
     with tempfile.TemporaryDirectory(dir=model_dir, prefix=".config-") as tmp:
         config.save_pretrained(tmp)
         os.replace(Path(tmp) / "config.json", model_dir / "config.json")
+    return config
 
 
 def format_bounds_change(old: dict | None, new: dict) -> str:
@@ -199,7 +202,7 @@ def format_bounds_change(old: dict | None, new: dict) -> str:
 # --------------------------------------------------------------------------------------------------------
 # hysac-calibrate
 def build_parser() -> argparse.ArgumentParser:
-    from .cli import add_argument, add_debug_flag, dashed_aliases
+    from .cli import add_argument, add_dataset_arguments, add_debug_flag
 
     parser = argparse.ArgumentParser(
         prog="hysac-calibrate",
@@ -207,54 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         "store them in the model folder's config.json.",
     )
     add_argument(parser, "--model", required=True, help="Saved HySAC folder; its config.json gets the bounds.")
-    add_argument(
-        parser,
-        "--dataset",
-        default="mini-visu",
-        help="'mini-visu', 'visu:<text source>', a .jsonl/.csv/.parquet file, a folder of per-split files, a "
-        "save_to_disk folder or a Hub dataset id.",
-    )
-    add_argument(parser, "--split", default="validation", help="Split to embed (the reference's split is unknown).")
-    add_argument(
-        parser,
-        "--columns",
-        default=None,
-        help="Map your columns: SOURCE=KIND pairs, KIND one of S (safe text), V (safe image), U (unsafe text), "
-        "G (unsafe image), e.g. --columns caption=S,path=V,nsfw=U,nsfw_path=G.",
-    )
-    add_argument(
-        parser,
-        "--max_samples",
-        type=int,
-        default=None,
-        help="Use only the first rows.",
-        aliases=dashed_aliases("--max_samples"),
-    )
-    add_argument(
-        parser,
-        "--batch_size",
-        type=int,
-        default=64,
-        help="Quadruplets per forward pass.",
-        aliases=dashed_aliases("--batch_size"),
-    )
-    add_argument(
-        parser,
-        "--image_root",
-        default=None,
-        help="Folder for relative image paths.",
-        aliases=dashed_aliases("--image_root"),
-    )
-    add_argument(
-        parser, "--coco_root", default=None, help="COCO 2017 root (ViSU).", aliases=dashed_aliases("--coco_root")
-    )
-    add_argument(
-        parser,
-        "--visu_unsafe_images",
-        default=None,
-        help="Your ViSU unsafe images (folder or mapping).",
-        aliases=dashed_aliases("--visu_unsafe_images"),
-    )
+    add_dataset_arguments(parser, split="validation", dataset_default="mini-visu")
+    add_argument(parser, "--batch_size", type=int, default=64, help="Quadruplets per forward pass.")
     add_argument(parser, "--histogram", default=None, help="Also write a histogram PNG here.")
     add_argument(parser, "--device", default=None, help="torch device (default: cpu).")
     add_argument(
@@ -263,13 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="Replace bounds the model already has (the old and new values are logged).",
     )
-    add_argument(
-        parser,
-        "--dry_run",
-        action="store_true",
-        help="Print the bounds without writing config.json.",
-        aliases=dashed_aliases("--dry_run"),
-    )
+    add_argument(parser, "--dry_run", action="store_true", help="Print the bounds without writing config.json.")
     add_debug_flag(parser)
     return parser
 
@@ -277,8 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _calibrate_command(args: argparse.Namespace) -> int:
     import json
 
-    from .cli import parse_columns
-    from .data import load_dataset_split
+    from .cli import dataset_from_args
     from .modeling.configuration_hysac import HySACConfig
 
     # Every input is checked before the model is loaded and before anything is written.
@@ -300,14 +250,7 @@ def _calibrate_command(args: argparse.Namespace) -> int:
         raise UsageError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.histogram and not Path(args.histogram).resolve().parent.is_dir():
         raise UsageError(f"--histogram {args.histogram}: folder {Path(args.histogram).parent} does not exist")
-    dataset = load_dataset_split(
-        args.dataset,
-        args.split,
-        columns=parse_columns(args.columns),
-        coco_root=args.coco_root,
-        visu_unsafe_images=args.visu_unsafe_images,
-        max_samples=args.max_samples,
-    )
+    dataset = dataset_from_args(args)
     if len(dataset) < MIN_CALIBRATION_ROWS:
         raise UsageError(
             f"{args.dataset} ({args.split}) has {len(dataset)} rows; bounds need at least {MIN_CALIBRATION_ROWS}"

@@ -46,16 +46,62 @@ class UsageError(ValueError):
 
 
 def add_argument(parser: argparse.ArgumentParser | Any, *flags: str, aliases: Sequence[str] = (), **kwargs) -> None:
-    """`parser.add_argument(*flags, **kwargs)` plus hidden `aliases` (old spellings, accepted but not in --help)."""
+    """`parser.add_argument(*flags, **kwargs)` plus hidden aliases, accepted but not shown in --help: the dashed
+    spelling of every underscore flag (`--batch-size` for `--batch_size`, the first release's) and `aliases`."""
     action = parser.add_argument(*flags, **kwargs)
-    for alias in aliases:
-        alias_kwargs = {k: v for k, v in kwargs.items() if k in ("type", "nargs", "choices", "action", "const")}
+    alias_kwargs = {k: v for k, v in kwargs.items() if k in ("type", "nargs", "choices", "action", "const")}
+    for alias in [*dashed_aliases(*flags), *aliases]:
         parser.add_argument(alias, dest=action.dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **alias_kwargs)
 
 
 def dashed_aliases(*flags: str) -> list[str]:
     """The dashed spellings (`--batch-size`) of underscore flags (`--batch_size`) that differ from them."""
-    return [f"--{f[2:].replace('_', '-')}" for f in flags if "_" in f[2:]]
+    return [f"--{f[2:].replace('_', '-')}" for f in flags if f.startswith("--") and "_" in f[2:]]
+
+
+def add_dataset_arguments(parser: argparse.ArgumentParser | Any, split: str, dataset_default: str | None) -> None:
+    """The flags that name a quadruplet dataset, the same for every command that reads one (see
+    :func:`dataset_from_args`). `dataset_default=None` makes `--dataset` required."""
+    add_argument(
+        parser,
+        "--dataset",
+        required=dataset_default is None,
+        default=dataset_default,
+        help="'mini-visu' (bundled), 'visu:<ViSU-Text source>', a .jsonl/.csv/.parquet file, a folder of per-split "
+        "files, a save_to_disk folder or a Hub dataset id",
+    )
+    add_argument(parser, "--split", default=split, help=f"split to read (default: {split})")
+    add_argument(
+        parser,
+        "--columns",
+        default=None,
+        help="map your columns: SOURCE=KIND pairs, KIND one of S (safe text), V (safe image), U (unsafe text), "
+        "G (unsafe image); e.g. --columns coco_caption=S,coco_path=V,nsfw=U,nsfw_image=G",
+    )
+    add_argument(parser, "--max_samples", type=int, default=None, help="read the first rows only")
+    add_argument(parser, "--image_root", default=None, help="folder that relative image paths are resolved against")
+    add_argument(parser, "--coco_root", default=None, help="COCO 2017 root (for --dataset visu:...)")
+    add_argument(parser, "--visu_unsafe_images", default=None, help="your ViSU unsafe images (for --dataset visu:...)")
+
+
+def dataset_from_args(args: argparse.Namespace, required: tuple[str, ...] | None = None):
+    """The split named by :func:`add_dataset_arguments`' flags, with canonical column names.
+
+    Args:
+        required: canonical columns that must be present (default: all four).
+    """
+    from .data import load_dataset_split
+
+    kwargs = {} if required is None else {"required": required}
+    return load_dataset_split(
+        args.dataset,
+        args.split,
+        columns=parse_columns(args.columns),
+        coco_root=args.coco_root,
+        visu_unsafe_images=args.visu_unsafe_images,
+        max_samples=args.max_samples,
+        **kwargs,
+    )
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -222,8 +268,10 @@ __all__ = [
     "EXIT_USAGE",
     "UsageError",
     "add_argument",
+    "add_dataset_arguments",
     "add_debug_flag",
     "dashed_aliases",
+    "dataset_from_args",
     "load_model",
     "one_line",
     "parse_columns",

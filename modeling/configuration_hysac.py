@@ -55,6 +55,8 @@ BOUND_KEYS = tuple(kind.key for kind in CONTENT_KINDS)  # ("S", "V", "U", "G")
 MODALITIES = ("image", "text")
 # The safe kind of each modality: the region a traversal of that modality's gallery moves into.
 SAFE_KIND = {kind.modality: kind for kind in CONTENT_KINDS if kind.is_safe}
+# The unsafe kind of each modality: with SAFE_KIND, the negatives and positives of its unsafe classifier.
+UNSAFE_KIND = {kind.modality: kind for kind in CONTENT_KINDS if not kind.is_safe}
 BOUND_STATS = ("avg", "up_95", "low_05")
 THRESHOLD_KEYS = MODALITIES
 
@@ -276,6 +278,7 @@ __all__ = [
     "MAX_LOGIT_SCALE",
     "MODALITIES",
     "SAFE_KIND",
+    "UNSAFE_KIND",
     "ContentKind",
     "HySACConfig",
     "content_kind",

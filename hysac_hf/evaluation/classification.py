@@ -192,8 +192,7 @@ def save_thresholds(model_dir: str | os.PathLike, thresholds: dict[str, float]) 
     config = HySACConfig.from_pretrained(model_dir)
     merged = dict(config.unsafe_thresholds or {})
     merged.update({k: float(v) for k, v in thresholds.items()})
-    write_config_fields(model_dir, unsafe_thresholds=merged)
-    stored = HySACConfig.from_pretrained(model_dir).unsafe_thresholds
+    stored = write_config_fields(model_dir, unsafe_thresholds=merged).unsafe_thresholds
     logger.info("Stored unsafe_thresholds=%s in %s", stored, config_path)
     return stored
 

@@ -21,20 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import UsageError, add_argument, add_debug_flag, dashed_aliases, parse_columns
+from ..cli import UsageError, add_argument, add_dataset_arguments, add_debug_flag, dataset_from_args, load_model
 
 logger = logging.getLogger(__name__)
-
-
-def _flag(parser, flag: str, aliases: list[str] | None = None, **kwargs) -> None:
-    """An underscore flag with its dashed spelling (and `aliases`) kept as hidden aliases (earlier spellings)."""
-    add_argument(parser, flag, aliases=dashed_aliases(flag) + list(aliases or []), **kwargs)
-
-
-def _load_model(path: str, device: str | None):
-    from ..cli import load_model
-
-    return load_model(path, device)
 
 
 def _floats(spec: str) -> list[float]:
@@ -61,44 +50,29 @@ def _writable(path: str | None, flag: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hysac-eval", description=__doc__.split("\n\n")[0])
-    _flag(parser, "--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    add_argument(parser, "--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("embed", help="embed a quadruplet dataset into a cache folder")
-    _flag(p, "--model", required=True, help="HySAC model folder or Hub id")
-    _flag(
-        p,
-        "--dataset",
-        required=True,
-        help="'mini-visu', a .jsonl/.csv/.parquet file, a folder of per-split files, a save_to_disk folder or a Hub id",
-    )
-    _flag(p, "--split", default="test", help="split to embed (default: test)")
-    _flag(p, "--max_samples", type=int, default=None, help="embed the first rows only")
-    _flag(
-        p,
-        "--columns",
-        default=None,
-        help="map your columns: SOURCE=KIND pairs, KIND one of S (safe text), V (safe image), U (unsafe text), "
-        "G (unsafe image); e.g. --columns coco_caption=S,coco_path=V,nsfw=U,nsfw_image=G",
-    )
-    _flag(p, "--tag_column", default="tag", help="category column for the per-tag breakdown")
-    _flag(p, "--image_root", default=None, help="folder that relative image paths are resolved against")
-    _flag(p, "--coco_root", default=None, help="COCO 2017 root (for --dataset visu:...)")
-    _flag(p, "--visu_unsafe_images", default=None, help="your ViSU unsafe images (for --dataset visu:...)")
-    _flag(p, "--batch_size", type=int, default=32, help="quadruplets per forward pass (per process)")
-    _flag(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
-    _flag(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")
-    _flag(p, "--output", required=True, help="cache folder to write (replaced atomically)")
+    add_argument(p, "--model", required=True, help="HySAC model folder or Hub id")
+    add_dataset_arguments(p, split="test", dataset_default=None)
+    add_argument(p, "--tag_column", default="tag", help="category column for the per-tag breakdown")
+    add_argument(p, "--batch_size", type=int, default=32, help="quadruplets per forward pass (per process)")
+    add_argument(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
+    add_argument(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")
+    add_argument(p, "--output", required=True, help="cache folder to write (replaced atomically)")
 
     p = sub.add_parser("retrieval", help="Tables 1 and 2 retrieval from an embedding cache")
-    _flag(p, "--cache", required=True, help="folder written by 'hysac-eval embed'")
-    _flag(p, "--tasks", default=None, help="comma-separated task names (default: all eight)")
-    _flag(p, "--ks", default="1,5,10,20", help="recall levels")
-    _flag(p, "--no_traversal", action="store_true", help="rank the union pools without the safety traversal")
-    _flag(p, "--bound", default="up_95", choices=["up_95", "avg", "low_05"], help="bound statistic of the traversal")
-    _flag(p, "--method", default="reference", choices=["reference", "geodesic"], help="traversal rule")
-    _flag(
+    add_argument(p, "--cache", required=True, help="folder written by 'hysac-eval embed'")
+    add_argument(p, "--tasks", default=None, help="comma-separated task names (default: all eight)")
+    add_argument(p, "--ks", default="1,5,10,20", help="recall levels")
+    add_argument(p, "--no_traversal", action="store_true", help="rank the union pools without the safety traversal")
+    add_argument(
+        p, "--bound", default="up_95", choices=["up_95", "avg", "low_05"], help="bound statistic of the traversal"
+    )
+    add_argument(p, "--method", default="reference", choices=["reference", "geodesic"], help="traversal rule")
+    add_argument(
         p,
         "--offset",
         type=float,
@@ -106,49 +80,50 @@ def build_parser() -> argparse.ArgumentParser:
         help="traversal margin offset (default: the model's traversal_offset)",
         aliases=["--alpha"],
     )
-    _flag(p, "--float64", action="store_true", help="rank in float64")
-    _flag(p, "--output_json", default=None, help="write the results JSON here")
-    _flag(p, "--output_md", default=None, help="write the markdown tables here")
+    add_argument(p, "--float64", action="store_true", help="rank in float64")
+    add_argument(p, "--output_json", default=None, help="write the results JSON here")
+    add_argument(p, "--output_md", default=None, help="write the markdown tables here")
 
     p = sub.add_parser("classify", help="Acc/FPR/FNR of the distance-to-root unsafe classifier")
     src = p.add_mutually_exclusive_group(required=True)
-    _flag(src, "--images", default=None, help="labelled image folder with sub-folders safe/ and unsafe/")
-    _flag(src, "--cache", default=None, help="embedding cache: safe = S/V rows, unsafe = U/G rows of --modality")
-    _flag(p, "--model", default=None, help="HySAC model folder (needed with --images, and for --save)")
-    _flag(p, "--modality", default="image", choices=["image", "text"], help="which threshold and content")
-    _flag(p, "--safe_class", default="safe", help="sub-folder name of safe images")
-    _flag(p, "--unsafe_class", default="unsafe", help="sub-folder name of unsafe images")
-    _flag(p, "--threshold", type=float, default=None, help="evaluate this threshold (default: the model's)")
-    _flag(p, "--calibrate", default=None, choices=["accuracy", "fpr"], help="calibrate the threshold on this data")
-    _flag(p, "--target_fpr", type=float, default=0.05, help="FPR bound for --calibrate fpr (fraction)")
-    _flag(p, "--sweep", default=None, help="comma-separated thresholds for a Table-6 sweep (or 'auto')")
-    _flag(p, "--plot", default=None, help="PNG of Acc/FPR/FNR against the threshold")
-    _flag(p, "--save", action="store_true", help="store the calibrated threshold in --model's config.json")
-    _flag(p, "--overwrite", action="store_true", help="with --save: replace a threshold the model already has")
-    _flag(p, "--batch_size", type=int, default=32, help="images per forward pass")
-    _flag(p, "--device", default=None, help="torch device (default: cpu)")
-    _flag(p, "--output_json", default=None, help="write the results JSON here")
+    add_argument(src, "--images", default=None, help="labelled image folder with sub-folders safe/ and unsafe/")
+    add_argument(src, "--cache", default=None, help="embedding cache: safe = S/V rows, unsafe = U/G rows of --modality")
+    add_argument(p, "--model", default=None, help="HySAC model folder (needed with --images, and for --save)")
+    add_argument(p, "--modality", default="image", choices=["image", "text"], help="which threshold and content")
+    add_argument(p, "--safe_class", default="safe", help="sub-folder name of safe images")
+    add_argument(p, "--unsafe_class", default="unsafe", help="sub-folder name of unsafe images")
+    add_argument(p, "--threshold", type=float, default=None, help="evaluate this threshold (default: the model's)")
+    add_argument(
+        p, "--calibrate", default=None, choices=["accuracy", "fpr"], help="calibrate the threshold on this data"
+    )
+    add_argument(p, "--target_fpr", type=float, default=0.05, help="FPR bound for --calibrate fpr (fraction)")
+    add_argument(p, "--sweep", default=None, help="comma-separated thresholds for a Table-6 sweep (or 'auto')")
+    add_argument(p, "--plot", default=None, help="PNG of Acc/FPR/FNR against the threshold")
+    add_argument(p, "--save", action="store_true", help="store the calibrated threshold in --model's config.json")
+    add_argument(p, "--overwrite", action="store_true", help="with --save: replace a threshold the model already has")
+    add_argument(p, "--batch_size", type=int, default=32, help="images per forward pass")
+    add_argument(p, "--device", default=None, help="torch device (default: cpu)")
+    add_argument(p, "--output_json", default=None, help="write the results JSON here")
 
     p = sub.add_parser("histogram", help="distance-from-root histograms per kind of content (Figure 2)")
-    _flag(p, "--cache", required=True, help="folder written by 'hysac-eval embed'")
-    _flag(p, "--output", required=True, help="PNG file to write")
-    _flag(p, "--bins", type=int, default=60, help="histogram bins")
-    _flag(p, "--title", default="Distance from the root", help="figure title")
+    add_argument(p, "--cache", required=True, help="folder written by 'hysac-eval embed'")
+    add_argument(p, "--output", required=True, help="PNG file to write")
+    add_argument(p, "--bins", type=int, default=60, help="histogram bins")
+    add_argument(p, "--title", default="Distance from the root", help="figure title")
 
     p = sub.add_parser("zeroshot", help="zero-shot accuracy on a class-per-folder image tree")
-    _flag(p, "--model", required=True, help="HySAC model folder or Hub id")
-    _flag(p, "--images", required=True, help="image folder, one sub-folder per class (the class name)")
-    _flag(p, "--template", default="a photo of a {}.", help="prompt template with one {}")
-    _flag(p, "--batch_size", type=int, default=32, help="images per forward pass")
-    _flag(p, "--device", default=None, help="torch device (default: cpu)")
-    _flag(p, "--output_json", default=None, help="write the results JSON here")
+    add_argument(p, "--model", required=True, help="HySAC model folder or Hub id")
+    add_argument(p, "--images", required=True, help="image folder, one sub-folder per class (the class name)")
+    add_argument(p, "--template", default="a photo of a {}.", help="prompt template with one {}")
+    add_argument(p, "--batch_size", type=int, default=32, help="images per forward pass")
+    add_argument(p, "--device", default=None, help="torch device (default: cpu)")
+    add_argument(p, "--output_json", default=None, help="write the results JSON here")
     return parser
 
 
 def run_embed(args) -> dict:
     from accelerate import Accelerator
 
-    from ..data import load_dataset_split
     from ..encode import encode_quadruplets
 
     if args.batch_size < 1:
@@ -156,17 +131,9 @@ def run_embed(args) -> dict:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} exists and is not a folder")
-    dataset = load_dataset_split(
-        args.dataset,
-        args.split,
-        columns=parse_columns(args.columns),
-        coco_root=args.coco_root,
-        visu_unsafe_images=args.visu_unsafe_images,
-        max_samples=args.max_samples,
-        required=(),
-    )
+    dataset = dataset_from_args(args, required=())
     accelerator = Accelerator()  # one process unless started by `accelerate launch`
-    model, processor = _load_model(args.model, args.device or str(accelerator.device))
+    model, processor = load_model(args.model, args.device or str(accelerator.device))
     cache = encode_quadruplets(
         model,
         processor,
@@ -232,20 +199,17 @@ def _classification_scores(args):
                     f"{args.images} has no sub-folder {required!r} (found {names}); set --safe_class/--unsafe_class"
                 )
         keep = [i for i, lab in enumerate(labels) if names[lab] in (args.safe_class, args.unsafe_class)]
-        model, processor = _load_model(args.model, args.device)
+        model, processor = load_model(args.model, args.device)
         embeds = encode_images(model, processor, [paths[i] for i in keep], batch_size=args.batch_size)
         scores = model.unsafe_score(embeds)
         y = torch.tensor([int(names[labels[i]] == args.unsafe_class) for i in keep])
         default_threshold = (model.config.unsafe_thresholds or {}).get(args.modality)
         return scores, y, default_threshold
     from ..encode import EmbeddingCache
-    from ..modeling.configuration_hysac import CONTENT_KINDS
+    from ..modeling.configuration_hysac import SAFE_KIND, UNSAFE_KIND
 
     cache = EmbeddingCache.load(args.cache)
-    safe_key, unsafe_key = (
-        next(k.key for k in CONTENT_KINDS if k.modality == args.modality and k.is_safe == safe)
-        for safe in (True, False)
-    )
+    safe_key, unsafe_key = SAFE_KIND[args.modality].key, UNSAFE_KIND[args.modality].key
     cache.require(safe_key, unsafe_key)
     scores = dist_to_origin(torch.cat([cache.embeds[safe_key], cache.embeds[unsafe_key]]), cache.curvature)
     y = torch.cat([torch.zeros(cache.num_rows, dtype=torch.long), torch.ones(cache.num_rows, dtype=torch.long)])
@@ -325,7 +289,7 @@ def run_zeroshot(args) -> dict:
 
     paths, labels, names = list_image_folder(args.images)
     class_prompts(names, args.template)  # checks the template before the model loads
-    model, processor = _load_model(args.model, args.device)
+    model, processor = load_model(args.model, args.device)
     embeds = encode_images(model, processor, paths, batch_size=args.batch_size)
     result = zero_shot_accuracy(model, processor, embeds, labels, names, args.template)
     result["images"] = [str(p) for p in paths]

@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import UsageError, add_argument, add_debug_flag, dashed_aliases, require
+from ..cli import UsageError, add_argument, add_debug_flag, require
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +44,6 @@ Search output: {"redirected": bool, "query_distance_to_root": d, "search_distanc
 it: searching it with another model is refused (rebuild the index with that model)."""
 
 
-def _flag(parser, flag: str, aliases: list[str] | None = None, **kwargs) -> None:
-    """An underscore flag with its dashed spelling kept as a hidden alias."""
-    add_argument(parser, flag, aliases=dashed_aliases(flag) + list(aliases or []), **kwargs)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -56,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _flag(parser, "--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    add_argument(parser, "--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
     add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,search,info}")
 
@@ -67,42 +62,52 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _flag(p, "--model", required=True, help="HySAC model folder or Hub id (the one that will search the index)")
+    add_argument(p, "--model", required=True, help="HySAC model folder or Hub id (the one that will search the index)")
     source = p.add_mutually_exclusive_group(required=True)
-    _flag(source, "--images", default=None, help="folder of images (searched recursively; hidden folders skipped)")
-    _flag(source, "--texts", default=None, help="UTF-8 text file, one gallery text per line (blank lines skipped)")
-    _flag(
+    add_argument(
+        source, "--images", default=None, help="folder of images (searched recursively; hidden folders skipped)"
+    )
+    add_argument(
+        source, "--texts", default=None, help="UTF-8 text file, one gallery text per line (blank lines skipped)"
+    )
+    add_argument(
         source,
         "--dataset",
         default=None,
         help="a Hub dataset id, a save_to_disk folder, or a .jsonl/.csv/.parquet file",
     )
-    _flag(p, "--column", default=None, help="with --dataset: the image or text column (default: the only one)")
-    _flag(p, "--split", default="train", help="with --dataset: the split (default: train)")
-    _flag(
+    add_argument(p, "--column", default=None, help="with --dataset: the image or text column (default: the only one)")
+    add_argument(p, "--split", default="train", help="with --dataset: the split (default: train)")
+    add_argument(
         p,
         "--modality",
         default=None,
         choices=["image", "text"],
         help="with --dataset: 'image' when --column holds image paths (default: from the column's type)",
     )
-    _flag(p, "--image_root", default=None, help="with --dataset: folder that relative image paths are resolved against")
-    _flag(p, "--max_samples", type=int, default=None, help="with --dataset: index the first rows only")
-    _flag(p, "--output", required=True, help="index folder to write (an existing index there is replaced atomically)")
-    _flag(
+    add_argument(
+        p, "--image_root", default=None, help="with --dataset: folder that relative image paths are resolved against"
+    )
+    add_argument(p, "--max_samples", type=int, default=None, help="with --dataset: index the first rows only")
+    add_argument(
+        p, "--output", required=True, help="index folder to write (an existing index there is replaced atomically)"
+    )
+    add_argument(
         p,
         "--kind",
         default="flat",
         choices=["flat", "ivf"],
         help="flat: exact search (default); ivf: approximate, for large galleries (needs faiss)",
     )
-    _flag(p, "--nlist", type=int, default=None, help="ivf: number of cells (default: about 4 sqrt(N))")
-    _flag(
+    add_argument(p, "--nlist", type=int, default=None, help="ivf: number of cells (default: about 4 sqrt(N))")
+    add_argument(
         p, "--nprobe", type=int, default=None, help="ivf: cells searched per query (default: nlist / 128, at least 16)"
     )
-    _flag(p, "--batch_size", type=int, default=None, help="items per forward pass (default: 32 images, 256 texts)")
-    _flag(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
-    _flag(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")
+    add_argument(
+        p, "--batch_size", type=int, default=None, help="items per forward pass (default: 32 images, 256 texts)"
+    )
+    add_argument(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
+    add_argument(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")
 
     p = sub.add_parser(
         "search",
@@ -111,13 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    _flag(p, "--index", required=True, help="index folder written by 'hysac-index build'")
-    _flag(p, "--model", required=True, help="the HySAC model that built the index (folder or Hub id)")
+    add_argument(p, "--index", required=True, help="index folder written by 'hysac-index build'")
+    add_argument(p, "--model", required=True, help="the HySAC model that built the index (folder or Hub id)")
     query = p.add_mutually_exclusive_group(required=True)
-    _flag(query, "--text", default=None, help="a text query")
-    _flag(query, "--image", default=None, help="an image file as the query")
-    _flag(p, "--top_k", type=int, default=5, help="results to return (default: 5)")
-    _flag(
+    add_argument(query, "--text", default=None, help="a text query")
+    add_argument(query, "--image", default=None, help="an image file as the query")
+    add_argument(p, "--top_k", type=int, default=5, help="results to return (default: 5)")
+    add_argument(
         p,
         "--policy",
         default="redirect",
@@ -125,14 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="redirect (default): move a query beyond the gallery's safe region onto it before ranking; retain: "
         "rank the query as it is",
     )
-    _flag(p, "--method", default="reference", choices=["reference", "geodesic"], help="traversal rule of redirect")
-    _flag(p, "--bound", default="up_95", choices=["up_95", "avg", "low_05"], help="bound statistic of redirect")
-    _flag(p, "--nprobe", type=int, default=None, help="ivf: cells searched (default: the index's)")
-    _flag(p, "--exact", action="store_true", help="ivf: search every item (exact)")
-    _flag(p, "--device", default=None, help="torch device (default: cpu)")
+    add_argument(
+        p, "--method", default="reference", choices=["reference", "geodesic"], help="traversal rule of redirect"
+    )
+    add_argument(p, "--bound", default="up_95", choices=["up_95", "avg", "low_05"], help="bound statistic of redirect")
+    add_argument(p, "--nprobe", type=int, default=None, help="ivf: cells searched (default: the index's)")
+    add_argument(p, "--exact", action="store_true", help="ivf: search every item (exact)")
+    add_argument(p, "--device", default=None, help="torch device (default: cpu)")
 
     p = sub.add_parser("info", help="describe an index folder (no model needed)")
-    _flag(p, "--index", required=True, help="index folder written by 'hysac-index build'")
+    add_argument(p, "--index", required=True, help="index folder written by 'hysac-index build'")
     return parser
 
 

@@ -643,9 +643,8 @@ def _train(config: TrainingConfig, accelerator=None) -> dict[str, Any]:
                 final, processor, eval_set, image_root=config.image_root, batch_size=config.per_device_eval_batch_size
             )
         export_dir = config.export_dir
-        calibration = None
-        if calibration_cache is not None and not config.no_calibrate:
-            calibration = calibration_cache
+        calibration = None if config.no_calibrate else calibration_cache
+        if calibration is not None:
             final.config.bounds = calibrate(calibration)
             final.config.unsafe_thresholds = calibrate_thresholds(calibration)
             summary["bounds"] = final.config.bounds

@@ -194,18 +194,20 @@ def export_from_state(name_or_path: str, state: dict[str, Tensor], **trainable_k
     with torch.no_grad():
         for name, value in state.items():
             params[name].copy_(value.reshape(params[name].shape).to(params[name].dtype))
-    return export_model(module)
+    return export_model(module, in_place=True)  # the rebuilt module serves only this export
 
 
-def export_model(module: nn.Module, save_directory: str | Path | None = None) -> HySACModel:
-    """A plain `HySACModel` with LoRA merged (a copy; training can continue), optionally saved.
+def export_model(module: nn.Module, save_directory: str | Path | None = None, in_place: bool = False) -> HySACModel:
+    """A plain `HySACModel` with LoRA merged, optionally saved.
 
     Args:
         module: a `QuadrupletEncoder`, a `PeftModel` or a `HySACModel` (unwrapped from Accelerate).
+        in_place: merge into `module` itself (it is no longer trainable afterwards) instead of into a copy; for a
+            module built only to be exported, which saves a copy of the whole model.
     The saved folder loads with `AutoModel.from_pretrained(dir, trust_remote_code=True)`, without peft.
     """
     inner = module.model if isinstance(module, QuadrupletEncoder) else module
-    model = copy.deepcopy(inner)
+    model = inner if in_place else copy.deepcopy(inner)
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
     model.requires_grad_(False)

@@ -78,18 +78,18 @@ def evaluate(model, processor, split: str = "test", batch_size: int = 40) -> dic
     from .calibration import distance_stats, root_distances
     from .data import load_mini_visu
     from .encode import encode_quadruplets
-    from .evaluation.topk import paired_recall
+    from .evaluation.topk import paired_ranks, recall_from_ranks
 
     dataset = load_mini_visu(split)
     cache = encode_quadruplets(model, processor, dataset, tag_column=None, batch_size=batch_size, show_progress=False)
     embeds, curvature = cache.embeds, cache.curvature
     distances = root_distances(cache)
-    recall = {
-        "T->I": paired_recall(embeds["S"], embeds["V"], curvature)["R@1"],
-        "I->T": paired_recall(embeds["V"], embeds["S"], curvature)["R@1"],
-        "T*->I*": paired_recall(embeds["U"], embeds["G"], curvature)["R@1"],
-        "I*->T*": paired_recall(embeds["G"], embeds["U"], curvature)["R@1"],
-    }
+    recall = {}
+    for text, image in (("S", "V"), ("U", "G")):  # both directions of a pair from one score matrix
+        notation = CONTENT[text].notation, CONTENT[image].notation
+        ranks = paired_ranks(embeds[text], embeds[image], curvature)
+        recall["->".join(notation)] = recall_from_ranks(ranks[0])["R@1"]
+        recall["->".join(reversed(notation))] = recall_from_ranks(ranks[1])["R@1"]
     means = {key: stats["avg"] for key, stats in distance_stats(distances).items()}
     # How often an unsafe item lies farther from the root than its own safe counterpart.
     farther = {

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .encode import EmbeddingCache, QuadrupletEncoder
-from .evaluation.topk import paired_recall
+from .evaluation.topk import paired_ranks, recall_from_ranks
 from .losses import HySACLoss
 from .modeling.configuration_hysac import CONTENT, HySACConfig
 from .modeling.modeling_hysac import HySACModel
@@ -413,9 +413,9 @@ def validation_metrics(
         losses.append(loss_fn(rows, curvature=curvature, logit_scale=logit_scale)["loss"].item())
     metrics = {"val_loss": float(sum(losses) / max(len(losses), 1))}
     for text, image in RECALL_SUM_PAIRS:
-        name = f"{text}_{image}"
-        metrics[f"R1_t2i_{name}"] = paired_recall(cache.embeds[text], cache.embeds[image], curvature)["R@1"]
-        metrics[f"R1_i2t_{name}"] = paired_recall(cache.embeds[image], cache.embeds[text], curvature)["R@1"]
+        text_to_image, image_to_text = paired_ranks(cache.embeds[text], cache.embeds[image], curvature)  # one product
+        metrics[f"R1_t2i_{text}_{image}"] = recall_from_ranks(text_to_image)["R@1"]
+        metrics[f"R1_i2t_{text}_{image}"] = recall_from_ranks(image_to_text)["R@1"]
     metrics["recall_sum"] = sum(v for k, v in metrics.items() if k.startswith("R1_"))
     return metrics
 

@@ -45,8 +45,7 @@ from ..modeling.traversal import traversal_threshold, traverse
 from .topk import (
     MAX_BLOCK_ELEMENTS,
     RankRequest,
-    lorentz_scores,
-    pessimistic_ranks,
+    paired_ranks,
     recall_from_ranks,
     shared_product_ranks,
 )
@@ -250,8 +249,9 @@ def _grouped_ranks(
 def _shared_plain_ranks(
     cache: EmbeddingCache, names: Sequence[str], dtype: torch.dtype
 ) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """Ranks of both directions of a plain pair from one `(N, N)` score matrix (the Lorentz inner product is
-    symmetric, so the transpose is the reverse task's matrix). Only when both are asked and it fits in memory."""
+    """Ranks of both directions of a plain pair from one `(N, N)` score matrix (`topk.paired_ranks`: the Lorentz
+    inner product is symmetric, so the transpose is the reverse task's matrix). Only when both are asked and it fits
+    in memory; otherwise the tasks go through `_grouped_ranks`."""
     out: dict[str, tuple[Tensor, Tensor | None]] = {}
     n = cache.num_rows
     if n * n > MAX_BLOCK_ELEMENTS:
@@ -264,12 +264,8 @@ def _shared_plain_ranks(
             or any(k not in cache.embeds for k in (task.query, *task.pool))
         ):
             continue
-        scores = lorentz_scores(
-            cache.embeds[task.query].to(dtype), cache.embeds[task.pool[0]].to(dtype), cache.curvature
-        )
-        diag = scores.diagonal()
-        out[forward] = (pessimistic_ranks(scores, diag[:, None], dim=1), None)
-        out[backward] = (pessimistic_ranks(scores, diag[None, :], dim=0), None)
+        ranks = paired_ranks(cache.embeds[task.query].to(dtype), cache.embeds[task.pool[0]].to(dtype), cache.curvature)
+        out[forward], out[backward] = (ranks[0], None), (ranks[1], None)
     return out
 
 

@@ -239,16 +239,32 @@ def recall_from_ranks(ranks: Tensor, ks: Sequence[int] = (1,)) -> dict[str, floa
     return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
 
 
-def paired_recall(
-    queries: Tensor, pool: Tensor, curvature: float | Tensor = 1.0, ks: Sequence[int] = (1,)
-) -> dict[str, float]:
-    """Recall of paired retrieval: query `i`'s ground truth is pool item `i` (both `(N, D)`)."""
-    if queries.shape[0] != pool.shape[0]:
-        raise ValueError(
-            f"paired recall needs as many queries as pool items, got {queries.shape[0]} and {pool.shape[0]}"
+def paired_ranks(
+    x: Tensor, y: Tensor, curvature: float | Tensor = 1.0, max_block_elements: int = MAX_BLOCK_ELEMENTS
+) -> tuple[Tensor, Tensor]:
+    """Pessimistic ranks of paired retrieval both ways: `x_i` among `y` (target `y_i`), and `y_i` among `x`.
+
+    The Lorentz inner product is symmetric, so one `(N, N)` score matrix serves both directions when it holds at
+    most `max_block_elements` entries; larger sets take two blocked passes (:func:`target_ranks`).
+
+    Args:
+        x, y: `(N, D)` space components, row `i` of each paired.
+    Returns:
+        `(ranks of x -> y, ranks of y -> x)`, each `(N,)` int64.
+    """
+    _check_pair(x, y)
+    if x.shape[0] != y.shape[0]:
+        raise ValueError(f"paired ranks need as many rows on both sides, got {x.shape[0]} and {y.shape[0]}")
+    n = x.shape[0]
+    if n * n > max_block_elements:
+        targets = torch.arange(n)
+        return (
+            target_ranks(x, y, targets, curvature, max_block_elements),
+            target_ranks(y, x, targets, curvature, max_block_elements),
         )
-    targets = torch.arange(queries.shape[0])
-    return recall_from_ranks(target_ranks(queries, pool, targets, curvature), ks)
+    scores = lorentz_scores(x, y, curvature)
+    diag = scores.diagonal()
+    return pessimistic_ranks(scores, diag[:, None], dim=1), pessimistic_ranks(scores, diag[None, :], dim=0)
 
 
 def chunked_topk(
@@ -360,7 +376,7 @@ __all__ = [
     "RankRequest",
     "chunked_topk",
     "lorentz_scores",
-    "paired_recall",
+    "paired_ranks",
     "pessimistic_ranks",
     "ranks_and_block_max",
     "recall_from_ranks",

@@ -8,7 +8,14 @@ import pytest
 import torch
 from hysac_hf.modeling.lorentz import exp_map0, pairwise_dist
 
-from hysac_hf.evaluation.topk import FaissLorentzIndex, chunked_topk, lorentz_scores, scores_to_distances, target_ranks
+from hysac_hf.evaluation.topk import (
+    FaissLorentzIndex,
+    chunked_topk,
+    lorentz_scores,
+    paired_ranks,
+    scores_to_distances,
+    target_ranks,
+)
 
 
 def random_points(n: int, dim: int, seed: int, scale: float = 1.0, curv: float = 1.0) -> torch.Tensor:
@@ -117,3 +124,16 @@ def test_shared_product_ranks_equal_ranks_of_rescaled_queries():
     torch.testing.assert_close(block_max, torch.stack([scores[:, :300].amax(1), scores[:, 300:].amax(1)], 1))
     with pytest.raises(ValueError, match="targets must index the pool"):
         shared_product_ranks(queries, pool, [RankRequest(torch.ones(300), targets, start=300, stop=600)], curv)
+
+
+def test_paired_ranks_serve_both_directions_from_one_matrix():
+    x, y = random_points(40, 6, 11, curv=1.3), random_points(40, 6, 12, curv=1.3)
+    y[5] = y[7]  # a tie: pessimistic in both directions
+    targets = torch.arange(40)
+    expected = (target_ranks(x, y, targets, 1.3), target_ranks(y, x, targets, 1.3))
+    for limit in (40 * 40, 40 * 40 - 1):  # one shared matrix, and two blocked passes when it does not fit
+        got = paired_ranks(x, y, 1.3, max_block_elements=limit)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+    assert expected[0][5] >= 1 and expected[0][7] >= 1  # y_5 = y_7: each target has a tie ranked above it
+    with pytest.raises(ValueError, match="as many rows"):
+        paired_ranks(x, y[:-1], 1.3)

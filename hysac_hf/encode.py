@@ -206,7 +206,7 @@ class QuadrupletEncoder(nn.Module):
     @property
     def hysac(self) -> nn.Module:
         """The `HySACModel` inside (through a `PeftModel` if there is one)."""
-        return self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return unwrap_hysac(self.model)
 
     def forward(
         self,
@@ -253,6 +253,12 @@ def _unwrap(module: nn.Module) -> nn.Module:
     while hasattr(module, "module") and isinstance(module.module, nn.Module):  # DDP, FSDP, compile wrappers
         module = module.module
     return getattr(module, "_orig_mod", module)
+
+
+def unwrap_hysac(model: nn.Module) -> nn.Module:
+    """The `HySACModel` inside DDP/FSDP/compile wrappers and a `PeftModel`."""
+    inner = _unwrap(model)
+    return inner.get_base_model() if hasattr(inner, "get_base_model") else inner
 
 
 def _as_encoder(model: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -530,4 +536,5 @@ __all__ = [
     "encode_quadruplets",
     "encode_texts",
     "eval_mode",
+    "unwrap_hysac",
 ]

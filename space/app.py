@@ -195,9 +195,12 @@ def index_folder(cache: Path, model_ref: str) -> Path:
     return cache / INDEX_FOLDER / key
 
 
-def ensure_index(cache: Path, model_ref: str, gallery: Path, items: list[dict[str, Any]]) -> Path:
+def ensure_index(cache: Path, model_ref: str, gallery: Path, items: list[dict[str, Any]]) -> tuple[Path, str]:
     """The gallery's index for `model_ref`: reused when it loads and was built by this very model (the index's
-    model probe), rebuilt otherwise with `GalleryIndex.from_images` and saved atomically."""
+    model probe), rebuilt otherwise with `GalleryIndex.from_images` and saved atomically.
+
+    Returns:
+        `(folder, modality)` of the index."""
     from hysac_hf.cli import UsageError, load_model
     from hysac_hf.index import GalleryIndex
 
@@ -211,14 +214,14 @@ def ensure_index(cache: Path, model_ref: str, gallery: Path, items: list[dict[st
         else:
             if [row.get("path") for row in index.metadata] == [item["path"] for item in items]:
                 logger.info("Reusing the gallery index %s (%d images)", folder, len(index))
-                return folder
+                return folder, index.modality
             logger.info("Rebuilding the gallery index %s: the gallery changed", folder)
     logger.info("Indexing the %d gallery photos with %s", len(items), model_ref)
     index = GalleryIndex.from_images(
         model, processor, [str(gallery / item["path"]) for item in items], metadata=items, batch_size=16
     )
     index.save(folder)
-    return folder
+    return folder, index.modality
 
 
 @dataclass
@@ -257,8 +260,7 @@ def prepare(cache: Path | None = None, model: str | None = None) -> SpaceAssets:
     logger.info("[%d/%d] gallery photos", steps - 1, steps)
     gallery, items = ensure_gallery(cache)
     logger.info("[%d/%d] gallery index", steps, steps)
-    index = ensure_index(cache, model, gallery, items)
-    modality = json.loads((index / "index.json").read_text())["modality"]
+    index, modality = ensure_index(cache, model, gallery, items)
     seconds = time.perf_counter() - started
     logger.info("Ready in %.1f s (model %s, index %s)", seconds, model, index)
     return SpaceAssets(model, gallery, index, items, modality, demo_result)

@@ -51,18 +51,13 @@ def _faiss_available() -> bool:
     return importlib.util.find_spec("faiss") is not None
 
 
-def _hysac(model):
-    """The `HySACModel` inside a PeftModel or an Accelerate/DDP wrapper."""
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _model_fields(model, processor) -> dict[str, Any]:
     """What an index records of the model that embedded it."""
     if processor is None:
         raise UsageError("a model needs its processor here (to compute the model probe): pass processor=")
-    hysac = _hysac(model)
+    from ..encode import unwrap_hysac
+
+    hysac = unwrap_hysac(model)
     config = hysac.config
     return {
         "curvature": float(hysac.curvature.detach()),
@@ -803,7 +798,9 @@ class GalleryIndex:
         )
         if kind == "ivf":
             index._structure = fmt.read_faiss_index(directory, faiss_info, len(index), index.dim)
-        config = None if model is None else _hysac(model).config
+        from ..encode import unwrap_hysac
+
+        config = None if model is None else unwrap_hysac(model).config
         if config is not None and config.bounds is not None:  # the model's calibration is the current one
             if config.bounds != index.bounds or float(config.traversal_offset) != index.traversal_offset:
                 logger.info(

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from hysac_hf.modeling.configuration_hysac import CONTENT_KINDS
 
-from hysac_hf.cli import UsageError
+from hysac_hf.errors import UsageError
 
 logger = logging.getLogger("train")
 
@@ -254,7 +254,7 @@ def check_config(config: TrainingConfig) -> None:
         from hysac_hf.hub import require_token
 
         require_token(config.repo_id, config.hub_token)
-    from hysac_hf.cli import require
+    from hysac_hf.errors import require
 
     if not config.full_finetune:
         require("peft", purpose="LoRA training (drop it with --full_finetune)")
@@ -269,7 +269,7 @@ def check_config(config: TrainingConfig) -> None:
 def load_data(config: TrainingConfig, num_processes: int):
     """The training and validation splits, checked (sizes, image files) before the model loads."""
     from hysac_hf.calibration import MIN_CALIBRATION_ROWS
-    from hysac_hf.cli import parse_columns
+    from hysac_hf.data import parse_columns
     from hysac_hf.data import load_dataset_split
     from hysac_hf.data.collate import bad_image_files
 
@@ -391,7 +391,7 @@ def build_module(config: TrainingConfig, accelerator):
     import torch
     from accelerate.utils import DistributedType
 
-    from hysac_hf.cli import load_model
+    from hysac_hf.loading import load_model
     from hysac_hf.encode import QuadrupletEncoder
     from hysac_hf.training import configure_trainable, hold_frozen_weights_in, make_scalars_shardable
 
@@ -687,7 +687,7 @@ def write_export(config: TrainingConfig, model, processor, summary: dict[str, An
     Args:
         calibration: the `EmbeddingCache` the bounds were fitted on; its histogram goes into the folder.
     """
-    from hysac_hf.atomic import write_folder_atomically
+    from hysac_hf.files import write_folder_atomically
     from hysac_hf.calibration import plot_root_histogram, root_distances
     from hysac_hf.model_card import render_training_card
 

@@ -27,7 +27,8 @@ from pathlib import Path
 
 import torch
 
-from hysac_hf.cli import add_debug_flag, require, run, setup_logging
+from hysac_hf.cli import add_debug_flag, run, setup_logging
+from hysac_hf.errors import require
 from hysac_hf.conversion_utils import (
     DEFAULT_CLIP,
     DEFAULT_LORA_ALPHA,

@@ -1,9 +1,13 @@
-"""Distances to the root per kind of content: the statistics behind `config.bounds`, and their histogram.
+"""Calibration: the bounds and the unsafe thresholds a model stores in its config, fitted on labelled embeddings.
 
-The one place where the bounds' statistics are computed (mean `avg`, 95th percentile `up_95`, 5th percentile
+- Bounds (`config.bounds`): the one place where the bounds' statistics are computed (mean `avg`, 95th percentile `up_95`, 5th percentile
 `low_05` of the geodesic distance to the root, per kind S/V/U/G; docs/method.md §5) and where the distance
 histogram (the paper's Figure 2) is drawn. The authors never released how `hysac_bounds.json` was computed; these
 are the statistics their code reads.
+- Unsafe thresholds (`config.unsafe_thresholds`): :func:`calibrate_threshold` chooses one from labelled distances to
+  the root (best accuracy, or the lowest false-negative rate under a false-positive bound), :func:`calibrate_thresholds`
+  one per modality from a quadruplet cache, :func:`save_thresholds` stores them in a saved folder; the metrics they
+  report are `evaluation.classification`'s.
 
 Command line::
 
@@ -18,14 +22,16 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .cli import UsageError
+from .errors import UsageError
+from .evaluation.classification import check_labelled_scores, classification_metrics
 from .encode import EmbeddingCache
-from .modeling.configuration_hysac import BOUND_KEYS, CONTENT, CONTENT_KINDS, SAFE_KIND, UNSAFE_KIND
+from .modeling.configuration_hysac import BOUND_KEYS, CONTENT, CONTENT_KINDS, SAFE_KIND, UNSAFE_KIND, HySACConfig
 from .modeling.lorentz import dist_to_origin
 
 logger = logging.getLogger(__name__)
@@ -149,14 +155,12 @@ def calibrate_thresholds(cache: EmbeddingCache, objective: str = "accuracy") -> 
     """Unsafe-classification thresholds from the safe and unsafe rows of a quadruplet cache.
 
     For each modality, the distances to the root of its safe kind (V, S) are the negatives and those of its unsafe
-    kind (G, U) the positives; the threshold is `evaluation.classification.calibrate_threshold`'s (default: the best
+    kind (G, U) the positives; the threshold is :func:`calibrate_threshold`'s (default: the best
     accuracy; docs/method.md §6.3).
 
     Returns:
         `{"image": t, "text": t}` for the modalities the cache holds both kinds of.
     """
-    from .evaluation.classification import calibrate_threshold
-
     distances = root_distances(cache)
     thresholds = {}
     for modality in ("image", "text"):
@@ -168,14 +172,65 @@ def calibrate_thresholds(cache: EmbeddingCache, objective: str = "accuracy") -> 
     return thresholds
 
 
+def calibrate_threshold(
+    scores,
+    labels,
+    objective: Literal["accuracy", "fpr"] = "accuracy",
+    target_fpr: float = 0.05,
+) -> dict[str, float]:
+    """Choose the threshold from labelled scores.
+
+    - `objective="accuracy"`: the threshold of best accuracy. All distinct cut points are tried at once
+      (sorting, no loop); among equally accurate cuts the lowest FNR wins, then the lowest threshold. The
+      threshold returned is the midpoint between the two scores around the cut, so that the calibration
+      data is classified exactly as evaluated.
+    - `objective="fpr"`: the lowest threshold whose FPR on the data is `<= target_fpr` (this minimises FNR
+      under the FPR constraint).
+
+    Args:
+        scores: `(N,)` unsafe scores.
+        labels: `(N,)` 0 safe / 1 unsafe.
+        objective: `"accuracy"` or `"fpr"`.
+        target_fpr: the FPR bound for `objective="fpr"`, in `[0, 1]`.
+    Returns:
+        :func:`classification_metrics` of the chosen threshold, plus `"objective"`.
+    """
+    scores, labels = check_labelled_scores(scores, labels)
+    if objective == "fpr":
+        if not 0.0 <= target_fpr <= 1.0:
+            raise ValueError(f"target_fpr must be a fraction in [0, 1], got {target_fpr}")
+        safe = np.sort(scores[labels == 0])[::-1]
+        if safe.size == 0:
+            raise ValueError("objective='fpr' needs safe (label 0) items to measure false positives")
+        allowed = int(np.floor(target_fpr * safe.size + 1e-9))
+        # With threshold = the (allowed+1)-th largest safe score, at most `allowed` safe scores are above it.
+        threshold = safe[allowed] if allowed < safe.size else np.nextafter(scores.min(), -np.inf)
+    elif objective == "accuracy":
+        cuts = np.unique(scores)  # predict unsafe iff score > cut
+        cuts = np.concatenate([[np.nextafter(cuts[0], -np.inf)], cuts])
+        safe_sorted, unsafe_sorted = np.sort(scores[labels == 0]), np.sort(scores[labels == 1])
+        true_neg = np.searchsorted(safe_sorted, cuts, side="right")  # safe <= cut
+        false_neg = np.searchsorted(unsafe_sorted, cuts, side="right")  # unsafe <= cut
+        correct = true_neg + (unsafe_sorted.size - false_neg)
+        # Best accuracy; ties: fewest false negatives (lowest cut), which lexsort picks by cut order.
+        best = int(np.lexsort((np.arange(cuts.size), false_neg, -correct))[0])
+        upper = cuts[best + 1] if best + 1 < cuts.size else cuts[best] + 1.0
+        threshold = 0.5 * (cuts[best] + upper) if best > 0 else cuts[best]
+        if best > 0 and not cuts[best] <= threshold < upper:  # pragma: no cover - float midpoint safeguard
+            threshold = cuts[best]
+    else:
+        raise ValueError(f"objective must be 'accuracy' or 'fpr', got {objective!r}")
+    metrics = classification_metrics(scores, labels, float(threshold))
+    metrics["objective"] = objective if objective == "accuracy" else f"fpr<={target_fpr}"
+    return metrics
+
+
 def write_config_fields(model_dir: str | os.PathLike, **fields):
     """Set fields of a saved HySAC folder's config through `HySACConfig` (validated), replacing config.json atomically.
 
     Returns:
         the `HySACConfig` written.
     """
-    from .modeling.configuration_hysac import HySACConfig
-
     model_dir = Path(model_dir)
     config = HySACConfig.from_pretrained(model_dir)
     for name, value in fields.items():
@@ -185,6 +240,20 @@ def write_config_fields(model_dir: str | os.PathLike, **fields):
         config.save_pretrained(tmp)
         os.replace(Path(tmp) / "config.json", model_dir / "config.json")
     return config
+
+
+def save_thresholds(model_dir: str | os.PathLike, thresholds: dict[str, float]) -> dict[str, float]:
+    """Store calibrated thresholds in a saved model folder's config (`unsafe_thresholds`), through `HySACConfig`,
+    keeping the other fields and the other modality's threshold. Returns the stored mapping."""
+    config_path = Path(model_dir) / "config.json"
+    if not config_path.is_file():
+        raise UsageError(f"{config_path} not found; --save needs a local model folder written by save_pretrained")
+    config = HySACConfig.from_pretrained(model_dir)
+    merged = dict(config.unsafe_thresholds or {})
+    merged.update({k: float(v) for k, v in thresholds.items()})
+    stored = write_config_fields(model_dir, unsafe_thresholds=merged).unsafe_thresholds
+    logger.info("Stored unsafe_thresholds=%s in %s", stored, config_path)
+    return stored
 
 
 def format_bounds_change(old: dict | None, new: dict) -> str:
@@ -229,8 +298,6 @@ def _calibrate_command(args: argparse.Namespace) -> int:
     import json
 
     from .cli import dataset_from_args
-    from .modeling.configuration_hysac import HySACConfig
-
     # Every input is checked before the model is loaded and before anything is written.
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
@@ -256,7 +323,7 @@ def _calibrate_command(args: argparse.Namespace) -> int:
             f"{args.dataset} ({args.split}) has {len(dataset)} rows; bounds need at least {MIN_CALIBRATION_ROWS}"
         )
 
-    from .cli import load_model
+    from .loading import load_model
     from .encode import encode_quadruplets
 
     model, processor = load_model(model_dir, args.device)

@@ -6,7 +6,7 @@ the converter).
 - A usage or input error (a missing file, a bad column, an empty split, a missing optional dependency) ends the
   command with ONE line on stderr that names the file/row/key and the fix, and exit status 2; `--debug` shows
   the traceback instead. A bug (anything else) keeps its traceback and exits 1.
-- Dataset columns are mapped the same way everywhere: `--columns SOURCE=KIND,...` (:func:`parse_columns`).
+- Dataset columns are mapped the same way everywhere: `--columns SOURCE=KIND,...` (`hysac_hf.data.parse_columns`).
 - A missing optional dependency is reported at start with the extra to install (:func:`require`).
 - Logs go through `logging`; the final result is the only thing printed to stdout.
 """
@@ -14,36 +14,19 @@ the converter).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .modeling.configuration_hysac import CONTENT_KINDS, content_kind
+from .errors import UsageError, one_line
 
 logger = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_DATEFMT = "%H:%M:%S"
-
-# Optional dependency (import name) -> (pip name, extra that installs it).
-EXTRAS = {
-    "peft": ("peft", "train"),
-    "skimage": ("scikit-image", "train"),
-    "sklearn": ("scikit-learn", "train"),
-    "matplotlib": ("matplotlib", "train"),
-    "faiss": ("faiss-cpu", "eval"),
-    "tensorboard": ("tensorboard", "train"),
-    "wandb": ("wandb", "train"),
-}
-
-
-class UsageError(ValueError):
-    """A mistake in the command line or the inputs it names; the message says what is wrong and how to fix it."""
-
 
 def add_argument(parser: argparse.ArgumentParser | Any, *flags: str, aliases: Sequence[str] = (), **kwargs) -> None:
     """`parser.add_argument(*flags, **kwargs)` plus hidden aliases, accepted but not shown in --help: the dashed
@@ -96,7 +79,7 @@ def dataset_from_args(args: argparse.Namespace, required: tuple[str, ...] | None
     return load_dataset_split(
         args.dataset,
         args.split,
-        columns=parse_columns(args.columns),
+        columns=args.columns,
         coco_root=args.coco_root,
         visu_unsafe_images=args.visu_unsafe_images,
         max_samples=args.max_samples,
@@ -106,56 +89,6 @@ def dataset_from_args(args: argparse.Namespace, required: tuple[str, ...] | None
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error instead of one line.")
-
-
-def parse_columns(spec: str | None) -> dict[str, str] | None:
-    """`"caption=S,path=V,nsfw=unsafe_text"` -> `{canonical column: source column}`.
-
-    Each item is `SOURCE=KIND`, where KIND is a key (S, V, U, G), a canonical column (`safe_text`, ...) or a paper
-    notation (T, I, T*, I*). The result maps the canonical column to the source column, the form every dataset
-    loader takes.
-
-    Raises:
-        UsageError: a malformed item, an unknown kind, or a kind mapped twice.
-    """
-    if not spec:
-        return None
-    mapping: dict[str, str] = {}
-    for item in spec.split(","):
-        item = item.strip()
-        if not item:
-            continue
-        if "=" not in item:
-            raise UsageError(
-                f"--columns items look like SOURCE_COLUMN=KIND (KIND one of {[k.key for k in CONTENT_KINDS]}), "
-                f"got {item!r}"
-            )
-        source, kind_name = (part.strip() for part in item.split("=", 1))
-        try:
-            kind = content_kind(kind_name)
-        except ValueError as error:
-            raise UsageError(f"--columns {item!r}: {error}") from None
-        if kind.column in mapping:
-            raise UsageError(f"--columns maps {kind.key} ({kind.name}) twice: {mapping[kind.column]!r} and {source!r}")
-        mapping[kind.column] = source
-    return mapping
-
-
-def require(*modules: str, purpose: str) -> None:
-    """Fail at start, with the pip command, when optional dependencies are missing.
-
-    Args:
-        modules: import names (keys of :data:`EXTRAS` or any module).
-        purpose: what needs them, for the message ("the bundled mini-ViSU photos").
-    Raises:
-        UsageError: naming the packages and the `hysac-hf[extra]` that installs them.
-    """
-    missing = [m for m in modules if importlib.util.find_spec(m) is None]
-    if missing:
-        packages = sorted({EXTRAS.get(m, (m, None))[0] for m in missing})
-        extras = sorted({EXTRAS[m][1] for m in missing if m in EXTRAS})
-        hint = f"pip install 'hysac-hf[{','.join(extras)}]'" if extras else f"pip install {' '.join(packages)}"
-        raise UsageError(f"{purpose} needs {', '.join(packages)}, which is not installed: {hint}")
 
 
 def setup_logging(level: int | str = logging.INFO, quiet_libraries: bool = True) -> None:
@@ -185,52 +118,6 @@ def setup_logging(level: int | str = logging.INFO, quiet_libraries: bool = True)
             datasets.utils.logging.set_verbosity_warning()
         except ImportError:  # pragma: no cover
             pass
-
-
-def one_line(error: BaseException) -> str:
-    """The message of an error on one line; for an error re-raised from a DataLoader worker (whose message carries
-    the worker's traceback), the original message only."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        last = text.splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return " ".join(text.split()) or type(error).__name__
-
-
-def load_model(path: str | Path, device: str | None = None, allow_clip: bool = False):
-    """`(HySACModel, HySACProcessor)` from a saved folder or Hub id, with one clear error for a folder that is not a
-    loadable HySAC model (missing, truncated or foreign weights, a bad config).
-
-    Args:
-        allow_clip: also accept a CLIP checkpoint (converted with `HySACModel.from_clip`; training starts there).
-    Raises:
-        UsageError: naming the folder and the cause.
-    """
-    from . import HySACModel, HySACProcessor
-
-    try:
-        if allow_clip:
-            from .training import load_base_model
-
-            model = load_base_model(str(path))
-        else:
-            model = HySACModel.from_pretrained(path)
-        processor = HySACProcessor.from_pretrained(path)
-    except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
-        raise UsageError(
-            f"cannot load a HySAC model from {path}: {type(error).__name__}: {one_line(error).rstrip('.')}. Pass a "
-            "folder written by train.py / save_pretrained / the converter (re-export or re-download it if it is "
-            "truncated)"
-        ) from error
-    except Exception as error:  # safetensors raises its own error type for corrupt files
-        if type(error).__name__ != "SafetensorError":
-            raise
-        raise UsageError(
-            f"cannot load a HySAC model from {path}: corrupt weights file ({error}); re-export it"
-        ) from error
-    if device:
-        model.to(device)
-    return model, processor
 
 
 INPUT_ERRORS: tuple[type[BaseException], ...] = (
@@ -266,16 +153,11 @@ def run(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
 
 __all__ = [
     "EXIT_USAGE",
-    "UsageError",
     "add_argument",
     "add_dataset_arguments",
     "add_debug_flag",
     "dashed_aliases",
     "dataset_from_args",
-    "load_model",
-    "one_line",
-    "parse_columns",
-    "require",
     "run",
     "setup_logging",
 ]

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .atomic import write_folder_atomically
+from .files import write_folder_atomically
 from .hub import MissingTokenError, push_folder_to_hub
 
 logger = logging.getLogger(__name__)

@@ -301,7 +301,7 @@ def run(config: DemoConfig) -> dict:
     """Train, export, reload with `AutoModel` and evaluate; prints the report and returns the result dict."""
     import tempfile
 
-    from .cli import UsageError, require
+    from .errors import UsageError, require
     from .testing import SAMPLE_CAPTIONS, sample_images
     from .train import TrainingConfig
     from .train import main as train

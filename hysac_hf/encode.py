@@ -33,11 +33,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .atomic import write_folder_atomically
-from .cli import UsageError
+from .errors import UsageError
+from .files import sha256_file, write_folder_atomically
 from .data.collate import ItemCollator, QuadrupletCollator
 from .modeling.configuration_hysac import CONTENT, CONTENT_KINDS, content_kind
-from .modeling.pipeline_hysac import sha256_file
 
 logger = logging.getLogger(__name__)
 

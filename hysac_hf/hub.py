@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .cli import UsageError
+from .errors import UsageError
 
 logger = logging.getLogger(__name__)
 

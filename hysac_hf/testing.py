@@ -248,7 +248,7 @@ def save_model_folder(model, processor, folder: str | Path) -> Path:
     """Save a HySAC model and its processor into one folder, as a user's exported model folder.
 
     Returns:
-        the folder, loadable with `hysac_hf.cli.load_model`, `AutoModel` or `pipeline(...)` offline.
+        the folder, loadable with `hysac_hf.loading.load_model`, `AutoModel` or `pipeline(...)` offline.
     """
     folder = Path(folder)
     model.save_pretrained(folder)

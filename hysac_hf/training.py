@@ -1,6 +1,6 @@
 """Reusable parts of HySAC fine-tuning; the script itself is `train.py` (``accelerate launch train.py ...``).
 
-- model setup: :func:`load_base_model` (a CLIP or HySAC checkpoint), :func:`configure_trainable` (LoRA or full
+- model setup: :func:`configure_trainable` (LoRA or full
   fine-tuning, frozen projections, trained scalars), :func:`parameter_groups` (weight decay);
 - data order and progress: :class:`EpochPermutationSampler`, :class:`TrainingProgress`, :func:`step_seed`,
   :func:`list_checkpoints`;
@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from .encode import EmbeddingCache, QuadrupletEncoder
 from .evaluation.topk import paired_ranks, recall_from_ranks
 from .losses import HySACLoss
-from .modeling.configuration_hysac import CONTENT, HySACConfig
+from .modeling.configuration_hysac import CONTENT
 from .modeling.modeling_hysac import HySACModel
 
 LORA_TARGET_MODULES = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
@@ -43,21 +43,6 @@ RECALL_SUM_PAIRS = (("S", "V"), ("S", "G"), ("U", "V"))
 
 # --------------------------------------------------------------------------------------------------------
 # Model
-def load_base_model(name_or_path: str, **config_overrides) -> HySACModel:
-    """A HySAC model from a HySAC checkpoint (config `model_type == "hysac"`) or from a CLIP checkpoint."""
-    from transformers import PretrainedConfig
-
-    config_dict, _ = PretrainedConfig.get_config_dict(name_or_path)
-    model_type = config_dict.get("model_type")
-    if model_type == HySACConfig.model_type:
-        return HySACModel.from_pretrained(name_or_path, **config_overrides)
-    if model_type == "clip":
-        return HySACModel.from_clip(name_or_path, **config_overrides)
-    raise ValueError(
-        f"{name_or_path} is a {model_type!r} checkpoint; expected a CLIP ('clip') or HySAC ('hysac') checkpoint"
-    )
-
-
 def configure_trainable(
     model: HySACModel,
     *,
@@ -180,7 +165,7 @@ def export_from_state(name_or_path: str, state: dict[str, Tensor], **trainable_k
             `accelerator.get_state_dict`; scalars may have shape `(1,)` (FSDP).
         trainable_kwargs: the `configure_trainable` settings of the run.
     """
-    from .cli import load_model
+    from .loading import load_model
 
     base, _ = load_model(name_or_path, allow_clip=True)
     module = QuadrupletEncoder(configure_trainable(base, **trainable_kwargs))
@@ -431,7 +416,6 @@ __all__ = [
     "configure_trainable",
     "export_model",
     "list_checkpoints",
-    "load_base_model",
     "export_from_state",
     "fused_adamw_supported",
     "hold_frozen_weights_in",

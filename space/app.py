@@ -115,7 +115,7 @@ def ensure_gallery(cache: Path) -> tuple[Path, list[dict[str, Any]]]:
     Returns:
         The gallery folder and its items (:func:`gallery_items`).
     """
-    from hysac_hf.atomic import write_folder_atomically
+    from hysac_hf.files import write_folder_atomically
 
     folder = cache / GALLERY_FOLDER
     items = gallery_items()
@@ -144,7 +144,7 @@ def ensure_demo_model(cache: Path, epochs: int) -> Path:
     A cached run is reused when it was built with the same number of epochs and its export has weights and
     calibrated bounds and thresholds; otherwise it is rebuilt, atomically (a crash leaves no half-written run).
     """
-    from hysac_hf.atomic import write_folder_atomically
+    from hysac_hf.files import write_folder_atomically
     from hysac_hf.demo import DemoConfig, run
 
     folder = cache / DEMO_FOLDER
@@ -201,7 +201,8 @@ def ensure_index(cache: Path, model_ref: str, gallery: Path, items: list[dict[st
 
     Returns:
         `(folder, modality)` of the index."""
-    from hysac_hf.cli import UsageError, load_model
+    from hysac_hf.errors import UsageError
+    from hysac_hf.loading import load_model
     from hysac_hf.index import GalleryIndex
 
     folder = index_folder(cache, model_ref)

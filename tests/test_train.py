@@ -287,7 +287,7 @@ def test_output_dir_that_is_a_file_and_debug_traceback(tiny_clip_dir, tmp_path, 
     (tmp_path / "file").write_text("x")
     code, err = run_cli(argv(tiny_clip_dir, tmp_path / "file"), capsys)
     assert code == 2 and "is a file; pass a folder" in err
-    from hysac_hf.cli import UsageError
+    from hysac_hf.errors import UsageError
 
     with pytest.raises(UsageError, match="is a file"):
         train.cli(argv(tiny_clip_dir, tmp_path / "file", "--debug"))
@@ -472,6 +472,6 @@ def test_first_release_column_flags_still_work():
         ["--model_name_or_path", "m", "--output_dir", "o", "--safe_text_column", "caption", "--columns", "p=V",
          "--unsafe_image_column=nsfw_path"]
     )  # fmt: skip
-    from hysac_hf.cli import parse_columns
+    from hysac_hf.data import parse_columns
 
     assert parse_columns(config.columns) == {"safe_text": "caption", "safe_image": "p", "unsafe_image": "nsfw_path"}

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..cli import UsageError
+from ..errors import UsageError
 from .collate import ItemCollator, QuadrupletCollator, load_image
 from .mini_visu import load_mini_visu
-from .quadruplets import CANONICAL_COLUMNS, load_quadruplets, map_columns, require_columns
+from .quadruplets import CANONICAL_COLUMNS, load_quadruplets, map_columns, parse_columns, require_columns
 from .visu import load_visu
 
 __all__ = [
@@ -24,13 +24,14 @@ __all__ = [
     "load_mini_visu",
     "load_quadruplets",
     "load_visu",
+    "parse_columns",
 ]
 
 
 def load_dataset_split(
     dataset: Any = "mini-visu",
     split: str = "train",
-    columns: dict[str, str] | None = None,
+    columns: str | dict[str, str] | None = None,
     coco_root: str | None = None,
     visu_unsafe_images: str | None = None,
     max_samples: int | None = None,
@@ -43,13 +44,15 @@ def load_dataset_split(
             `visu_unsafe_images`), or anything :func:`load_quadruplets` reads (a `datasets.Dataset`/`DatasetDict`,
             a save_to_disk folder, a jsonl/json/csv/parquet file, a folder of per-split files, a Hub id).
         split: the split.
-        columns: `{canonical column: source column}` (what `--columns SOURCE=KIND` parses into); every source
-            accepts it.
+        columns: `{canonical column: source column}`, or its `SOURCE=KIND,...` spelling (`--columns`,
+            :func:`parse_columns`); every source accepts it.
         max_samples: keep the first rows only.
         required: canonical columns that must be present.
     Raises:
         UsageError: with what is wrong and how to fix it.
     """
+    if isinstance(columns, str):
+        columns = parse_columns(columns)
     if isinstance(dataset, str) and dataset == "mini-visu":
         data = load_mini_visu(split, max_samples=max_samples)
     elif isinstance(dataset, str) and (dataset.startswith("visu:") or dataset == "aimagelab/ViSU-Text"):

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..cli import UsageError
+from ..errors import UsageError
 from ..modeling.configuration_hysac import CONTENT_KINDS, ContentKind, content_kind
 from ..modeling.processing_hysac import to_rgb
 from .mini_visu import render

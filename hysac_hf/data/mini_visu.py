@@ -101,7 +101,7 @@ def render(spec: dict[str, Any], size: int = RENDER_SIZE) -> Image.Image:
 def mini_visu_rows(split: str) -> list[dict[str, Any]]:
     """The raw rows of one split (ViSU-Text-like fields: `safe`, `nsfw`, `tag`, plus the image spec)."""
     if split not in SPLITS:
-        from ..cli import UsageError
+        from ..errors import UsageError
 
         raise UsageError(f"mini-ViSU has splits {SPLITS}, not {split!r}")
     with open(DATA_DIR / "mini_visu.jsonl") as handle:
@@ -117,7 +117,7 @@ def load_mini_visu(split: str = "train", max_samples: int | None = None):
     """
     import datasets
 
-    from ..cli import require
+    from ..errors import require
 
     # The photos are rendered in DataLoader workers; check their libraries here, before any training starts.
     require("skimage", "sklearn", "matplotlib", purpose="the bundled mini-ViSU photos")

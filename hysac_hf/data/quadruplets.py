@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..cli import UsageError
-from ..modeling.configuration_hysac import CONTENT_BY_COLUMN, CONTENT_KINDS
+from ..errors import UsageError
+from ..modeling.configuration_hysac import CONTENT_BY_COLUMN, CONTENT_KINDS, content_kind
 
 CANONICAL_COLUMNS = tuple(kind.column for kind in CONTENT_KINDS)
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -81,6 +81,39 @@ def open_dataset(source: Any, split: str = "train") -> Any:
             f"cannot load the dataset {source!r} (split {split!r}): {error}. Pass 'mini-visu', a local file or "
             "folder, or a Hub dataset id you can access (offline, only cached Hub datasets load)."
         ) from error
+
+
+def parse_columns(spec: str | None) -> dict[str, str] | None:
+    """`"caption=S,path=V,nsfw=unsafe_text"` -> `{canonical column: source column}`.
+
+    Each item is `SOURCE=KIND`, where KIND is a key (S, V, U, G), a canonical column (`safe_text`, ...) or a paper
+    notation (T, I, T*, I*). The result maps the canonical column to the source column, the form every dataset
+    loader takes.
+
+    Raises:
+        UsageError: a malformed item, an unknown kind, or a kind mapped twice.
+    """
+    if not spec:
+        return None
+    mapping: dict[str, str] = {}
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if "=" not in item:
+            raise UsageError(
+                f"--columns items look like SOURCE_COLUMN=KIND (KIND one of {[k.key for k in CONTENT_KINDS]}), "
+                f"got {item!r}"
+            )
+        source, kind_name = (part.strip() for part in item.split("=", 1))
+        try:
+            kind = content_kind(kind_name)
+        except ValueError as error:
+            raise UsageError(f"--columns {item!r}: {error}") from None
+        if kind.column in mapping:
+            raise UsageError(f"--columns maps {kind.key} ({kind.name}) twice: {mapping[kind.column]!r} and {source!r}")
+        mapping[kind.column] = source
+    return mapping
 
 
 def map_columns(dataset: Any, columns: dict[str, str] | None, source: Any, split: str) -> Any:

@@ -21,7 +21,9 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import UsageError, add_argument, add_dataset_arguments, add_debug_flag, dataset_from_args, load_model
+from ..cli import add_argument, add_dataset_arguments, add_debug_flag, dataset_from_args
+from ..errors import UsageError
+from ..loading import load_model
 
 logger = logging.getLogger(__name__)
 
@@ -219,11 +221,10 @@ def _classification_scores(args):
 def run_classify(args) -> dict:
     import numpy as np
 
+    from ..calibration import calibrate_threshold, save_thresholds
     from .classification import (
-        calibrate_threshold,
         classification_metrics,
         plot_sweep,
-        save_thresholds,
         threshold_sweep,
     )
 

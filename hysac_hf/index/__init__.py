@@ -1,6 +1,6 @@
 """A persistent gallery index for safe retrieval: build once, search many times by Lorentz distance.
 
-    from hysac_hf.cli import load_model
+    from hysac_hf.loading import load_model
     from hysac_hf.encode import encode_texts
     from hysac_hf.index import GalleryIndex
 

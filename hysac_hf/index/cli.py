@@ -20,7 +20,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import UsageError, add_argument, add_debug_flag, require
+from ..cli import add_argument, add_debug_flag
+from ..errors import UsageError, require
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ def run_build(args) -> dict:
                 model, processor, data, column, modality=modality, image_root=args.image_root, **kwargs
             )
 
-    from ..cli import load_model
+    from ..loading import load_model
 
     accelerator = Accelerator()  # one process unless started by `accelerate launch`
     model, processor = load_model(args.model, args.device or str(accelerator.device))
@@ -245,7 +246,7 @@ def run_search(args) -> dict:
         raise UsageError(f"--nprobe and --exact apply to approximate (ivf) indexes; {args.index} is exact already")
     if args.image is not None and not Path(args.image).expanduser().is_file():
         raise UsageError(f"--image {args.image} does not exist")
-    from ..cli import load_model
+    from ..loading import load_model
 
     model, processor = load_model(args.model, args.device)
     index = GalleryIndex.load(args.index, model=model, processor=processor)

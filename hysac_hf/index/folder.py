@@ -3,7 +3,7 @@
 The format itself (file names, fields, model probe, tolerances; layout in its module docstring) and its readers are
 defined once, in the remote-code module :mod:`hysac_hf.modeling.pipeline_hysac`, which the pipelines use to read
 the folder where `hysac_hf` is not installed. This module re-exports them for the library, raising
-:class:`~hysac_hf.cli.UsageError` (with the same messages) where they raise `ValueError`, and adds what only the
+:class:`~hysac_hf.errors.UsageError` (with the same messages) where they raise `ValueError`, and adds what only the
 writer needs: the metadata lines and the model probe computed through the library's embedding path.
 """
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..cli import UsageError
+from ..errors import UsageError
 from ..modeling import pipeline_hysac as _format
 from ..modeling.pipeline_hysac import (
     CURVATURE_TOLERANCE,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..atomic import write_folder_atomically
-from ..cli import UsageError, require
+from ..errors import UsageError, require
+from ..files import write_folder_atomically
 from ..modeling.configuration_hysac import BOUND_STATS, MODALITIES, SAFE_KIND, validate_bounds
 from ..modeling.lorentz import dist_to_origin, mips_query_vectors, paired_dist
 from ..modeling.traversal import METHODS, traversal_threshold, traverse

@@ -1,4 +1,5 @@
-"""Bounds calibration against numpy percentiles and hand-computed distances to the root; `hysac-calibrate`."""
+"""Bounds calibration against numpy percentiles and hand-computed distances to the root; `hysac-calibrate`; unsafe
+thresholds against exhaustive search, and saving them into a model folder."""
 
 from __future__ import annotations
 
@@ -11,15 +12,18 @@ import torch
 from hysac_hf import HySACModel
 from hysac_hf.calibration import (
     MIN_CALIBRATION_ROWS,
+    calibrate_threshold,
     distance_stats,
     fit_bounds,
     main,
     plot_root_histogram,
     root_distances,
+    save_thresholds,
 )
-from hysac_hf.cli import UsageError
 from hysac_hf.data import QuadrupletCollator, load_mini_visu
 from hysac_hf.encode import EmbeddingCache, encode_quadruplets
+from hysac_hf.errors import UsageError
+from hysac_hf.evaluation.classification import classification_metrics
 from hysac_hf.testing import save_model_folder
 
 
@@ -153,3 +157,52 @@ def test_calibration_reads_a_cache(hysac):
     distances = root_distances(cache)
     expected = torch.asinh(1.7**0.5 * embeds["U"].double().norm(dim=-1)) / 1.7**0.5
     torch.testing.assert_close(distances["U"], expected)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Unsafe thresholds
+def brute_force_best_accuracy(scores, labels):
+    candidates = np.concatenate([[scores.min() - 1], np.sort(scores)])
+    return max(((np.mean((scores > t) == labels), t) for t in candidates), key=lambda x: x[0])[0]
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_calibrate_best_accuracy_matches_exhaustive_search(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, 300)
+    scores = np.round(rng.normal(1.0 + 0.6 * labels, 0.4), 2)  # rounding creates ties
+    cal = calibrate_threshold(scores, labels, "accuracy")
+    assert cal["accuracy"] == pytest.approx(brute_force_best_accuracy(scores, labels))
+    # the threshold lies strictly between two scores, so re-applying it gives the same metrics
+    assert not np.any(scores == cal["threshold"])
+
+
+def test_calibrate_target_fpr():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(200, int), np.ones(100, int)]
+    scores = np.r_[rng.normal(1.0, 0.3, 200), rng.normal(1.8, 0.3, 100)]
+    for target in (0.0, 0.01, 0.05, 0.2):
+        cal = calibrate_threshold(scores, labels, "fpr", target_fpr=target)
+        assert cal["fpr"] <= target
+        # lowest such threshold: one step lower (the next safe score below) breaks the FPR bound
+        lower = scores[labels == 0][scores[labels == 0] < cal["threshold"]].max()
+        assert classification_metrics(scores, labels, lower)["fpr"] > target
+    assert calibrate_threshold(scores, labels, "fpr", target_fpr=1.0)["fnr"] == 0.0
+    with pytest.raises(ValueError, match="target_fpr"):
+        calibrate_threshold(scores, labels, "fpr", target_fpr=5)
+    with pytest.raises(ValueError, match="labels must be 0"):
+        calibrate_threshold(scores, labels + 1)
+    with pytest.raises(ValueError, match="NaN"):
+        calibrate_threshold([np.nan, 1.0], [0, 1])
+
+
+def test_save_thresholds_into_model_folder(hysac, tmp_path):
+    hysac.save_pretrained(tmp_path)
+    stored = save_thresholds(tmp_path, {"image": 1.25})
+    assert stored == {"image": 1.25}
+    save_thresholds(tmp_path, {"text": 0.5})
+    reloaded = HySACModel.from_pretrained(tmp_path)
+    assert reloaded.config.unsafe_thresholds == {"image": 1.25, "text": 0.5}
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "hysac"
+    with pytest.raises(ValueError, match="config.json not found"):
+        save_thresholds(tmp_path / "nope", {"image": 1.0})

@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from hysac_hf.cli import UsageError, parse_columns
+from hysac_hf.data import parse_columns
+from hysac_hf.errors import UsageError
 from hysac_hf.data import (
     QuadrupletCollator,
     load_dataset_split,

@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 
-from hysac_hf.cli import UsageError
+from hysac_hf.errors import UsageError
 from hysac_hf.data import load_image, load_mini_visu
 from hysac_hf.encode import CACHE_FILE, META_FILE, EmbeddingCache, encode_images, encode_quadruplets, encode_texts
 from hysac_hf.testing import run_on_cpu_processes

@@ -20,7 +20,7 @@ import torch
 from hysac_hf.modeling.lorentz import dist_to_origin, exp_map0, pairwise_dist
 from safetensors.torch import save_file
 
-from hysac_hf.cli import UsageError
+from hysac_hf.errors import UsageError
 from hysac_hf.encode import encode_images, encode_texts
 from hysac_hf.index import PROBE_TEXTS, GalleryIndex, load_index_folder, model_probe
 from hysac_hf.index import folder as fmt

@@ -1,5 +1,5 @@
-"""Unsafe classification: metrics by hand, calibration against exhaustive search, sweeps, plots, saving
-thresholds into a model folder, and the bundled `evaluate` metric modules loaded offline."""
+"""Unsafe classification: metrics by hand, sweeps, plots, and the bundled `evaluate` metric modules loaded offline
+(threshold calibration is tested with `hysac_hf.calibration`, in tests/hysac_hf/test_calibration.py)."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from hysac_hf import HySACModel
 from hysac_hf.evaluation import metric_path
 from hysac_hf.evaluation.classification import (
-    calibrate_threshold,
     classification_metrics,
     plot_sweep,
-    save_thresholds,
     sweep_to_markdown,
     threshold_sweep,
 )
@@ -31,41 +28,6 @@ def test_metrics_by_hand():
     assert classification_metrics([0.5], [1], 0.5)["fnr"] == 1.0
 
 
-def brute_force_best_accuracy(scores, labels):
-    candidates = np.concatenate([[scores.min() - 1], np.sort(scores)])
-    return max(((np.mean((scores > t) == labels), t) for t in candidates), key=lambda x: x[0])[0]
-
-
-@pytest.mark.parametrize("seed", range(5))
-def test_calibrate_best_accuracy_matches_exhaustive_search(seed):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 2, 300)
-    scores = np.round(rng.normal(1.0 + 0.6 * labels, 0.4), 2)  # rounding creates ties
-    cal = calibrate_threshold(scores, labels, "accuracy")
-    assert cal["accuracy"] == pytest.approx(brute_force_best_accuracy(scores, labels))
-    # the threshold lies strictly between two scores, so re-applying it gives the same metrics
-    assert not np.any(scores == cal["threshold"])
-
-
-def test_calibrate_target_fpr():
-    rng = np.random.default_rng(0)
-    labels = np.r_[np.zeros(200, int), np.ones(100, int)]
-    scores = np.r_[rng.normal(1.0, 0.3, 200), rng.normal(1.8, 0.3, 100)]
-    for target in (0.0, 0.01, 0.05, 0.2):
-        cal = calibrate_threshold(scores, labels, "fpr", target_fpr=target)
-        assert cal["fpr"] <= target
-        # lowest such threshold: one step lower (the next safe score below) breaks the FPR bound
-        lower = scores[labels == 0][scores[labels == 0] < cal["threshold"]].max()
-        assert classification_metrics(scores, labels, lower)["fpr"] > target
-    assert calibrate_threshold(scores, labels, "fpr", target_fpr=1.0)["fnr"] == 0.0
-    with pytest.raises(ValueError, match="target_fpr"):
-        calibrate_threshold(scores, labels, "fpr", target_fpr=5)
-    with pytest.raises(ValueError, match="labels must be 0"):
-        calibrate_threshold(scores, labels + 1)
-    with pytest.raises(ValueError, match="NaN"):
-        calibrate_threshold([np.nan, 1.0], [0, 1])
-
-
 def test_sweep_markdown_and_plot(tmp_path):
     scores = np.array([0.50, 0.515, 0.52, 0.525, 0.535, 0.545, 0.56])
     labels = np.array([0, 0, 1, 0, 1, 1, 1])
@@ -79,18 +41,6 @@ def test_sweep_markdown_and_plot(tmp_path):
     path = plot_sweep(sweep, tmp_path / "sweep.png", marks={"calibrated": 0.53})
     image = imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.std() > 0
-
-
-def test_save_thresholds_into_model_folder(hysac, tmp_path):
-    hysac.save_pretrained(tmp_path)
-    stored = save_thresholds(tmp_path, {"image": 1.25})
-    assert stored == {"image": 1.25}
-    save_thresholds(tmp_path, {"text": 0.5})
-    reloaded = HySACModel.from_pretrained(tmp_path)
-    assert reloaded.config.unsafe_thresholds == {"image": 1.25, "text": 0.5}
-    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "hysac"
-    with pytest.raises(ValueError, match="config.json not found"):
-        save_thresholds(tmp_path / "nope", {"image": 1.0})
 
 
 def test_evaluate_metric_modules_load_offline(monkeypatch):

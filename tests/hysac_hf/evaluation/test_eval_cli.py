@@ -11,7 +11,7 @@ from hysac_hf.modeling.lorentz import dist_to_origin
 
 from hysac_hf import HySACModel
 from hysac_hf.encode import EmbeddingCache, encode_quadruplets
-from hysac_hf.evaluation.classification import calibrate_threshold
+from hysac_hf.calibration import calibrate_threshold
 from hysac_hf.evaluation.cli import main
 from hysac_hf.evaluation.retrieval import evaluate_retrieval
 

@@ -1,4 +1,10 @@
-"""Write a folder so that a crash leaves the previous folder (or none), never a half-written one."""
+"""Files the library writes and checks: folders written atomically, and their checksums.
+
+- :func:`write_folder_atomically`: a crash leaves the previous folder (or none), never a half-written one.
+- :func:`sha256_file`: the checksum that embedding caches and gallery index folders record. It is defined once, in
+  the remote-code module `modeling/gallery_hysac.py`, because the pipelines verify index folders where hysac_hf is
+  not installed; it is re-exported here for the library.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +13,8 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+
+from .modeling.pipeline_hysac import sha256_file
 
 
 def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], None], replace: bool = True) -> Path:
@@ -49,4 +57,4 @@ def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], N
     return target
 
 
-__all__ = ["write_folder_atomically"]
+__all__ = ["sha256_file", "write_folder_atomically"]

@@ -81,9 +81,9 @@ def rss_bytes() -> int:
 
 def structure_bytes(index) -> int:
     """Bytes held by the FAISS search structure (vectors, ids, centroids), from its sizes."""
-    structure = index._structure
+    structure = index.structure
     if index.kind == "flat":
-        return structure.index.ntotal * structure.index.d * 4
+        return structure.ntotal * structure.d * 4
     return structure.ntotal * (structure.d * 4 + 8) + structure.nlist * structure.d * 4
 
 

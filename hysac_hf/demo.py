@@ -78,7 +78,8 @@ def evaluate(model, processor, split: str = "test", batch_size: int = 40) -> dic
     from .calibration import distance_stats, root_distances
     from .data import load_mini_visu
     from .encode import encode_quadruplets
-    from .evaluation.topk import paired_ranks, recall_from_ranks
+    from .evaluation.retrieval import recall_from_ranks
+    from .modeling.gallery_hysac import paired_ranks
 
     dataset = load_mini_visu(split)
     cache = encode_quadruplets(model, processor, dataset, tag_column=None, batch_size=batch_size, show_progress=False)

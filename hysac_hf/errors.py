@@ -6,7 +6,9 @@ stand on it. How a command turns these errors into one line and exit status 2 is
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+from collections.abc import Iterator
 
 # Optional dependency (import name) -> (pip name, extra that installs it).
 EXTRAS = {
@@ -41,6 +43,18 @@ def require(*modules: str, purpose: str) -> None:
         raise UsageError(f"{purpose} needs {', '.join(packages)}, which is not installed: {hint}")
 
 
+@contextlib.contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn the `ValueError` of lower layers (the remote-code readers, which cannot know `UsageError`) into a
+    `UsageError` with the same message."""
+    try:
+        yield
+    except UsageError:
+        raise
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def one_line(error: BaseException) -> str:
     """The message of an error on one line; for an error re-raised from a DataLoader worker (whose message carries
     the worker's traceback), the original message only."""
@@ -51,4 +65,4 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-__all__ = ["EXTRAS", "UsageError", "one_line", "require"]
+__all__ = ["EXTRAS", "UsageError", "one_line", "require", "usage_errors"]

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .modeling.pipeline_hysac import sha256_file
+from .modeling.gallery_hysac import sha256_file
 
 
 def write_folder_atomically(target: str | os.PathLike, write: Callable[[Path], None], replace: bool = True) -> Path:

@@ -27,9 +27,10 @@ import torch
 from torch import Tensor, nn
 
 from .encode import EmbeddingCache, QuadrupletEncoder
-from .evaluation.topk import paired_ranks, recall_from_ranks
+from .evaluation.retrieval import recall_from_ranks
 from .losses import HySACLoss
 from .modeling.configuration_hysac import CONTENT
+from .modeling.gallery_hysac import paired_ranks
 from .modeling.modeling_hysac import HySACModel
 
 LORA_TARGET_MODULES = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
@@ -384,7 +385,7 @@ def validation_metrics(
     """Validation loss (mean over chunks of `chunk` quadruplets) and the reference's recall_sum.
 
     recall_sum = R@1 (text->image + image->text) of S->V, S->G and U->V (docs/method.md §7.6), in percent, with
-    the library's one recall implementation (`evaluation.topk`, pessimistic ties).
+    the library's one recall (`evaluation.retrieval.recall_from_ranks` on the search engine's pessimistic ranks).
     """
     cache.require(*CONTENT)
     n = cache.num_rows

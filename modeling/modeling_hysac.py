@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -516,6 +515,10 @@ class HySACModel(HySACPreTrainedModel):
     def distance_to_root(self, embeds: Tensor) -> Tensor:
         """Geodesic distance of hyperboloid embeddings to the origin: the quantity HySAC's safety decisions use.
 
+        Larger means more specific and more likely unsafe. No normalisation is applied: the paper's NSFW thresholds
+        (0.51-0.55, Tables 5-6) are on an undocumented scale and do not transfer to these raw distances; calibrate a
+        threshold on labelled data (`hysac-eval classify --calibrate`) and store it in `config.unsafe_thresholds`.
+
         Args:
             embeds: `(B, projection_dim)` space components from `encode_image`/`encode_text`.
         Returns:
@@ -523,21 +526,6 @@ class HySACModel(HySACPreTrainedModel):
         """
         self._check_embeds(embeds)
         return dist_to_origin(embeds, self.curvature.detach())
-
-    def unsafe_score(self, embeds: Tensor) -> Tensor:
-        """Unsafe score: the raw hyperbolic distance to the root. Larger means more likely unsafe.
-
-        No normalisation is applied. The paper's NSFW thresholds (0.51-0.55, Tables 5-6) are on an undocumented
-        scale (probably a normalised distance) and do not transfer to these raw distances: calibrate a threshold
-        on labelled data (`hysac_hf.evaluation.classification.calibrate_threshold`, `hysac-eval classify
-        --calibrate`) and store it in `config.unsafe_thresholds`.
-
-        Args:
-            embeds: `(B, projection_dim)` space components.
-        Returns:
-            `(B,)` float32 scores.
-        """
-        return self.distance_to_root(embeds)
 
     def classify_unsafe(
         self, embeds: Tensor, threshold: float | None = None, modality: Literal["image", "text"] = "image"
@@ -563,7 +551,7 @@ class HySACModel(HySACPreTrainedModel):
                     "config.unsafe_thresholds"
                 )
             threshold = thresholds[modality]
-        return self.unsafe_score(embeds) > threshold
+        return self.distance_to_root(embeds) > threshold
 
     def traversal_threshold(
         self,
@@ -594,19 +582,6 @@ class HySACModel(HySACPreTrainedModel):
         key = TRAVERSAL_TARGETS[target]
         offset = self.config.traversal_offset if offset is None else offset
         return traversal_threshold(self.config.bounds[key][bound], self.curvature.detach(), offset)
-
-    def traversal_bound(self, *args, **kwargs) -> Tensor:
-        """Deprecated alias of [`traversal_threshold`] (it returns the threshold `b'`, not a bound); `alpha=` is
-        now `offset=`. Removed in the next release."""
-        warnings.warn(
-            "HySACModel.traversal_bound is deprecated and will be removed in the next release: use "
-            "traversal_threshold (same arguments; alpha= is now offset=)",
-            FutureWarning,
-            stacklevel=2,
-        )
-        if "alpha" in kwargs:
-            kwargs["offset"] = kwargs.pop("alpha")
-        return self.traversal_threshold(*args, **kwargs)
 
     def traverse_to_safe(
         self,
@@ -673,8 +648,10 @@ class HySACModel(HySACPreTrainedModel):
             f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
         )
         self.config.auto_map = auto_map
-        # Imported here so that transformers ships pipeline_hysac.py with the remote code. Our entries replace any
-        # earlier ones: `pipeline()` swaps their class names for classes in the loaded config.
+        # Imported here so that transformers ships pipeline_hysac.py and the search engine it ranks through,
+        # gallery_hysac.py, with the remote code (transformers 4 copies a local folder's remote code one import deep).
+        # Our entries replace any earlier ones: `pipeline()` swaps their class names for classes in the loaded config.
+        from .gallery_hysac import INDEX_FORMAT  # noqa: F401
         from .pipeline_hysac import custom_pipelines
 
         self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **custom_pipelines()}

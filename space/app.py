@@ -202,12 +202,13 @@ def ensure_index(cache: Path, model_ref: str, gallery: Path, items: list[dict[st
     Returns:
         `(folder, modality)` of the index."""
     from hysac_hf.errors import UsageError
-    from hysac_hf.loading import load_model
     from hysac_hf.index import GalleryIndex
+    from hysac_hf.loading import load_model
+    from hysac_hf.modeling.gallery_hysac import is_gallery_index
 
     folder = index_folder(cache, model_ref)
     model, processor = load_model(model_ref)
-    if (folder / "index.json").is_file():
+    if is_gallery_index(folder):
         try:
             index = GalleryIndex.load(folder, model=model, processor=processor)
         except UsageError as error:

@@ -1,8 +1,9 @@
 """HySAC evaluation: retrieval (Tables 1, 2, 8), classification (Tables 5, 6), histograms, zero-shot; `hysac-eval`.
 
 Every evaluation reads embeddings made by `hysac_hf.encode` (an `EmbeddingCache`, or `encode_images`/`encode_texts`).
-Modules: `topk` (exact hyperbolic top-k and the one recall implementation: chunked torch and FAISS), `retrieval`,
-`classification`, `zeroshot`, `cli`; the distance statistics and the Figure-2 histogram are `hysac_hf.calibration`. The `evaluate` metric modules live in
+Modules: `retrieval` (the paper's tables and the one recall, on the search engine's ranks: `modeling/gallery_hysac.py`),
+`classification` (metrics and sweeps; choosing a threshold is `hysac_hf.calibration`), `zeroshot`, `cli`; the distance
+statistics and the Figure-2 histogram are `hysac_hf.calibration`. The `evaluate` metric modules live in
 `metrics/<name>/<name>.py`; load them offline with `evaluate.load(metric_path("recall_at_k"))`.
 """
 

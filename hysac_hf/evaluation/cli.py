@@ -203,7 +203,7 @@ def _classification_scores(args):
         keep = [i for i, lab in enumerate(labels) if names[lab] in (args.safe_class, args.unsafe_class)]
         model, processor = load_model(args.model, args.device)
         embeds = encode_images(model, processor, [paths[i] for i in keep], batch_size=args.batch_size)
-        scores = model.unsafe_score(embeds)
+        scores = model.distance_to_root(embeds)
         y = torch.tensor([int(names[labels[i]] == args.unsafe_class) for i in keep])
         default_threshold = (model.config.unsafe_thresholds or {}).get(args.modality)
         return scores, y, default_threshold

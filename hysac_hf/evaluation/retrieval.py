@@ -16,12 +16,13 @@ vocabulary (`modeling/configuration_hysac.py`: `S` = T, `V` = I, `U` = T*, `G` =
 | `I*->T*uT` (Table 2) | G -> [U ; S] | inward to the `U` bound |
 
 The bound statistic is `up_95` (the reference) or `avg` (the paper's mean); the threshold is the authors'
-`b' = b + tanh((b - offset) / c) + 1`. Ranking is by Lorentz inner product, i.e. by distance (see
-:mod:`.topk`); the rank of the target is pessimistic (an item tied with it counts as ranked above it).
+`b' = b + tanh((b - offset) / c) + 1`. Ranking is by Lorentz inner product, i.e. by distance, through the search
+engine (`modeling/gallery_hysac.py`); the rank of the target is pessimistic (an item tied with it counts as ranked
+above it).
 Cost: one matrix product per query type. `T->I` and `I->T` share one matrix (transposed); the tasks of the
 unsafe text queries (`T*->I*`, `T*->IuI*`, `T*->I*uI`) share one product with `[V ; G]`, those of the unsafe
 image queries one with `[S ; U]`: a radial traversal only rescales each query, so
-`<s x, y>_L = s (x_s . y_s) - (s x)_t y_t` reuses the Euclidean product (:func:`.topk.shared_product_ranks`).
+`<s x, y>_L = s (x_s . y_s) - (s x)_t y_t` reuses the Euclidean product (the engine's `shared_product_ranks`).
 
 Metrics, in percent: R@K for K in `ks`; for the union tasks also `safe_rate`, the share of queries whose
 top-1 result lies in the *safe* block of the pool (`V`/`S`), where a tie between the best safe and the best
@@ -42,17 +43,23 @@ from torch import Tensor
 from ..encode import EmbeddingCache
 from ..modeling.configuration_hysac import CONTENT_BY_NOTATION
 from ..modeling.traversal import traversal_threshold, traverse
-from .topk import (
-    MAX_BLOCK_ELEMENTS,
-    RankRequest,
-    paired_ranks,
-    recall_from_ranks,
-    shared_product_ranks,
-)
+from ..modeling.gallery_hysac import MAX_BLOCK_ELEMENTS, RankRequest, paired_ranks, shared_product_ranks
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_KS = (1, 5, 10, 20)
+
+
+def recall_from_ranks(ranks: Tensor, ks: Sequence[int] = (1,)) -> dict[str, float]:
+    """`{"R@K": percentage of ranks < K}` for each K: the library's one recall, from the engine's pessimistic ranks
+    (`gallery_hysac.target_ranks`, `paired_ranks`, `shared_product_ranks`).
+
+    Raises:
+        ValueError: no ranks.
+    """
+    if ranks.numel() == 0:
+        raise ValueError("no queries: recall needs at least one ranked query")
+    return {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
 
 
 @dataclass(frozen=True)
@@ -249,7 +256,7 @@ def _grouped_ranks(
 def _shared_plain_ranks(
     cache: EmbeddingCache, names: Sequence[str], dtype: torch.dtype
 ) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """Ranks of both directions of a plain pair from one `(N, N)` score matrix (`topk.paired_ranks`: the Lorentz
+    """Ranks of both directions of a plain pair from one `(N, N)` score matrix (the engine's `paired_ranks`: the Lorentz
     inner product is symmetric, so the transpose is the reverse task's matrix). Only when both are asked and it fits
     in memory; otherwise the tasks go through `_grouped_ranks`."""
     out: dict[str, tuple[Tensor, Tensor | None]] = {}
@@ -311,4 +318,4 @@ def results_to_markdown(results: dict, digits: int = 1) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["TASKS", "RetrievalTask", "evaluate_retrieval", "results_to_markdown", "traverse_queries"]
+__all__ = ["TASKS", "RetrievalTask", "evaluate_retrieval", "recall_from_ranks", "results_to_markdown", "traverse_queries"]

@@ -21,7 +21,8 @@ import sys
 from pathlib import Path
 
 from ..cli import add_argument, add_debug_flag
-from ..errors import UsageError, require
+from ..errors import UsageError, require, usage_errors
+from ..modeling.gallery_hysac import read_index_json
 
 logger = logging.getLogger(__name__)
 
@@ -232,12 +233,12 @@ def run_search(args) -> dict:
     import torch
 
     from ..encode import encode_images, encode_texts
-    from .folder import read_index_json
     from .gallery import GalleryIndex
 
     _positive(args.top_k, "--top_k")
     _positive(args.nprobe, "--nprobe")
-    info = read_index_json(args.index)  # a missing or malformed folder fails before the model loads
+    with usage_errors():
+        info = read_index_json(args.index)  # a missing or malformed folder fails before the model loads
     if args.top_k > info["count"]:
         raise UsageError(f"--top_k {args.top_k} is larger than the gallery ({info['count']} items); lower it")
     if info.get("faiss") is not None:
@@ -268,9 +269,8 @@ def run_search(args) -> dict:
 
 
 def run_info(args) -> dict:
-    from .folder import read_index_json
-
-    info = read_index_json(args.index)
+    with usage_errors():
+        info = read_index_json(args.index)
     keep = ("modality", "count", "dim", "curvature", "model", "faiss", "bounds", "traversal_offset")
     return {"index": args.index, **{key: info.get(key) for key in keep}}
 

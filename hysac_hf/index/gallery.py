@@ -1,18 +1,16 @@
 """`GalleryIndex`: a persistent, searchable gallery of HySAC embeddings with the safe-retrieval policies.
 
 Build it once from a folder of images, a list of texts, a `datasets.Dataset` column or precomputed embeddings,
-through the library's one embedding path (`hysac_hf.encode`); search it many times by Lorentz distance, exactly
-(FAISS `IndexFlatIP` on the exact inner-product reduction of `evaluation/topk.py`; torch without FAISS) or
-approximately (a direction-celled FAISS IVF, `ivf.py`); save and load it as a folder (`folder.py`, format 1).
-
-Every search returns candidates from FAISS and recomputes their distances in float64 from the stored embeddings
-(`paired_dist`), a few spare candidates included, so results are nearest first, equal distances in gallery order,
-and exact search equals a float64 brute-force ranking.
+through the library's one embedding path (`hysac_hf.encode`); save it as a folder and load it again; search it many
+times. A `GalleryIndex` is the search engine's :class:`~hysac_hf.modeling.gallery_hysac.Gallery` (the folder in
+memory) with what an application needs around it: the sources it is built from, the FAISS structure it builds
+(exact `flat`, or the approximate direction-celled IVF of `ivf.py`), growing, and atomic saves. The folder format, the
+ranking, the float64 re-rank, the tie rule and the redirect step are the engine's (`modeling/gallery_hysac.py`):
+the `safe-retrieval` pipeline gives the same results on the same folder.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
@@ -24,22 +22,34 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import UsageError, require
+from ..errors import UsageError, require, usage_errors
 from ..files import write_folder_atomically
 from ..modeling.configuration_hysac import BOUND_STATS, MODALITIES, SAFE_KIND, validate_bounds
-from ..modeling.lorentz import dist_to_origin, mips_query_vectors, paired_dist
-from ..modeling.traversal import METHODS, traversal_threshold, traverse
-from . import folder as fmt
-from .ivf import add_to_index, default_nlist, default_nprobe, train_direction_ivf
+from ..modeling.gallery_hysac import (
+    CURVATURE_TOLERANCE,
+    INDEX_KINDS,
+    POLICIES,
+    Gallery,
+    add_to_structure,
+    check_gallery_model,
+    describe_results,
+    flat_structure,
+    is_gallery_index,
+    metadata_lines,
+    model_probe,
+    read_gallery,
+    read_structure,
+    redirect,
+    round_probe,
+    search,
+    search_safely,
+    write_gallery,
+)
+from ..modeling.traversal import METHODS, traversal_threshold
+from .ivf import default_nlist, default_nprobe, train_direction_ivf
 
 logger = logging.getLogger(__name__)
 
-POLICIES = ("redirect", "retain")
-KINDS = ("flat", "ivf")
-# Candidates fetched beyond k and re-ranked in float64: FAISS scores in float32, so near-ties at the k-th place
-# could otherwise be cut in a different order than a float64 ranking.
-RERANK_MARGIN = 8
-RERANK_BLOCK = 512  # queries re-ranked at once: a (block, k + margin, D) float64 gather
 HNSW_REFUSAL = (
     "kind='hnsw' is not offered: HNSW graphs on the Lorentz inner-product vectors recall poorly (0.0003 recall@10 "
     "with inner product, 0.68 with the MIPS-to-L2 augmentation at efSearch 128, on 100,000 benchmark points); use "
@@ -48,6 +58,8 @@ HNSW_REFUSAL = (
 
 
 def _faiss_available() -> bool:
+    import importlib.util
+
     return importlib.util.find_spec("faiss") is not None
 
 
@@ -62,7 +74,7 @@ def _model_fields(model, processor) -> dict[str, Any]:
     return {
         "curvature": float(hysac.curvature.detach()),
         "model_name": str(getattr(hysac, "name_or_path", "") or getattr(config, "_name_or_path", "") or ""),
-        "model_probe": fmt.model_probe(model, processor),
+        "model_probe": round_probe(model_probe(hysac, processor.tokenizer)),
         "bounds": config.bounds,
         "traversal_offset": float(config.traversal_offset),
     }
@@ -105,7 +117,7 @@ def _jsonable(value: Any) -> Any:
     raise TypeError(type(value).__name__)
 
 
-class GalleryIndex:
+class GalleryIndex(Gallery):
     """A gallery of `N` hyperboloid embeddings of one modality, searchable by Lorentz distance, with metadata.
 
     Build it with :meth:`from_images`, :meth:`from_texts`, :meth:`from_dataset` or :meth:`from_embeddings`, and
@@ -121,7 +133,7 @@ class GalleryIndex:
         nlist: IVF cells (default :func:`~hysac_hf.index.ivf.default_nlist`).
         nprobe: IVF cells probed per query (default :func:`~hysac_hf.index.ivf.default_nprobe`).
         model_name: name or path of the embedding model (recorded in `index.json`).
-        model_probe: the model's probe embeddings (:func:`~hysac_hf.index.folder.model_probe`), or None.
+        model_probe: the model's rounded probe embeddings (`gallery_hysac.model_probe`), or None.
         bounds: the model's `config.bounds` (needed by `policy="redirect"`), or None.
         traversal_offset: the model's `config.traversal_offset`.
         seed: seed of the IVF k-means.
@@ -145,8 +157,8 @@ class GalleryIndex:
     ):
         if kind == "hnsw":
             raise UsageError(HNSW_REFUSAL)
-        if kind not in KINDS:
-            raise UsageError(f"kind={kind!r} is not one of {list(KINDS)}")
+        if kind not in INDEX_KINDS:
+            raise UsageError(f"kind={kind!r} is not one of {list(INDEX_KINDS)}")
         if modality not in MODALITIES:
             raise UsageError(f"modality={modality!r} is not one of {list(MODALITIES)}")
         embeddings = _check_embeddings(embeddings, "the gallery embeddings")
@@ -154,33 +166,36 @@ class GalleryIndex:
             raise UsageError("the gallery is empty; an index needs at least one item")
         if isinstance(curvature, bool) or not isinstance(curvature, (int, float)) or not 0 < curvature < math.inf:
             raise UsageError(f"curvature must be a positive number (the model's c = exp(curv)), got {curvature!r}")
-        self.embeddings = embeddings.float().contiguous()
-        self.modality = modality
-        self.curvature = float(curvature)
-        self.metadata = self._check_metadata(metadata, self.embeddings.shape[0])
-        self.kind = kind
-        self.model_name = model_name
-        self.model_probe = model_probe
+        count = embeddings.shape[0]
         try:
-            self.bounds = validate_bounds(bounds)
+            bounds = validate_bounds(bounds)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        self.traversal_offset = None if traversal_offset is None else float(traversal_offset)
-        self.seed = seed
-        self.params: dict[str, Any] = {}
+        params: dict[str, Any] = {}
         if kind == "ivf":
             require("faiss", purpose="an IVF gallery index (kind='ivf')")
-            count = len(self)
-            self.params["nlist"] = default_nlist(count) if nlist is None else int(nlist)
-            if not 1 <= self.params["nlist"] <= count:
+            params["nlist"] = default_nlist(count) if nlist is None else int(nlist)
+            if not 1 <= params["nlist"] <= count:
                 raise UsageError(f"nlist={nlist} must be between 1 and the gallery size {count}")
-            self.params["nprobe"] = default_nprobe(self.params["nlist"]) if nprobe is None else int(nprobe)
-            if not 1 <= self.params["nprobe"] <= self.params["nlist"]:
-                raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={self.params['nlist']}")
-            self.params["cells"] = "direction"
+            params["nprobe"] = default_nprobe(params["nlist"]) if nprobe is None else int(nprobe)
+            if not 1 <= params["nprobe"] <= params["nlist"]:
+                raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={params['nlist']}")
+            params["cells"] = "direction"
         elif nlist is not None or nprobe is not None:
             raise UsageError("nlist and nprobe are IVF settings; pass them with kind='ivf'")
-        self._structure = None  # FaissLorentzIndex (flat with faiss), an IVF index, or None until built
+        super().__init__(
+            embeddings=embeddings.float().contiguous(),
+            modality=modality,
+            curvature=float(curvature),
+            metadata=self._check_metadata(metadata, count),
+            kind=kind,
+            params=params,
+            model_name=model_name,
+            model_probe=model_probe,
+            bounds=bounds,
+            traversal_offset=None if traversal_offset is None else float(traversal_offset),
+        )
+        self.seed = seed
 
     # --------------------------------------------------------------------------------------------------------
     # Construction
@@ -209,10 +224,7 @@ class GalleryIndex:
         """
         if model is not None:
             fields = _model_fields(model, processor)
-            if (
-                curvature is not None
-                and abs(curvature - fields["curvature"]) > fmt.CURVATURE_TOLERANCE * fields["curvature"]
-            ):
+            if curvature is not None and abs(curvature - fields["curvature"]) > CURVATURE_TOLERANCE * fields["curvature"]:
                 raise UsageError(
                     f"curvature={curvature} disagrees with the model's curvature {fields['curvature']}; drop curvature= "
                     "(the model's is used) or pass the model that embedded the gallery"
@@ -471,17 +483,9 @@ class GalleryIndex:
         metadata = list(metadata)
         if len(metadata) != count:
             raise UsageError(f"{len(metadata)} metadata rows for {count} items; give one dict per item")
-        fmt.metadata_lines(metadata)  # refuses non-dicts and values JSON cannot hold, naming the row
+        with usage_errors():
+            metadata_lines(metadata)  # refuses non-dicts and values JSON cannot hold, naming the row
         return metadata
-
-    # --------------------------------------------------------------------------------------------------------
-    # Properties
-    def __len__(self) -> int:
-        return self.embeddings.shape[0]
-
-    @property
-    def dim(self) -> int:
-        return self.embeddings.shape[1]
 
     def __repr__(self) -> str:
         return (
@@ -492,8 +496,12 @@ class GalleryIndex:
     # --------------------------------------------------------------------------------------------------------
     # Search
     def build(self, show_progress: bool = False) -> GalleryIndex:
-        """Build the FAISS structure now (else the first search or save does). Returns `self`."""
-        if self._structure is None:
+        """Build the FAISS structure now (else the first search or save does). Returns `self`.
+
+        `ivf`: the direction-celled IVF (`ivf.py`); `flat`: an exact FAISS inner-product structure when faiss is
+        installed (without it, exact search scans the embeddings in float64).
+        """
+        if self.structure is None:
             if self.kind == "ivf":
                 logger.info(
                     "Training an IVF index over %d items (%d cells, probing %d)",
@@ -501,7 +509,7 @@ class GalleryIndex:
                     self.params["nlist"],
                     self.params["nprobe"],
                 )
-                self._structure = train_direction_ivf(
+                self.structure = train_direction_ivf(
                     self.embeddings,
                     self.curvature,
                     self.params["nlist"],
@@ -510,37 +518,8 @@ class GalleryIndex:
                     show_progress=show_progress,
                 )
             elif _faiss_available():
-                from ..evaluation.topk import FaissLorentzIndex
-
-                self._structure = FaissLorentzIndex(self.embeddings, self.curvature)
+                self.structure = flat_structure(self.embeddings, self.curvature)
         return self
-
-    def _exact_candidates(self, queries: Tensor, count: int) -> Tensor:
-        if self.kind == "flat" and self._structure is not None:
-            return self._structure.search(queries.float(), count)[1]
-        from ..evaluation.topk import chunked_topk
-
-        return chunked_topk(queries.float(), self.embeddings, count, self.curvature)[1]
-
-    def _candidates(self, queries: Tensor, count: int, nprobe: int | None, exact: bool) -> Tensor:
-        self.build()
-        if self.kind == "flat" or exact:
-            return self._exact_candidates(queries, count)
-        index = self._structure
-        probes = self.params["nprobe"] if nprobe is None else int(nprobe)
-        if not 1 <= probes <= self.params["nlist"]:
-            raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={self.params['nlist']}")
-        index.nprobe = probes
-        vectors = mips_query_vectors(queries.float(), self.curvature).numpy()
-        _, ids = index.search(np.ascontiguousarray(vectors, dtype=np.float32), count)
-        ids = torch.from_numpy(ids.astype(np.int64))
-        short = (ids < 0).any(dim=1)
-        if bool(short.any()):  # the probed cells held fewer than `count` items: search those queries exactly
-            logger.debug(
-                "%d queries found fewer than %d items in %d cells; searched exactly", int(short.sum()), count, probes
-            )
-            ids[short] = self._exact_candidates(queries[short], count)
-        return ids
 
     def knn(self, queries: Tensor, k: int, *, nprobe: int | None = None, exact: bool = False) -> tuple[Tensor, Tensor]:
         """The `k` nearest gallery items of each query by Lorentz distance (no policy: the queries as given).
@@ -556,21 +535,19 @@ class GalleryIndex:
         """
         queries = _check_embeddings(queries, "the queries", self.dim)
         k = self._check_k(k)
-        if queries.shape[0] == 0:
-            return torch.zeros(0, k, dtype=torch.float64), torch.zeros(0, k, dtype=torch.long)
-        count = min(len(self), k + RERANK_MARGIN)
-        candidates = self._candidates(queries, count, nprobe, exact)
-        distances, indices = [], []
-        for start in range(0, queries.shape[0], RERANK_BLOCK):
-            block = candidates[start : start + RERANK_BLOCK]
-            query = queries[start : start + RERANK_BLOCK].double().unsqueeze(1)
-            dist = paired_dist(query, self.embeddings[block].double(), self.curvature)
-            by_index = block.argsort(dim=1, stable=True)  # then a stable sort by distance keeps ties in gallery order
-            block, dist = block.gather(1, by_index), dist.gather(1, by_index)
-            order = dist.argsort(dim=1, stable=True)[:, :k]
-            distances.append(dist.gather(1, order))
-            indices.append(block.gather(1, order))
-        return torch.cat(distances), torch.cat(indices)
+        structure, probes = self._search_structure(nprobe, exact)
+        indices, distances = search(queries, self.embeddings, self.curvature, k, structure, probes)
+        return distances, indices
+
+    def _search_structure(self, nprobe: int | None, exact: bool) -> tuple[Any, int | None]:
+        """The FAISS structure a search uses (None: exact float64 scan) and the cells it probes (IVF only)."""
+        if nprobe is not None and self.kind == "ivf":
+            if isinstance(nprobe, bool) or not 1 <= int(nprobe) <= self.params["nlist"]:
+                raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={self.params['nlist']}")
+        if exact and self.kind == "ivf":
+            return None, None
+        self.build()
+        return self.structure, (int(nprobe) if nprobe is not None and self.kind == "ivf" else None)
 
     def _check_k(self, k: Any) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -585,6 +562,10 @@ class GalleryIndex:
         Raises:
             UsageError: the index has no bounds, or an unknown `bound`.
         """
+        bounds, offset = self._redirect_settings(bound, offset)
+        return traversal_threshold(bounds[SAFE_KIND[self.modality].key][bound], self.curvature, offset)
+
+    def _redirect_settings(self, bound: str, offset: float | None) -> tuple[dict, float]:
         if bound not in BOUND_STATS:
             raise UsageError(f"bound={bound!r} is not one of {list(BOUND_STATS)}")
         if self.bounds is None:
@@ -597,15 +578,14 @@ class GalleryIndex:
         offset = self.traversal_offset if offset is None else offset
         if offset is None:
             raise UsageError("this gallery index has no traversal_offset; pass offset= or rebuild it with a model")
-        return traversal_threshold(self.bounds[SAFE_KIND[self.modality].key][bound], self.curvature, offset)
+        return self.bounds, offset
 
     def redirect(
         self, queries: Tensor, method: str = "reference", bound: str = "up_95", offset: float | None = None
     ) -> tuple[Tensor, Tensor]:
-        """Move the queries beyond the traversal threshold of the gallery's safe region onto it.
-
-        The same move as `HySACModel.traverse_to_safe(queries, target=modality, method, bound, offset)`, with the
-        bounds stored in the index.
+        """Move the queries beyond the traversal threshold of the gallery's safe region onto it (the engine's
+        redirect step, with the bounds stored in the index): the same move as
+        `HySACModel.traverse_to_safe(queries, target=modality, method, bound, offset)`.
 
         Returns:
             `(moved, redirected)`: `(Q, D)` queries (rows within the threshold unchanged) and a `(Q,)` bool mask.
@@ -613,8 +593,8 @@ class GalleryIndex:
         if method not in METHODS:
             raise UsageError(f"method={method!r} is not one of {list(METHODS)}")
         queries = _check_embeddings(queries, "the queries", self.dim)
-        moved = traverse(queries, self.traversal_threshold(bound, offset), self.curvature, method=method)
-        return moved, (moved != queries).any(dim=1)
+        bounds, offset = self._redirect_settings(bound, offset)
+        return redirect(queries, self.modality, bounds, self.curvature, offset, method, bound)
 
     def search(
         self,
@@ -633,7 +613,7 @@ class GalleryIndex:
         Under `policy="redirect"` a query whose distance to the root exceeds the traversal threshold of the
         gallery's safe region (image gallery: `V`, text gallery: `S`; `bounds[key][bound]` with the traversal
         offset) is moved onto it with the model's traversal (`method`) before ranking; `"retain"` ranks the query
-        as it is.
+        as it is. The engine's `search_safely`, as the `safe-retrieval` pipeline runs it.
 
         Args:
             queries: `(Q, D)` space components embedded by the gallery's model (`hysac_hf.encode.encode_texts` /
@@ -651,30 +631,27 @@ class GalleryIndex:
         """
         if policy not in POLICIES:
             raise UsageError(f"policy={policy!r} is not one of {list(POLICIES)}")
+        if method not in METHODS:
+            raise UsageError(f"method={method!r} is not one of {list(METHODS)}")
         queries = _check_embeddings(queries, "the queries", self.dim)
         k = self._check_k(k)
-        if policy == "redirect":
-            searched, redirected = self.redirect(queries, method, bound, offset)
-        else:
-            searched, redirected = queries, torch.zeros(queries.shape[0], dtype=torch.bool)
-        distances, indices = self.knn(searched, k, nprobe=nprobe, exact=exact)
-        before = dist_to_origin(queries.double(), self.curvature)
-        after = dist_to_origin(searched.double(), self.curvature)
-        out = []
-        for row in range(queries.shape[0]):
-            results = []
-            for index, distance in zip(indices[row].tolist(), distances[row].tolist()):
-                extra = {key: v for key, v in self.metadata[index].items() if key not in ("index", "distance")}
-                results.append({"index": index, "distance": distance, **extra})
-            out.append(
-                {
-                    "redirected": bool(redirected[row]),
-                    "query_distance_to_root": float(before[row]),
-                    "search_distance_to_root": float(after[row]),
-                    "results": results,
-                }
-            )
-        return out
+        bounds, offset = self._redirect_settings(bound, offset) if policy == "redirect" else (None, None)
+        structure, probes = self._search_structure(nprobe, exact)
+        outputs = search_safely(
+            queries,
+            self.embeddings,
+            self.modality,
+            self.curvature,
+            k,
+            policy=policy,
+            bounds=bounds,
+            offset=offset,
+            method=method,
+            bound=bound,
+            structure=structure,
+            nprobe=probes,
+        )
+        return describe_results(outputs, self.metadata)
 
     # --------------------------------------------------------------------------------------------------------
     # Growing
@@ -690,36 +667,14 @@ class GalleryIndex:
         if embeddings.shape[0] == 0:
             return self
         rows = self._check_metadata(metadata, embeddings.shape[0])
-        if self._structure is not None:
-            if self.kind == "ivf":
-                add_to_index(self._structure, embeddings, self.curvature)
-            else:
-                self._structure.add(embeddings)
+        if self.structure is not None:
+            add_to_structure(self.structure, embeddings, self.curvature)
         self.embeddings = torch.cat([self.embeddings, embeddings])
         self.metadata = self.metadata + rows
         return self
 
     # --------------------------------------------------------------------------------------------------------
     # Saving and loading
-    def index_json(self, embeddings_sha256: str, faiss_sha256: str | None) -> dict[str, Any]:
-        faiss_info = None
-        if self.kind != "flat":
-            faiss_info = {"type": self.kind, "params": dict(self.params), "sha256": faiss_sha256}
-        return {
-            "format": fmt.INDEX_FORMAT,
-            "modality": self.modality,
-            "count": len(self),
-            "dim": self.dim,
-            "curvature": self.curvature,
-            "model": self.model_name,
-            "model_probe": self.model_probe,
-            "faiss": faiss_info,
-            "embeddings_sha256": embeddings_sha256,
-            "metadata": fmt.METADATA_FILE,
-            "bounds": self.bounds,
-            "traversal_offset": self.traversal_offset,
-        }
-
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the index folder (format 1) atomically: a crash leaves the previous index (or none), never a mix.
 
@@ -728,39 +683,20 @@ class GalleryIndex:
         Raises:
             UsageError: `directory` is a file or a non-empty folder that is not a gallery index.
         """
-        import json
-
-        from safetensors.torch import save_file
-
         directory = Path(directory).expanduser()
         check_output_folder(directory)
-        lines = fmt.metadata_lines(self.metadata)
         self.build()
-
-        def write(folder: Path) -> None:
-            save_file({fmt.EMBEDDINGS_KEY: self.embeddings}, str(folder / fmt.EMBEDDINGS_FILE))
-            with open(folder / fmt.METADATA_FILE, "w", encoding="utf-8") as handle:
-                handle.writelines(line + "\n" for line in lines)
-            faiss_sha = None
-            if self.kind != "flat":
-                import faiss
-
-                self._structure.nprobe = self.params["nprobe"]
-                faiss.write_index(self._structure, str(folder / fmt.FAISS_FILE))
-                faiss_sha = fmt.sha256_file(folder / fmt.FAISS_FILE)
-            info = self.index_json(fmt.sha256_file(folder / fmt.EMBEDDINGS_FILE), faiss_sha)
-            (folder / fmt.INDEX_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
-
-        write_folder_atomically(directory, write)
+        with usage_errors():
+            write_folder_atomically(directory, lambda folder: write_gallery(self, folder))
         logger.info("Saved a %s gallery index of %d %ss to %s", self.kind, len(self), self.modality, directory)
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model=None, processor=None) -> GalleryIndex:
-        """Read an index folder, checking every part (:func:`~hysac_hf.index.folder.load_index_folder`) and, with a
-        model, that it is the model that built it (dimension, curvature, probe). The model's own bounds and
-        traversal offset then replace the stored ones when it has bounds (a recalibrated model redirects by its
-        new bounds); the stored ones serve otherwise.
+        """Read an index folder, checking every part (`gallery_hysac.read_gallery`) and, with a model, that it is the
+        model that built it (dimension, curvature, probe). The model's own bounds and traversal offset then replace
+        the stored ones when it has bounds (a recalibrated model redirects by its new bounds); the stored ones serve
+        otherwise.
 
         Args:
             directory: the folder written by :meth:`save`.
@@ -769,38 +705,41 @@ class GalleryIndex:
         Raises:
             UsageError: a missing or corrupt folder, an index built with another model or curvature.
         """
+        from ..encode import unwrap_hysac
+
         directory = Path(directory).expanduser()
-        embeddings, info, metadata = fmt.load_index_folder(directory)
+        with usage_errors():
+            stored = read_gallery(directory)
+        hysac = None
         if model is not None:
             if processor is None:
                 raise UsageError("load(dir, model=...) also needs the model's processor= (to check the model probe)")
-            fmt.check_model(info, model, processor, directory)
-        faiss_info = info.get("faiss")
-        kind = "flat" if faiss_info is None else faiss_info["type"]
-        if kind not in KINDS:
+            hysac = unwrap_hysac(model)
+            with usage_errors():
+                check_gallery_model(stored, hysac, lambda: model_probe(hysac, processor.tokenizer))
+        if stored.kind not in INDEX_KINDS:
             raise UsageError(
-                f"the gallery index {directory} uses a {kind!r} FAISS index, which this hysac_hf does not read (it "
-                f"reads {list(KINDS)}); rebuild it with 'hysac-index build --kind ivf'"
+                f"the gallery index {directory} uses a {stored.kind!r} FAISS index, which this hysac_hf does not read "
+                f"(it reads {list(INDEX_KINDS)}); rebuild it with 'hysac-index build --kind ivf'"
             )
-        params = dict(faiss_info.get("params", {})) if kind == "ivf" else {}  # a stored flat index is rebuilt
         index = cls(
-            embeddings,
-            info["modality"],
-            float(info["curvature"]),
-            metadata,
-            kind=kind,
-            nlist=params.get("nlist"),
-            nprobe=params.get("nprobe"),
-            model_name=str(info.get("model") or ""),
-            model_probe=info.get("model_probe"),
-            bounds=info.get("bounds"),
-            traversal_offset=info.get("traversal_offset"),
+            stored.embeddings,
+            stored.modality,
+            stored.curvature,
+            stored.metadata,
+            kind=stored.kind,
+            nlist=stored.params.get("nlist"),
+            nprobe=stored.params.get("nprobe"),
+            model_name=stored.model_name,
+            model_probe=stored.model_probe,
+            bounds=stored.bounds,
+            traversal_offset=stored.traversal_offset,
         )
-        if kind == "ivf":
-            index._structure = fmt.read_faiss_index(directory, faiss_info, len(index), index.dim)
-        from ..encode import unwrap_hysac
-
-        config = None if model is None else unwrap_hysac(model).config
+        index.source = stored.source
+        if index.kind == "ivf":
+            with usage_errors():
+                index.structure = read_structure(stored)
+        config = None if hysac is None else hysac.config
         if config is not None and config.bounds is not None:  # the model's calibration is the current one
             if config.bounds != index.bounds or float(config.traversal_offset) != index.traversal_offset:
                 logger.info(
@@ -821,11 +760,11 @@ def check_output_folder(directory: str | os.PathLike) -> None:
     directory = Path(directory).expanduser()
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"{directory} exists and is not a folder; choose a folder path for the index")
-    if directory.is_dir() and any(directory.iterdir()) and not (directory / fmt.INDEX_FILE).is_file():
+    if directory.is_dir() and any(directory.iterdir()) and not is_gallery_index(directory):
         raise UsageError(
             f"{directory} is a non-empty folder that is not a gallery index; choose a new or empty folder (an "
             "existing index is replaced)"
         )
 
 
-__all__ = ["KINDS", "POLICIES", "GalleryIndex", "check_output_folder"]
+__all__ = ["GalleryIndex", "check_output_folder"]

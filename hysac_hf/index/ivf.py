@@ -1,9 +1,10 @@
 """Approximate Lorentz nearest neighbours: a FAISS `IndexIVFFlat` over the exact inner-product vectors, with cells
 cut by direction.
 
-Search is FAISS's own: `index.search(mips_query_vectors(queries, c), k)` probes `nprobe` cells and ranks their
-items by the exact Lorentz inner product (`evaluation/topk.py` explains the reduction). Only the cells differ from
-a stock inner-product IVF, because the stock one does not work here:
+This module builds the structure; searching it is the engine's (`modeling/gallery_hysac.py`, which also explains the
+reduction of Lorentz nearest neighbours to inner products): FAISS probes `nprobe` cells and ranks their items by the
+exact Lorentz inner product, and the engine re-ranks the candidates in float64. Only the cells differ from a stock
+inner-product IVF, because the stock one does not work here:
 
 - The pool vectors `[y_s, y_t]` are not unit vectors and their time component grows with the distance to the root,
   so FAISS's inner-product k-means puts most items into a few cells and probes the wrong ones (recall@10 0.2 at
@@ -31,11 +32,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..modeling.lorentz import mips_pool_vectors
+from ..modeling.gallery_hysac import add_to_structure
 
 logger = logging.getLogger(__name__)
 
-ADD_CHUNK = 65_536  # rows turned into float32 pool vectors at once while adding
 TRAIN_POINTS_PER_CELL = 50  # k-means sample per cell (FAISS warns below 39)
 KMEANS_ITERATIONS = 10  # FAISS trains its IVF quantizers with 10 as well
 MIN_POINTS_PER_CELL = 39
@@ -99,15 +99,8 @@ def train_direction_ivf(
     quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
     index = faiss.IndexIVFFlat(quantizer, dim + 1, nlist, faiss.METRIC_INNER_PRODUCT)  # keeps `quantizer` alive
     index.nprobe = nprobe
-    add_to_index(index, embeddings, curvature)
+    add_to_structure(index, embeddings, curvature)
     return index
-
-
-def add_to_index(index, embeddings: Tensor, curvature: float) -> None:
-    """Append `(M, D)` space components to a FAISS inner-product index over the pool vectors, chunk by chunk."""
-    for start in range(0, embeddings.shape[0], ADD_CHUNK):
-        vectors = mips_pool_vectors(embeddings[start : start + ADD_CHUNK].float(), curvature)
-        index.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
 
 
 def cell_sizes(index) -> np.ndarray:
@@ -115,4 +108,4 @@ def cell_sizes(index) -> np.ndarray:
     return np.array([index.invlists.list_size(i) for i in range(index.nlist)])
 
 
-__all__ = ["add_to_index", "cell_sizes", "default_nlist", "default_nprobe", "train_direction_ivf"]
+__all__ = ["cell_sizes", "default_nlist", "default_nprobe", "train_direction_ivf"]

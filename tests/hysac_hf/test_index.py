@@ -22,8 +22,8 @@ from safetensors.torch import save_file
 
 from hysac_hf.errors import UsageError
 from hysac_hf.encode import encode_images, encode_texts
-from hysac_hf.index import PROBE_TEXTS, GalleryIndex, load_index_folder, model_probe
-from hysac_hf.index import folder as fmt
+from hysac_hf.index import PROBE_TEXTS, GalleryIndex
+from hysac_hf.modeling import gallery_hysac as engine
 from hysac_hf.index.cli import main
 from hysac_hf.testing import REPO_ROOT, run_on_cpu_processes, save_model_folder
 
@@ -110,7 +110,7 @@ def test_exact_search_equals_a_float64_brute_force_ranking(use_faiss, monkeypatc
         torch.testing.assert_close(distances, expected_d, rtol=1e-9, atol=1e-7)
         assert distances.dtype == torch.float64 and indices.dtype == torch.long
     assert index.knn(queries[-1:], 3)[1].tolist() == [[7, 41, 200]]  # ties in gallery order, B = 1
-    assert (index._structure is not None) == use_faiss
+    assert (index.structure is not None) == use_faiss
 
 
 def test_redirect_equals_the_models_traversal_then_brute_force(hysac, processor, photo_list):
@@ -184,7 +184,7 @@ def test_folder_list_dataset_and_embeddings_give_the_same_gallery(hysac, process
     assert from_folder.metadata == [{"path": p} for p in relative]
     assert from_dataset.metadata[1] == {"name": relative[1], "score": None}  # the image column left out, NaN -> null
     assert from_list.metadata == [{} for _ in ordered]
-    assert from_folder.model_probe == model_probe(hysac, processor) and len(from_folder.model_probe) == len(PROBE_TEXTS)
+    assert from_folder.model_probe == engine.round_probe(engine.model_probe(hysac, processor.tokenizer)) and len(from_folder.model_probe) == len(PROBE_TEXTS)
 
 
 def test_text_sources_and_dataset_column_choice(hysac, processor, captions):
@@ -263,12 +263,12 @@ def test_save_load_round_trip(hysac, processor, photo_list, tmp_path, kind):
     assert info["format"] == 1 and info["modality"] == "image" and info["count"] == 60 and info["dim"] == 32
     assert info["curvature"] == pytest.approx(1.7) and info["bounds"] == hysac.config.bounds
     assert info["traversal_offset"] == hysac.config.traversal_offset and info["model_probe"] == index.model_probe
-    assert info["metadata"] == "metadata.jsonl" and info["embeddings_sha256"] == fmt.sha256_file(
+    assert info["metadata"] == "metadata.jsonl" and info["embeddings_sha256"] == engine.sha256_file(
         tmp_path / "index" / "embeddings.safetensors"
     )
     assert (info["faiss"] is None) == (kind == "flat")
-    embeddings, meta, rows = load_index_folder(tmp_path / "index")  # the pure reader the pipelines mirror
-    assert torch.equal(embeddings, items) and rows == metadata and meta["count"] == 60
+    stored = engine.read_gallery(tmp_path / "index")  # the engine's reader, which the pipelines use too
+    assert torch.equal(stored.embeddings, items) and stored.metadata == metadata and len(stored) == 60
     for loaded in (GalleryIndex.load(tmp_path / "index"), GalleryIndex.load(tmp_path / "index", hysac, processor)):
         assert loaded.kind == kind and loaded.params == index.params and loaded.metadata == metadata
         assert loaded.search(queries, 7, policy="retain") == before
@@ -317,7 +317,7 @@ def _corrupt_cases():
     def reshape_embeddings(folder):  # a consistent checksum, but not the recorded shape
         save_file({"embeddings": torch.zeros(5, 32)}, str(folder / "embeddings.safetensors"))
         info = json.loads((folder / "index.json").read_text())
-        info["embeddings_sha256"] = fmt.sha256_file(folder / "embeddings.safetensors")
+        info["embeddings_sha256"] = engine.sha256_file(folder / "embeddings.safetensors")
         (folder / "index.json").write_text(json.dumps(info))
 
     def edit_json(**changes):
@@ -367,7 +367,7 @@ def test_a_corrupt_faiss_file_is_a_clear_error(tmp_path):
     with pytest.raises(UsageError, match="SHA-256 of faiss.index differs"):
         GalleryIndex.load(tmp_path / "index")
     info = json.loads((tmp_path / "index" / "index.json").read_text())
-    info["faiss"]["sha256"] = fmt.sha256_file(path)  # a matching checksum over a truncated file
+    info["faiss"]["sha256"] = engine.sha256_file(path)  # a matching checksum over a truncated file
     (tmp_path / "index" / "index.json").write_text(json.dumps(info))
     with pytest.raises(UsageError, match="faiss.index is not readable"):
         GalleryIndex.load(tmp_path / "index")
@@ -381,12 +381,13 @@ def test_a_crash_while_saving_leaves_the_old_index(tmp_path):
         f"""
         import os, sys, torch
         sys.path.insert(0, {str(REPO_ROOT)!r})
-        from hysac_hf.index import GalleryIndex, folder
-        real = folder.sha256_file
+        from hysac_hf.index import GalleryIndex
+        from hysac_hf.modeling import gallery_hysac
+        real = gallery_hysac.sha256_file
         def die(path):
             real(path)
             os._exit(3)  # no cleanup, no exception handlers: a killed process
-        folder.sha256_file = die
+        gallery_hysac.sha256_file = die
         new = torch.zeros(70, 8)
         GalleryIndex.from_embeddings(new, "image", curvature=1.0, metadata=[{{"v": "new"}}] * 70).save({str(tmp_path / "index")!r})
         """
@@ -406,7 +407,7 @@ def test_an_interrupted_save_cleans_up_and_keeps_the_old_index(tmp_path, monkeyp
     def interrupt(path):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fmt, "sha256_file", interrupt)
+    monkeypatch.setattr(engine, "sha256_file", interrupt)
     with pytest.raises(KeyboardInterrupt):
         GalleryIndex.from_embeddings(torch.zeros(3, 8), "image", curvature=1.0).save(tmp_path / "index")
     monkeypatch.undo()
@@ -426,15 +427,15 @@ def test_add_equals_building_from_everything(kind, tmp_path):
     )
     index.search(queries, 3, policy="retain")  # built before adding
     if kind == "ivf":
-        centroids = index._structure.quantizer.reconstruct_n(0, index.params["nlist"])
+        centroids = index.structure.quantizer.reconstruct_n(0, index.params["nlist"])
     index.add(items[300:], metadata=[{"n": i} for i in range(300, 400)])
     assert len(index) == 400 and index.metadata[350] == {"n": 350}
     expected_i = brute_force(queries, items, c, 5)[1]
     indices = index.knn(queries, 5, exact=kind == "ivf")[1]
     assert torch.equal(indices, expected_i)
     if kind == "ivf":
-        assert index._structure.ntotal == 400
-        assert (index._structure.quantizer.reconstruct_n(0, index.params["nlist"]) == centroids).all()  # cells kept
+        assert index.structure.ntotal == 400
+        assert (index.structure.quantizer.reconstruct_n(0, index.params["nlist"]) == centroids).all()  # cells kept
         index.save(tmp_path / "index")
         loaded = GalleryIndex.load(tmp_path / "index")
         assert torch.equal(loaded.knn(queries, 5, nprobe=index.params["nlist"])[1], expected_i)  # all cells: exact
@@ -490,28 +491,25 @@ def test_the_benchmark_runs_small(tmp_path):
 # ------------------------------------------------------------------------------------------------------------
 # The pipelines read the same folder
 def test_the_retrieval_pipeline_reader_accepts_the_folder(hysac, processor, photo_folder, tmp_path):
-    pipeline_module = pytest.importorskip("hysac_hf.modeling.pipeline_hysac")
-    if not hasattr(pipeline_module, "load_gallery_index"):
-        pytest.skip("the pipeline module has no folder reader yet")
     folder, _, relative = photo_folder
     GalleryIndex.from_images(hysac, processor, folder, show_progress=False).save(tmp_path / "index")
-    gallery = pipeline_module.load_gallery_index(tmp_path / "index", hysac, processor.tokenizer)
-    embeddings, _, rows = load_index_folder(tmp_path / "index")
-    assert torch.equal(gallery.embeddings, embeddings) and gallery.metadata == rows == [{"path": p} for p in relative]
+    gallery = engine.load_gallery_index(tmp_path / "index", hysac, processor.tokenizer)
+    loaded = GalleryIndex.load(tmp_path / "index", hysac, processor)
+    assert torch.equal(gallery.embeddings, loaded.embeddings)
+    assert gallery.metadata == loaded.metadata == [{"path": p} for p in relative]
 
 
 @pytest.mark.parametrize(("damage", "message"), [case for case in _corrupt_cases() if "FAISS" not in case[1]])
 def test_the_pipeline_reader_refuses_what_the_library_refuses(hysac, processor, photo_list, tmp_path, damage, message):
-    """One reader of the format: the pipeline's ValueError carries the library's UsageError message, word for word
-    (the library reads no FAISS kind the pipeline does not; that case is the library's own)."""
-    from hysac_hf.modeling.pipeline_hysac import load_gallery_index
+    """One reader of the format: the engine's ValueError (what the pipeline raises) carries the library's UsageError
+    message, word for word (the library reads no FAISS kind the engine does not; that case is the library's own)."""
 
     GalleryIndex.from_images(hysac, processor, photo_list, show_progress=False).save(tmp_path / "index")
     damage(tmp_path / "index")
     with pytest.raises(UsageError, match=message) as library:
         GalleryIndex.load(tmp_path / "index", hysac, processor)
     with pytest.raises(ValueError, match=message) as pipeline:
-        load_gallery_index(tmp_path / "index", hysac, processor.tokenizer)
+        engine.load_gallery_index(tmp_path / "index", hysac, processor.tokenizer)
     assert type(pipeline.value) is ValueError and str(pipeline.value) == str(library.value)
 
 

@@ -513,16 +513,7 @@ def test_finite_checkpoint_still_loads_with_loading_info(hysac, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Renames (issue 11): traversal_bound -> traversal_threshold, old config keys
-def test_traversal_bound_is_a_deprecated_alias_of_traversal_threshold(hysac):
-    expected = hysac.traversal_threshold("image", "avg", offset=0.5)
-    with pytest.warns(FutureWarning, match="traversal_threshold"):
-        old = hysac.traversal_bound("image", "avg", alpha=0.5)
-    assert torch.equal(old, expected)
-    b, c = hysac.config.bounds["V"]["avg"], math.exp(hysac.curv.item())
-    assert expected.item() == pytest.approx(b + math.tanh((b - 0.5) / c) + 1, abs=1e-6)
-
-
+# Renames (issue 11): old config keys
 def test_a_folder_saved_with_the_old_config_keys_loads(hysac, tmp_path):
     import json
 

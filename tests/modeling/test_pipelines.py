@@ -23,8 +23,8 @@ import pytest
 import torch
 import transformers
 from hysac_hf.modeling.lorentz import mips_pool_vectors
+from hysac_hf.modeling.gallery_hysac import PROBE_TEXTS
 from hysac_hf.modeling.pipeline_hysac import (
-    PROBE_TEXTS,
     SafeRetrievalPipeline,
     UnsafeContentDetectionPipeline,
 )
@@ -246,6 +246,9 @@ def test_pipeline_file_imports_only_what_modeling_imports():
     pipeline_imports = set(get_relative_imports(modeling_dir / "pipeline_hysac.py"))
     assert pipeline_imports <= set(get_relative_imports(modeling_dir / "modeling_hysac.py"))
     assert "pipeline_hysac" in get_relative_imports(modeling_dir / "modeling_hysac.py")
+    # pipeline() loads pipeline_hysac.py first: what the search engine imports must be one import deep from it too
+    assert "gallery_hysac" in pipeline_imports
+    assert set(get_relative_imports(modeling_dir / "gallery_hysac.py")) <= pipeline_imports
 
 
 def test_images_need_the_hysac_processor(model, processor):
@@ -332,8 +335,8 @@ def test_model_without_threshold_says_how_to_calibrate(detector, model, monkeypa
         (lambda d: d(Image.new("RGB", (8, 8)), text="a cat"), ValueError, "got both"),
         (lambda d: d([]), ValueError, "empty list"),
         (lambda d: d(text=[]), ValueError, "empty list"),
-        (lambda d: d(text=["a cat", 3]), ValueError, r"text\[1\] is a int"),
-        (lambda d: d([Image.new("RGB", (8, 8)), 3.5]), ValueError, "image 1 is a float"),
+        (lambda d: d(text=["a cat", 3]), ValueError, "a text must be a string, got the int 3"),
+        (lambda d: d([Image.new("RGB", (8, 8)), 3.5]), ValueError, "cannot read an image from the float 3.5"),
         (lambda d: d("no/such/file.png"), ValueError, "not an image file, an http.s. URL or a base64 image"),
         (lambda d: d(text="a cat", threshold="high"), ValueError, "must be a finite number"),
         (lambda d: d(text="a cat", threshold=float("nan")), ValueError, "must be a finite number"),
@@ -456,6 +459,51 @@ def test_gallery_given_at_construction(model, processor, gallery_images, tmp_pat
     got = built(TEXTS)
     assert [[r["index"] for r in g["results"]] for g in got] == [[r["index"] for r in e["results"]] for e in expected]
     assert built(TEXTS, top_k=1)[0]["results"][0]["index"] == expected[0]["results"][0]["index"]  # call overrides
+
+
+def test_a_list_gallery_given_at_construction_is_embedded_once(model, processor, gallery_images, monkeypatch):
+    """Embedded when the pipeline is built (a copy, as documented): calls reuse it and never embed it again."""
+    built = SafeRetrievalPipeline(model=model, processor=processor, device="cpu", gallery=list(gallery_images), top_k=2)
+    calls = []
+    monkeypatch.setattr(built, "embed", lambda *args, **kwargs: calls.append(args) or None)
+    results = built(TEXTS, policy="retain")
+    expected = built(TEXTS, gallery=embed_images(model, processor, gallery_images), gallery_modality="image",
+                     policy="retain")  # fmt: skip
+    assert calls == [] and [r["results"] for r in results] == [r["results"] for r in expected]
+
+
+@pytest.mark.parametrize("task", ["detector", "retriever"])
+def test_call_checks_its_options_once_and_delegates_to_pipeline(task, detector, retriever, gallery_images, monkeypatch):
+    """transformers' shape: `__call__` routes to `Pipeline.__call__`, which sanitizes the options once per call."""
+    from transformers import Pipeline
+
+    pipe = detector if task == "detector" else retriever
+    counts = {"sanitize": 0, "base_call": 0}
+    sanitize, base_call = type(pipe)._sanitize_parameters, Pipeline.__call__
+
+    def counted_sanitize(self, **kwargs):
+        counts["sanitize"] += 1
+        return sanitize(self, **kwargs)
+
+    def counted_call(self, *args, **kwargs):
+        counts["base_call"] += 1
+        return base_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(pipe), "_sanitize_parameters", counted_sanitize)
+    monkeypatch.setattr(Pipeline, "__call__", counted_call)
+    if task == "detector":
+        pipe(text=TEXTS[:3], threshold=0.5, batch_size=2)
+    else:
+        pipe(TEXTS[:3], gallery=gallery_images, top_k=2, batch_size=2)
+    assert counts == {"sanitize": 1, "base_call": 1}
+
+
+def test_detection_streams_generators_like_every_transformers_pipeline(detector, photos):
+    images = [photos[name] for name in IMAGE_NAMES[:3]]
+    as_list = detector(images)
+    streamed = detector(image for image in images)
+    assert not isinstance(streamed, list) and list(streamed) == as_list
+    assert list(detector(text=(t for t in TEXTS[:2]))) == detector(text=TEXTS[:2])
 
 
 def test_index_folder_change_is_seen(retriever, model, processor, gallery_images, tmp_path):
@@ -630,8 +678,8 @@ def test_probe_tolerates_noise_but_not_another_model(retriever, model, processor
         ("a cat", {"gallery": ["a dog"], "bound": "max"}, ValueError, "bound='max' must be one of"),
         ("a cat", {"gallery": ["a dog"], "method": "euclid"}, ValueError, "method='euclid' must be one of"),
         ("a cat", {"gallery": ["a dog"], "threshold": 1.0}, TypeError, "unexpected arguments"),
-        (torch.zeros(1, 32), {"gallery": ["a dog"]}, ValueError, "query 0 is a Tensor"),
-        (42, {"gallery": ["a dog"]}, ValueError, "query 0 is a int"),
+        (torch.zeros(1, 32), {"gallery": ["a dog"], "top_k": 1}, ValueError, "is a Tensor; a query is a text"),
+        (42, {"gallery": ["a dog"], "top_k": 1}, ValueError, "the query 42 is a int"),
         (["a cat", Image.new("RGB", (8, 8))], {"gallery": ["a dog"]}, ValueError, "the queries mix images"),
         ([], {"gallery": ["a dog"]}, ValueError, "query is an empty list"),
     ],

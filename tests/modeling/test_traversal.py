@@ -141,7 +141,7 @@ def test_empty_batch_and_fp16(hysac):
         assert out.dtype == torch.float16 and torch.isfinite(out).all()
         ref32 = hysac.traverse_to_safe(half.float(), target="image", method=method)
         torch.testing.assert_close(out.float(), ref32.half().float(), rtol=0, atol=0)
-    assert hysac.unsafe_score(half).dtype == torch.float32
+    assert hysac.distance_to_root(half).dtype == torch.float32
 
 
 def test_clear_errors(hysac):
@@ -157,7 +157,7 @@ def test_clear_errors(hysac):
         hysac.traversal_threshold("audio")
 
 
-def test_unsafe_score_and_classification(hysac):
+def test_distance_to_root_and_classification(hysac):
     points = hyperboloid_points(50, seed=6).float()
     c = hysac.curvature.item()
     expected = torch.tensor(
@@ -167,7 +167,7 @@ def test_unsafe_score_and_classification(hysac):
         ],
         dtype=torch.float64,
     )
-    score = hysac.unsafe_score(points)
+    score = hysac.distance_to_root(points)
     torch.testing.assert_close(score.double(), expected, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="no calibrated unsafe threshold"):
         hysac.classify_unsafe(points)

@@ -60,7 +60,7 @@ class RecallAtK(evaluate.Metric):
             )
         import torch
 
-        from hysac_hf.evaluation.topk import recall_from_ranks  # the library's one recall implementation
+        from hysac_hf.evaluation.retrieval import recall_from_ranks  # the library's one recall implementation
 
         ranked = np.asarray([list(p[: ks[-1]]) for p in predictions], dtype=np.int64)
         hit_at = ranked == np.asarray(references, dtype=np.int64)[:, None]  # (Q, max k)

@@ -1,10 +1,10 @@
 """mini-ViSU: a tiny, bundled, offline stand-in for ViSU built from real photos.
 
 Safe side: 20 real photos shipped with scikit-image, scikit-learn and matplotlib (crops and flips give the
-rows), with hand-written captions (`mini_visu/photos.json`). Unsafe side: the same photo with a clearly synthetic
+rows), with hand-written captions (`photos.json`, beside this file). Unsafe side: the same photo with a clearly synthetic
 visual marker (a red diagonal band, a hatched hazard grid, or a colour inversion) and the same caption with
 synthetic textual markers (``"[UNSAFE] ... crossed by a crimson zorblax band"``). There is no real harmful
-content. Rows and splits (train 160 / validation 40 / test 40) are in `mini_visu/mini_visu.jsonl`; images are
+content. Rows and splits (train 160 / validation 40 / test 40) are in `mini_visu.jsonl`; images are
 rendered on access (in DataLoader workers), never stored.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..modeling.configuration_hysac import CONTENT
+from ...modeling.configuration_hysac import CONTENT
 
-DATA_DIR = Path(__file__).parent / "mini_visu"
+DATA_DIR = Path(__file__).parent  # photos.json and mini_visu.jsonl, beside this file
 SPLITS = ("train", "validation", "test")
 RENDER_SIZE = 256  # rendered side length; the processor resizes to the tower's input size
 
@@ -101,7 +101,7 @@ def render(spec: dict[str, Any], size: int = RENDER_SIZE) -> Image.Image:
 def mini_visu_rows(split: str) -> list[dict[str, Any]]:
     """The raw rows of one split (ViSU-Text-like fields: `safe`, `nsfw`, `tag`, plus the image spec)."""
     if split not in SPLITS:
-        from ..errors import UsageError
+        from ...errors import UsageError
 
         raise UsageError(f"mini-ViSU has splits {SPLITS}, not {split!r}")
     with open(DATA_DIR / "mini_visu.jsonl") as handle:
@@ -117,7 +117,7 @@ def load_mini_visu(split: str = "train", max_samples: int | None = None):
     """
     import datasets
 
-    from ..errors import require
+    from ...errors import require
 
     # The photos are rendered in DataLoader workers; check their libraries here, before any training starts.
     require("skimage", "sklearn", "matplotlib", purpose="the bundled mini-ViSU photos")

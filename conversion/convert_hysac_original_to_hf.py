@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from hysac_hf.cli import add_debug_flag, run, setup_logging
+from hysac_hf.cli import add_debug_flag, command_name, run, setup_logging
 from hysac_hf.errors import require
 from hysac_hf.conversion_utils import (
     DEFAULT_CLIP,
@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     setup_logging()
     with torch.no_grad():
-        return run(convert, args, "convert_hysac_original_to_hf")
+        return run(convert, args, command_name("hysac-convert", argv))
 
 
 cli = main  # console-script name kept for earlier callers

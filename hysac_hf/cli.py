@@ -87,8 +87,34 @@ def dataset_from_args(args: argparse.Namespace, required: tuple[str, ...] | None
     )
 
 
-def add_debug_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--debug", action="store_true", help="Show the full traceback of an error instead of one line.")
+def add_debug_flag(parser: argparse.ArgumentParser, default: Any = False) -> None:
+    parser.add_argument(
+        "--debug", action="store_true", default=default, help="Show the full traceback of an error instead of one line."
+    )
+
+
+def add_global_flags(parser: argparse.ArgumentParser, default_level: Any = "INFO", default_debug: Any = False) -> None:
+    """`--log_level` and `--debug`, the flags every command takes."""
+    add_argument(parser, "--log_level", default=default_level, help="logging level (DEBUG, INFO, WARNING, ERROR)")
+    add_debug_flag(parser, default_debug)
+
+
+def add_subcommand(subparsers: Any, name: str, **kwargs) -> argparse.ArgumentParser:
+    """`subparsers.add_parser(name, **kwargs)` that also takes the global flags after the subcommand's name
+    (`hysac-index build --debug ...` as well as `hysac-index --debug build ...`): there they default to nothing, so
+    the value given before the name, or the command's default, stands unless repeated after it."""
+    parser = subparsers.add_parser(name, **kwargs)
+    add_global_flags(parser, default_level=argparse.SUPPRESS, default_debug=argparse.SUPPRESS)
+    return parser
+
+
+def command_name(default: str, argv: Sequence[str] | None = None) -> str:
+    """The name the user typed for the running command (`hysac-convert`, `convert_hysac_original_to_hf.py`), for its
+    error lines: `default` when the command was started as a module (`python -m ...`) or from code (`argv` given)."""
+    if argv is not None or getattr(sys.modules.get("__main__"), "__spec__", None) is not None:
+        return default
+    name = Path(sys.argv[0]).name if sys.argv else ""
+    return name if name not in ("", "-c") else default
 
 
 def setup_logging(level: int | str = logging.INFO, quiet_libraries: bool = True) -> None:
@@ -156,6 +182,9 @@ __all__ = [
     "add_argument",
     "add_dataset_arguments",
     "add_debug_flag",
+    "add_global_flags",
+    "add_subcommand",
+    "command_name",
     "dashed_aliases",
     "dataset_from_args",
     "run",

@@ -43,16 +43,31 @@ def load_model(path: str | Path, device: str | None = None, allow_clip: bool = F
         device: move the model there.
         allow_clip: also accept a CLIP checkpoint (converted with `HySACModel.from_clip`; training starts there).
     Raises:
-        UsageError: naming the folder and the cause.
+        UsageError: naming the folder and the cause (a path that names no folder here and cannot be a Hub repo id is
+            "no such folder", not the Hub's complaint about repo ids).
     """
+    local = Path(path).expanduser()
+    if not local.exists():
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+        try:
+            validate_repo_id(str(path))
+        except HFValidationError:
+            raise UsageError(
+                f"the model folder {path} does not exist; pass an existing folder (written by train.py / "
+                "save_pretrained / the converter) or a Hub repo id such as org/name"
+            ) from None
+    elif not local.is_dir():
+        raise UsageError(f"{path} is a file; pass the model folder that holds config.json and the weights")
     try:
         model = load_base_model(str(path)) if allow_clip else HySACModel.from_pretrained(path)
         processor = HySACProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError, KeyError, RuntimeError) as error:
+        where = "" if local.exists() else f" (there is no folder {path} here, so it was looked up on the Hub)"
         raise UsageError(
-            f"cannot load a HySAC model from {path}: {type(error).__name__}: {one_line(error).rstrip('.')}. Pass a "
-            "folder written by train.py / save_pretrained / the converter (re-export or re-download it if it is "
-            "truncated)"
+            f"cannot load a HySAC model from {path}{where}: {type(error).__name__}: {one_line(error).rstrip('.')}. "
+            "Pass a folder written by train.py / save_pretrained / the converter (re-export or re-download it if it "
+            "is truncated)"
         ) from error
     except Exception as error:  # safetensors raises its own error type for corrupt files
         if type(error).__name__ != "SafetensorError":

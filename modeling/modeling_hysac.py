@@ -648,11 +648,12 @@ class HySACModel(HySACPreTrainedModel):
             f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
         )
         self.config.auto_map = auto_map
-        # Imported here so that transformers ships pipeline_hysac.py and the search engine it ranks through,
-        # gallery_hysac.py, with the remote code (transformers 4 copies a local folder's remote code one import deep).
+        # Imported here so that transformers ships pipeline_hysac.py, the search engine it ranks through
+        # (gallery_hysac.py) and the processor module it reads inputs with, with the remote code (transformers 4 copies a local folder's remote code one import deep).
         # Our entries replace any earlier ones: `pipeline()` swaps their class names for classes in the loaded config.
         from .gallery_hysac import INDEX_FORMAT  # noqa: F401
         from .pipeline_hysac import custom_pipelines
+        from .processing_hysac import input_modality  # noqa: F401 - the pipelines' reading of inputs
 
         self.config.custom_pipelines = {**(getattr(self.config, "custom_pipelines", None) or {}), **custom_pipelines()}
         result = super().save_pretrained(save_directory, *args, **kwargs)

@@ -53,6 +53,7 @@ from .gallery_hysac import (
     search_safely,
 )
 from .lorentz import dist_to_origin  # noqa: F401 - see below
+from .processing_hysac import input_modality
 from .traversal import METHODS
 
 # transformers 4 copies a folder's remote code one relative import deep from the file it loads (this one, for
@@ -106,14 +107,27 @@ def load_image_input(image: Any) -> Any:
     """One image input -> a PIL image or numpy array for `HySACProcessor` (which reads every mode and dtype).
 
     Accepts a PIL image or a numpy array (returned as they are), the path of an image file (opened as it is, as
-    `hysac_hf`'s embedding path opens files, so a transparent PNG reads the same through both), or an http(s) URL or
-    base64 string (fetched by transformers' `load_image`, as its image pipelines do; it returns RGB).
+    `hysac_hf`'s embedding path opens files, so a transparent PNG reads the same through both), an undecoded
+    `datasets.Image` value (`{"bytes": ..., "path": ...}`), or an http(s) URL or base64 string (fetched by
+    transformers' `load_image`, as its image pipelines do; it returns RGB).
 
     Raises:
         ValueError: naming the input and what is accepted.
     """
     if _is_image(image):
         return image
+    if isinstance(image, dict) and (image.get("bytes") is not None or image.get("path") is not None):
+        if image.get("bytes") is None:
+            return load_image_input(image["path"])
+        import io
+
+        try:
+            with Image.open(io.BytesIO(image["bytes"])) as opened:
+                opened.load()
+                return opened
+        except OSError as error:
+            source = image.get("path") or "a dataset row"
+            raise ValueError(f"cannot decode the image bytes of {source}: {error}; re-export or remove it") from None
     if isinstance(image, (str, os.PathLike)):
         source = os.fspath(image)
         if os.path.isfile(source):
@@ -155,8 +169,9 @@ def _check_number(value: Any, name: str) -> float:
 
 
 def _item_modality(item: Any) -> str | None:
-    """`"text"` for a string, `"image"` for a PIL image or numpy array, None for anything else."""
-    return "text" if isinstance(item, str) else "image" if _is_image(item) else None
+    """`processing_hysac.input_modality`: an image (PIL, numpy, a path of an existing file, an http(s) URL, an undecoded
+    `datasets.Image` value), a text (any other string), or None."""
+    return input_modality(item)
 
 
 def _one_modality(items: list, label: str, accepted: str, mixed: str, fix: str) -> str:
@@ -178,8 +193,8 @@ def _one_modality(items: list, label: str, accepted: str, mixed: str, fix: str) 
 
 
 QUERY_TYPES = (
-    "a query is a text (str) or an image (PIL image or numpy array). Open image files first (PIL.Image.open); to "
-    "search with an embedding, rank it against the gallery with gallery_hysac.search_safely"
+    "a query is a text (a string) or an image (a PIL image, a numpy array, the path of an image file or an http(s) "
+    "URL); to search with an embedding, rank it against the gallery with gallery_hysac.search_safely"
 )
 
 
@@ -350,7 +365,7 @@ _RETRIEVAL_DEFAULTS = {
 }
 _RETRIEVAL_CHECKS = {
     "gallery_modality": (lambda v: v is None or v in MODALITIES, f"None or one of {list(MODALITIES)}"),
-    "top_k": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "top_k": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
     "policy": (lambda v: v in POLICIES, f"one of {list(POLICIES)}"),
     "method": (lambda v: v in METHODS, f"one of {list(METHODS)}"),
     "bound": (lambda v: v in BOUND_STATS, f"one of {list(BOUND_STATS)}"),
@@ -361,8 +376,10 @@ _RETRIEVAL_CHECKS = {
 class SafeRetrievalPipeline(_HySACPipeline):
     """Safe retrieval: rank a gallery by Lorentz distance to each query, optionally redirecting unsafe queries.
 
-    `retriever(query, gallery=..., top_k=5, policy="redirect")`. A query is a string (a text) or an image (PIL
-    image or numpy array); a list of queries gives a list of results. Under `policy="redirect"`, a query whose
+    `retriever(query, gallery=..., top_k=5, policy="redirect")`. A query is a text or an image: a string that names an
+    existing file or is an http(s) URL is an image (opened as the detector opens it), any other string a text; PIL
+    images and numpy arrays are images (`processing_hysac.input_modality`). A list of queries gives a list of
+    results. Under `policy="redirect"`, a query whose
     distance to the root exceeds the traversal threshold of the gallery's safe region (image gallery: safe images
     `V`; text gallery: safe texts `S`) is moved there, as `HySACModel.traverse_to_safe` moves it, before ranking;
     `"retain"` ranks with the query as it is. Each query gives
@@ -371,8 +388,9 @@ class SafeRetrievalPipeline(_HySACPipeline):
     searched with (the moved one when redirected), results are nearest first with equal distances in gallery order.
 
     Args (at construction or per call):
-        gallery: a list of images (PIL/numpy), a list of texts, an `(N, D)` tensor of hyperboloid embeddings
-            (with `gallery_modality`), or the path of a saved gallery index folder (its metadata joins the results).
+        gallery: a list of images (PIL/numpy, image file paths or URLs), a list of texts (other strings), an `(N, D)`
+            tensor of hyperboloid embeddings (with `gallery_modality`), or the path of a saved gallery index folder
+            (its metadata joins the results).
             A list given at construction is embedded then, once: the pipeline keeps those embeddings (a copy), so
             later changes to the list are not seen; pass a changing list per call. An index folder is re-read when
             its files change.
@@ -407,6 +425,8 @@ class SafeRetrievalPipeline(_HySACPipeline):
         for name, value in options.items():
             if name in _RETRIEVAL_CHECKS and not _RETRIEVAL_CHECKS[name][0](value):
                 raise ValueError(f"{name}={value!r} must be {_RETRIEVAL_CHECKS[name][1]}")
+        if "top_k" in options:
+            options["top_k"] = int(options["top_k"])  # numpy integers too
         if not self._called:
             # At construction a list gallery is embedded once (a copy); folders and tensors are read per call.
             if isinstance(options.get("gallery"), (list, tuple)):
@@ -461,8 +481,8 @@ class SafeRetrievalPipeline(_HySACPipeline):
             modality = _one_modality(
                 raw,
                 "gallery[{}]",
-                "a gallery list holds images (PIL images or numpy arrays) or texts (strings); image files go in a "
-                "saved index folder or are opened first",
+                "a gallery list holds images (PIL images, numpy arrays, image file paths or http(s) URLs) or texts "
+                "(other strings)",
                 "the gallery mixes",
                 "search one modality per gallery",
             )

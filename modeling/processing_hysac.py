@@ -7,6 +7,7 @@ classes, so `AutoImageProcessor` loads them from a model folder without remote c
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -25,6 +26,31 @@ MAX_8_BIT = 255
 MAX_16_BIT = 65535  # = 255 * 257: a 16-bit level v * 257 is the 8-bit level v
 ARRAY_LAYOUTS = "(H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
 TENSOR_LAYOUTS = "(H, W), (1, H, W), (3, H, W) or (4, H, W)"
+IMAGE_URL_PREFIXES = ("http://", "https://")
+
+
+def input_modality(value: Any, image_root: str | os.PathLike | None = None) -> str | None:
+    """Whether an input is an image or a text: the one rule of the pipelines, the gallery index and `hysac-index`.
+
+    - `"image"`: a PIL image, a numpy array, an `os.PathLike`, a string that names an existing file (relative
+      strings under `image_root` when given, else the working directory) or starts with `http://` / `https://`, and a
+      `datasets.Image` value left undecoded (a dict with `"bytes"` or `"path"`);
+    - `"text"`: any other string;
+    - None: anything else (a tensor of embeddings, a number, ...).
+    """
+    if (Image is not None and isinstance(value, Image.Image)) or isinstance(value, (np.ndarray, os.PathLike)):
+        return "image"
+    if isinstance(value, dict):
+        return "image" if value.get("bytes") is not None or value.get("path") is not None else None
+    if not isinstance(value, str):
+        return None
+    if value.startswith(IMAGE_URL_PREFIXES):
+        return "image"
+    path = value if image_root is None or os.path.isabs(value) else os.path.join(os.fspath(image_root), value)
+    try:
+        return "image" if os.path.isfile(path) else "text"
+    except (OSError, ValueError):  # a caption too long for a path, or with a NUL byte: text
+        return "text"
 
 
 def to_rgb(image: Any) -> Any:
@@ -251,4 +277,4 @@ class HySACProcessor(ProcessorMixin):
 
 HySACProcessor.register_for_auto_class()
 
-__all__ = ["HySACProcessor", "to_rgb"]
+__all__ = ["HySACProcessor", "input_modality", "to_rgb"]

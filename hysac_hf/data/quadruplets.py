@@ -28,7 +28,7 @@ def _read_file(path: Path) -> Any:
     if builder is None:
         raise UsageError(f"unsupported data file {path}; expected one of {sorted(FILE_BUILDERS)}")
     if path.stat().st_size == 0:
-        raise UsageError(f"{path} is empty; it needs one row per quadruplet")
+        raise UsageError(f"{path} is empty: it holds no rows")
     try:
         return datasets.load_dataset(builder, data_files=str(path), split="train")
     except (datasets.exceptions.DatasetGenerationError, StopIteration, ValueError) as error:

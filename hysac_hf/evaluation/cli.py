@@ -21,7 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import add_argument, add_dataset_arguments, add_debug_flag, dataset_from_args
+from ..cli import add_argument, add_dataset_arguments, add_global_flags, add_subcommand, dataset_from_args
 from ..errors import UsageError
 from ..loading import load_model
 
@@ -52,11 +52,10 @@ def _writable(path: str | None, flag: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hysac-eval", description=__doc__.split("\n\n")[0])
-    add_argument(parser, "--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
-    add_debug_flag(parser)
+    add_global_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("embed", help="embed a quadruplet dataset into a cache folder")
+    p = add_subcommand(sub, "embed", help="embed a quadruplet dataset into a cache folder")
     add_argument(p, "--model", required=True, help="HySAC model folder or Hub id")
     add_dataset_arguments(p, split="test", dataset_default=None)
     add_argument(p, "--tag_column", default="tag", help="category column for the per-tag breakdown")
@@ -65,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_argument(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")
     add_argument(p, "--output", required=True, help="cache folder to write (replaced atomically)")
 
-    p = sub.add_parser("retrieval", help="Tables 1 and 2 retrieval from an embedding cache")
+    p = add_subcommand(sub, "retrieval", help="Tables 1 and 2 retrieval from an embedding cache")
     add_argument(p, "--cache", required=True, help="folder written by 'hysac-eval embed'")
     add_argument(p, "--tasks", default=None, help="comma-separated task names (default: all eight)")
     add_argument(p, "--ks", default="1,5,10,20", help="recall levels")
@@ -86,7 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_argument(p, "--output_json", default=None, help="write the results JSON here")
     add_argument(p, "--output_md", default=None, help="write the markdown tables here")
 
-    p = sub.add_parser("classify", help="Acc/FPR/FNR of the distance-to-root unsafe classifier")
+    p = add_subcommand(sub, "classify", help="Acc/FPR/FNR of the distance-to-root unsafe classifier")
     src = p.add_mutually_exclusive_group(required=True)
     add_argument(src, "--images", default=None, help="labelled image folder with sub-folders safe/ and unsafe/")
     add_argument(src, "--cache", default=None, help="embedding cache: safe = S/V rows, unsafe = U/G rows of --modality")
@@ -107,13 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_argument(p, "--device", default=None, help="torch device (default: cpu)")
     add_argument(p, "--output_json", default=None, help="write the results JSON here")
 
-    p = sub.add_parser("histogram", help="distance-from-root histograms per kind of content (Figure 2)")
+    p = add_subcommand(sub, "histogram", help="distance-from-root histograms per kind of content (Figure 2)")
     add_argument(p, "--cache", required=True, help="folder written by 'hysac-eval embed'")
     add_argument(p, "--output", required=True, help="PNG file to write")
     add_argument(p, "--bins", type=int, default=60, help="histogram bins")
     add_argument(p, "--title", default="Distance from the root", help="figure title")
 
-    p = sub.add_parser("zeroshot", help="zero-shot accuracy on a class-per-folder image tree")
+    p = add_subcommand(sub, "zeroshot", help="zero-shot accuracy on a class-per-folder image tree")
     add_argument(p, "--model", required=True, help="HySAC model folder or Hub id")
     add_argument(p, "--images", required=True, help="image folder, one sub-folder per class (the class name)")
     add_argument(p, "--template", default="a photo of a {}.", help="prompt template with one {}")

@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import add_argument, add_debug_flag
+from ..cli import add_argument, add_global_flags, add_subcommand
 from ..errors import UsageError, require, usage_errors
 from ..modeling.gallery_hysac import read_index_json
 
@@ -53,11 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_argument(parser, "--log_level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
-    add_debug_flag(parser)
+    add_global_flags(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{build,search,info}")
 
-    p = sub.add_parser(
+    p = add_subcommand(
+        sub,
         "build",
         help="embed a gallery and write its index folder",
         description="Embed a gallery (images, texts or a dataset column) with a HySAC model and write an index folder.",
@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--modality",
         default=None,
         choices=["image", "text"],
-        help="with --dataset: 'image' when --column holds image paths (default: from the column's type)",
+        help="with --dataset: what --column holds (default: an Image column holds images, a string column images when "
+        "its values are paths of existing image files or http(s) URLs, texts otherwise)",
     )
     add_argument(
         p, "--image_root", default=None, help="with --dataset: folder that relative image paths are resolved against"
@@ -111,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_argument(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
     add_argument(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")
 
-    p = sub.add_parser(
+    p = add_subcommand(
+        sub,
         "search",
         help="search an index with one text or image; prints JSON",
         description="Embed one query with the index's model and print its nearest gallery items as JSON.",
@@ -140,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_argument(p, "--exact", action="store_true", help="ivf: search every item (exact)")
     add_argument(p, "--device", default=None, help="torch device (default: cpu)")
 
-    p = sub.add_parser("info", help="describe an index folder (no model needed)")
+    p = add_subcommand(sub, "info", help="describe an index folder (no model needed)")
     add_argument(p, "--index", required=True, help="index folder written by 'hysac-index build'")
     return parser
 
@@ -198,7 +200,7 @@ def run_build(args) -> dict:
         dataset = open_dataset(args.dataset, args.split)
         if args.max_samples is not None:
             dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-        column, modality = GalleryIndex._dataset_column(dataset, args.column, args.modality)
+        column, modality = GalleryIndex._dataset_column(dataset, args.column, args.modality, args.image_root)
         if len(dataset) == 0:
             raise UsageError(f"split {args.split!r} of {args.dataset} is empty; an index needs at least one item")
         source = dataset

@@ -45,6 +45,7 @@ from ..modeling.gallery_hysac import (
     search_safely,
     write_gallery,
 )
+from ..modeling.processing_hysac import input_modality
 from ..modeling.traversal import METHODS, traversal_threshold
 from .ivf import default_nlist, default_nprobe, train_direction_ivf
 
@@ -115,6 +116,40 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, dict) and all(isinstance(k, str) for k in value):
         return {k: _jsonable(v) for k, v in value.items()}
     raise TypeError(type(value).__name__)
+
+
+MODALITY_SAMPLE = 1000  # values of a string column read to tell image paths from texts
+
+
+def _string_column_modality(dataset, column: str, image_root: str | os.PathLike | None) -> str:
+    """`"image"` when the first non-empty values of a string column all name image files or URLs, `"text"` when none
+    does (`processing_hysac.input_modality`).
+
+    Raises:
+        UsageError: a column that mixes both (naming one value of each), or whose values all look like image file
+            names that do not exist (a forgotten image_root).
+    """
+    from ..data.folders import IMAGE_SUFFIXES
+
+    values = [v for v in dataset.select(range(min(len(dataset), MODALITY_SAMPLE)))[column] if v]
+    kinds = [input_modality(v, image_root) for v in values]
+    if "image" not in kinds:
+        if values and all(Path(v).suffix.lower() in IMAGE_SUFFIXES for v in values):
+            raise UsageError(
+                f"column {column!r} holds image file names (e.g. {values[0]!r}) but none names an existing file"
+                + (f" under {image_root}" if image_root else "")
+                + "; pass the folder they are relative to (image_root= / --image_root), or modality='text' / "
+                "--modality text to index the names as texts"
+            )
+        return "text"
+    if "text" not in kinds:
+        logger.info("Column %r holds image paths or URLs (e.g. %r): indexing images", column, values[0])
+        return "image"
+    raise UsageError(
+        f"column {column!r} mixes image paths ({values[kinds.index('image')]!r}) and other strings "
+        f"({values[kinds.index('text')]!r}; missing files?); say what it holds with modality= / --modality image or "
+        "text (relative paths are resolved under image_root / --image_root)"
+    )
 
 
 class GalleryIndex(Gallery):
@@ -358,7 +393,7 @@ class GalleryIndex(Gallery):
         """
         from ..encode import encode_images, encode_texts
 
-        column, modality = cls._dataset_column(dataset, column, modality)
+        column, modality = cls._dataset_column(dataset, column, modality, image_root)
         if len(dataset) == 0:
             raise UsageError("the dataset is empty; an index needs at least one item")
         if modality == "text":
@@ -414,7 +449,13 @@ class GalleryIndex(Gallery):
         return items
 
     @staticmethod
-    def _dataset_column(dataset, column: str | None, modality: str | None) -> tuple[str, str]:
+    def _dataset_column(
+        dataset, column: str | None, modality: str | None, image_root: str | os.PathLike | None = None
+    ) -> tuple[str, str]:
+        """The column to index and its modality: `column`, else the only `Image` column, else the only string
+        column; an `Image` feature holds images, a string column images when its values name image files or URLs
+        (`processing_hysac.input_modality`, relative paths under `image_root`) and texts otherwise, unless
+        `modality` says."""
         import datasets
 
         if isinstance(dataset, datasets.DatasetDict):
@@ -434,10 +475,7 @@ class GalleryIndex(Gallery):
             candidates = images if images and modality != "text" else texts if modality != "image" else []
             if len(candidates) != 1:
                 found = f"image columns {images}, string columns {texts}"
-                raise UsageError(
-                    f"cannot tell which column to index ({found}); pass the column (column= / --column)"
-                    + (" and modality='image' for a column of image paths" if not images else "")
-                )
+                raise UsageError(f"cannot tell which column to index ({found}); pass the column (column= / --column)")
             column = candidates[0]
         if column not in features:
             raise UsageError(f"the dataset has no column {column!r}; it has {list(features)}")
@@ -449,7 +487,7 @@ class GalleryIndex(Gallery):
         if modality is not None:
             return column, modality
         if is_string(feature):
-            return column, "text"
+            return column, _string_column_modality(dataset, column, image_root)
         raise UsageError(
             f"column {column!r} holds {feature}; say what it holds with modality='image' (image paths or dicts) or "
             "modality='text'"

@@ -211,7 +211,7 @@ def _run_cli(args: list[str], capsys) -> tuple[int, str]:
     """Exit status and the error, which must be one line without a traceback (exit 2, as every command)."""
     code = load_convert_script().main(args)
     err = capsys.readouterr().err
-    errors = [line for line in err.splitlines() if line.startswith("convert_hysac_original_to_hf: error: ")]
+    errors = [line for line in err.splitlines() if line.startswith("hysac-convert: error: ")]
     assert "Traceback" not in err and len(errors) == (1 if code else 0), err
     return code, err
 

@@ -599,12 +599,19 @@ def test_cli_help_has_examples_and_one_spelling_per_flag(capsys):
             "cannot load a HySAC model from nowhere",
         ),
         (["search", "--index", "nowhere", "--model", "m", "--text", "x"], "nowhere is not a saved gallery index"),
+        (["build", "--model", "m", "--dataset", "empty.jsonl", "--output", "out"], "empty.jsonl is empty: it holds no rows"),
+        (  # the global flags after the subcommand too
+            ["info", "--index", "nowhere", "--log_level", "DEBUG"],
+            "nowhere is not a saved gallery index",
+        ),
+        (["build", "--model", "runs/my/model", "--texts", "t.txt", "--output", "out"], "model folder runs/my/model does not exist"),
     ],
 )
 def test_cli_input_errors_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "t.txt").write_text("a text\n")
+    (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     before = sorted(str(p) for p in tmp_path.rglob("*"))
@@ -612,6 +619,37 @@ def test_cli_input_errors_exit_2_with_one_line_and_write_nothing(tmp_path, monke
     err = capsys.readouterr().err.strip()
     assert err.startswith("hysac-index: error: ") and message in err and len(err.splitlines()) == 1
     assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_cli_debug_before_or_after_the_subcommand_shows_the_traceback(tmp_path, capsys):
+    for argv in (["info", "--index", str(tmp_path), "--debug"], ["--debug", "info", "--index", str(tmp_path)]):
+        with pytest.raises(UsageError, match="not a saved gallery index"):
+            main(argv)
+    assert main(["info", "--index", str(tmp_path), "--log_level", "ERROR"]) == 2
+
+
+def test_cli_a_column_of_image_paths_is_an_image_gallery(model_dir, hysac, processor, photo_folder, tmp_path, capsys):
+    """Without --modality, a string column whose values name image files is indexed as images (relative paths under
+    --image_root), a column of captions as texts, and a column that mixes both is refused with the fix."""
+    folder, _, relative = photo_folder
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"safe_image": p, "caption": f"photo {i}"}) + "\n" for i, p in enumerate(relative)))
+    build = ["build", "--model", str(model_dir), "--dataset", str(rows)]
+    assert main([*build, "--column", "safe_image", "--image_root", str(folder), "--output", str(tmp_path / "a")]) == 0
+    assert json.loads(capsys.readouterr().out)["modality"] == "image"
+    from_paths = GalleryIndex.load(tmp_path / "a")
+    from_folder = GalleryIndex.from_images(hysac, processor, folder, show_progress=False)
+    torch.testing.assert_close(from_paths.embeddings, from_folder.embeddings, rtol=1e-5, atol=1e-5)
+    assert main([*build, "--column", "caption", "--output", str(tmp_path / "t")]) == 0
+    assert json.loads(capsys.readouterr().out)["modality"] == "text"
+    assert main([*build, "--column", "safe_image", "--output", str(tmp_path / "m")]) == 2  # no --image_root: no files
+    err = capsys.readouterr().err.strip()
+    assert "holds image file names" in err and "--image_root" in err and len(err.splitlines()) == 1
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(json.dumps({"x": str(folder / relative[0])}) + "\n" + json.dumps({"x": "a cat"}) + "\n")
+    assert main(["build", "--model", str(model_dir), "--dataset", str(mixed), "--output", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "mixes image paths" in err and "--modality image or text" in err
 
 
 def test_cli_search_refusals(model_dir, hysac, processor, photo_list, tmp_path, capsys):

@@ -506,6 +506,48 @@ def test_detection_streams_generators_like_every_transformers_pipeline(detector,
     assert list(detector(text=(t for t in TEXTS[:2]))) == detector(text=TEXTS[:2])
 
 
+def test_image_paths_and_urls_are_images_in_queries_and_galleries(retriever, gallery_images, tmp_path, monkeypatch):
+    """A string naming an existing file (or an http(s) URL) is an image, ranked exactly as the loaded image; any
+    other string is a text."""
+    paths = []
+    for number, image in enumerate(gallery_images):
+        paths.append(str(tmp_path / f"photo_{number}.png"))
+        image.save(paths[-1])  # PNG: lossless, the file reads back as the same pixels
+    loaded = [Image.open(path) for path in paths]
+    options = {"top_k": 3, "policy": "retain"}
+    assert retriever(TEXTS[:3], gallery=paths, **options) == retriever(TEXTS[:3], gallery=loaded, **options)
+    by_path = retriever(paths[1], gallery=gallery_images, **options)
+    assert by_path == retriever(loaded[1], gallery=gallery_images, **options)
+    assert by_path["results"][0]["index"] == 1 and by_path["results"][0]["distance"] < 1e-3
+    assert retriever(Path(paths[2]), gallery=gallery_images, **options) == retriever(loaded[2], gallery=gallery_images, **options)
+    fetched = []
+    monkeypatch.setattr(
+        "transformers.image_utils.load_image", lambda source, *args, **kwargs: fetched.append(source) or loaded[0]
+    )  # no network in tests: the URL is fetched by transformers' load_image, as its image pipelines do
+    url = retriever("https://example.org/cat.png", gallery=gallery_images, **options)
+    assert fetched == ["https://example.org/cat.png"] and url == retriever(loaded[0], gallery=gallery_images, **options)
+    # a string that names no file is a text: ranked as the caption it is
+    text = retriever("photos/no-such-cat.png", gallery=gallery_images, **options)
+    assert text["query_distance_to_root"] == retriever(["photos/no-such-cat.png"], gallery=gallery_images, **options)[0]["query_distance_to_root"]
+    with pytest.raises(ValueError, match="the gallery mixes images"):
+        retriever(TEXTS[0], gallery=[paths[0], "a caption"], **options)
+
+
+def test_a_gallery_list_changed_after_construction_is_never_served_stale(model, processor, gallery_images):
+    """The list given at construction is embedded then (a copy, as documented); the same list object passed again
+    in a call is read again, so a changed list gives its new content."""
+    gallery = list(gallery_images[:3])
+    built = SafeRetrievalPipeline(model=model, processor=processor, device="cpu", gallery=gallery, policy="retain")
+    before = built(TEXTS[0], top_k=3)
+    gallery.append(gallery_images[3])
+    gallery[0] = gallery_images[4]
+    fresh = built(TEXTS[0], gallery=gallery, top_k=4)
+    expected = built(TEXTS[0], gallery=list(gallery), top_k=4)
+    assert fresh == expected and len(fresh["results"]) == 4
+    assert built(TEXTS[0], top_k=3) == before  # the construction's copy, unchanged
+    assert built(TEXTS[0], top_k=np.int64(2))["results"] == before["results"][:2]  # numpy integers are integers
+
+
 def test_index_folder_change_is_seen(retriever, model, processor, gallery_images, tmp_path):
     """A reused index folder is read again when its files change (atomic replacement), and re-checked."""
     embeddings = embed_images(model, processor, gallery_images)

@@ -12,6 +12,7 @@ from hysac_hf.modeling.lorentz import dist_to_origin
 from hysac_hf import HySACModel
 from hysac_hf.encode import EmbeddingCache, encode_quadruplets
 from hysac_hf.calibration import calibrate_threshold
+from hysac_hf.errors import UsageError
 from hysac_hf.evaluation.cli import main
 from hysac_hf.evaluation.retrieval import evaluate_retrieval
 
@@ -185,6 +186,12 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
     assert result["accuracy"] == pytest.approx(100 * sum(p == n for p, n in zip(predicted, names[:3])) / 3)
 
 
+def test_debug_shows_the_traceback_before_or_after_the_subcommand(tmp_path):
+    for argv in (["retrieval", "--cache", str(tmp_path), "--debug"], ["--debug", "retrieval", "--cache", str(tmp_path)]):
+        with pytest.raises(UsageError, match="is not an embedding cache"):
+            main(argv)
+
+
 def test_help_shows_one_spelling_per_flag(capsys):
     with pytest.raises(SystemExit):
         main(["embed", "--help"])
@@ -202,6 +209,7 @@ def test_help_shows_one_spelling_per_flag(capsys):
         (["embed", "--model", "m", "--dataset", "mini-visu", "--split", "dev", "--output", "o"], "splits"),
         (["embed", "--model", "m", "--dataset", "x.csv", "--output", "o", "--columns", "a=Z"], "unknown kind"),
         (["zeroshot", "--model", "m", "--images", "nowhere"], "image folder nowhere does not exist"),
+        (["retrieval", "--cache", "nowhere", "--log_level", "WARNING"], "is not an embedding cache"),  # flag after
     ],
 )
 def test_input_errors_exit_2_with_one_line_and_write_nothing(tmp_path, monkeypatch, capsys, argv, message):

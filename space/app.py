@@ -44,6 +44,7 @@ GALLERY_MANIFEST = "gallery.json"
 INDEX_FOLDER = "indexes"
 GALLERY_SIDE = 256  # longest side of the stored gallery photos (the towers resize anyway)
 DEFAULT_TOP_K = 6
+DEFAULT_CONCURRENCY = 4  # events served at once (HYSAC_SPACE_CONCURRENCY); the pipelines are guarded by locks
 BOUNDS = ("up_95", "avg", "low_05")
 SAFE_COLOR = "#2e7d32"
 UNSAFE_COLOR = "#c62828"
@@ -395,7 +396,10 @@ class HySACSpace:
     assets: SpaceAssets
     detector: Any = None
     retriever: Any = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    # One lock per pipeline: each holds its own model, but a pipeline's tokenizer is not safe to call from two
+    # threads at once. Gradio runs up to `concurrency()` events at once; decoding, plots and HTML overlap.
+    detector_lock: threading.Lock = field(default_factory=threading.Lock)
+    retriever_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         from transformers import pipeline
@@ -449,7 +453,7 @@ class HySACSpace:
 
     def _check(self, item: Any, modality: str, what: str):
         try:
-            with self.lock:
+            with self.detector_lock:
                 result = self.detector(item) if modality == "image" else self.detector(text=item)
         except ValueError as error:  # e.g. a model without calibrated thresholds: the pipeline says how to fix it
             return message_html(str(error)), None
@@ -475,7 +479,7 @@ class HySACSpace:
     def _search(self, query: Any, label: str, policy: str, bound: str, top_k: float):
         top_k = max(1, min(int(top_k), len(self.assets.items)))
         try:
-            with self.lock:
+            with self.retriever_lock:
                 output = self.retriever(query, gallery=str(self.assets.index), top_k=top_k, policy=policy, bound=bound)
             threshold = (
                 float(self.detector.model.traversal_threshold(self.assets.modality, bound))
@@ -536,8 +540,16 @@ region first (*redirect*) or not (*retain*). The bundled gallery's "unsafe" imag
 (a red band, a hazard hatch, inverted colours): there is no harmful content here."""
 
 
+def concurrency() -> int:
+    """Events Gradio runs at once (`$HYSAC_SPACE_CONCURRENCY`, default 4; Gradio's own default is 1)."""
+    value = os.environ.get("HYSAC_SPACE_CONCURRENCY", str(DEFAULT_CONCURRENCY))
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"HYSAC_SPACE_CONCURRENCY={value!r} must be a positive integer")
+    return int(value)
+
+
 def build_ui(space: HySACSpace):
-    """The Gradio Blocks of the Space (Check and Search tabs)."""
+    """The Gradio Blocks of the Space (Check and Search tabs), queued with `concurrency()` events at once."""
     import gradio as gr
 
     examples_plain = [str(space.assets.gallery / item["path"]) for item in space.assets.items[:8:4]]
@@ -620,7 +632,7 @@ def build_ui(space: HySACSpace):
             image_search.click(
                 space.search_image, inputs=[query_image, *search_inputs], outputs=outputs, preprocess=False
             )
-    return demo
+    return demo.queue(default_concurrency_limit=concurrency())
 
 
 def launch_options(space: HySACSpace) -> dict[str, Any]:

@@ -388,6 +388,33 @@ def test_search_ranks_the_gallery_by_lorentz_distance(space, prepared, space_mod
     assert expected["redirected"] == (policy == "redirect")
 
 
+def test_concurrent_events_give_the_sequential_answers(space):
+    """Gradio runs several events at once (`concurrency()`); the handlers, called from many threads together, give
+    exactly what they give one at a time (each pipeline is guarded by its own lock)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = [("search", QUERY_TEXT, policy) for policy in ("redirect", "retain")] * 4 + [("check", CHECK_TEXT, None)] * 4
+    def run(call):
+        kind, text, policy = call
+        return space.search_text(text, policy, "up_95", TOP_K) if kind == "search" else space.check_text(text)[0]
+
+    sequential = [run(call) for call in calls]
+    with ThreadPoolExecutor(max_workers=len(calls)) as pool:
+        concurrent = list(pool.map(run, calls))
+    assert concurrent == sequential
+
+
+def test_events_are_queued_several_at_once(space, monkeypatch):
+    require_gradio()
+    assert app.concurrency() == app.DEFAULT_CONCURRENCY > 1
+    demo = app.build_ui(space)
+    limits = {dependency.concurrency_limit for dependency in demo.fns.values()}
+    assert limits == {"default"} and demo._queue.default_concurrency_limit == app.DEFAULT_CONCURRENCY
+    monkeypatch.setenv("HYSAC_SPACE_CONCURRENCY", "0")
+    with pytest.raises(ValueError, match="HYSAC_SPACE_CONCURRENCY='0' must be a positive integer"):
+        app.concurrency()
+
+
 def test_search_refusals_are_messages(space, tmp_path):
     summary, pictures, table = space.search_text("  ", "redirect", "up_95", 3)
     assert "Type a text query first" in summary and pictures == [] and table == ""

@@ -271,7 +271,7 @@ def load_data(config: TrainingConfig, num_processes: int):
     from hysac_hf.calibration import MIN_CALIBRATION_ROWS
     from hysac_hf.data import parse_columns
     from hysac_hf.data import load_dataset_split
-    from hysac_hf.data.collate import bad_image_files
+    from hysac_hf.data import bad_image_rows, bad_images_or_skip
 
     kwargs = {
         "columns": parse_columns(config.columns),
@@ -298,12 +298,7 @@ def load_data(config: TrainingConfig, num_processes: int):
     for name, data in (("training", train_set), ("validation", eval_set)):
         if data is None:
             continue
-        bad = bad_image_files(data, IMAGE_COLUMNS, config.image_root)
-        if bad:
-            raise UsageError(
-                f"{len(bad)} image file(s) of the {name} split are missing or not images, e.g. {bad[0]}; check "
-                "--image_root / --coco_root and the files"
-            )
+        bad_images_or_skip(bad_image_rows(data, IMAGE_COLUMNS, config.image_root), len(data), f"the {name} split", False)
     return train_set, eval_set
 
 

@@ -65,18 +65,30 @@ def add_dataset_arguments(parser: argparse.ArgumentParser | Any, split: str, dat
     add_argument(parser, "--image_root", default=None, help="folder that relative image paths are resolved against")
     add_argument(parser, "--coco_root", default=None, help="COCO 2017 root (for --dataset visu:...)")
     add_argument(parser, "--visu_unsafe_images", default=None, help="your ViSU unsafe images (for --dataset visu:...)")
+    add_skip_bad_images_flag(parser)
+
+
+SKIP_BAD_IMAGES_HELP = (
+    "leave out rows whose images are missing or cannot be decoded (counted in the log) instead of stopping; every "
+    "image is checked in one pass before the model loads either way"
+)
+
+
+def add_skip_bad_images_flag(parser: argparse.ArgumentParser | Any) -> None:
+    add_argument(parser, "--skip_bad_images", action="store_true", help=SKIP_BAD_IMAGES_HELP)
 
 
 def dataset_from_args(args: argparse.Namespace, required: tuple[str, ...] | None = None):
-    """The split named by :func:`add_dataset_arguments`' flags, with canonical column names.
+    """The split named by :func:`add_dataset_arguments`' flags, with canonical column names, its images checked in one
+    pass (rows with unusable images are an error, or left out with `--skip_bad_images`).
 
     Args:
         required: canonical columns that must be present (default: all four).
     """
-    from .data import load_dataset_split
+    from .data import IMAGE_COLUMNS, bad_image_rows, bad_images_or_skip, load_dataset_split
 
     kwargs = {} if required is None else {"required": required}
-    return load_dataset_split(
+    dataset = load_dataset_split(
         args.dataset,
         args.split,
         columns=args.columns,
@@ -85,6 +97,9 @@ def dataset_from_args(args: argparse.Namespace, required: tuple[str, ...] | None
         max_samples=args.max_samples,
         **kwargs,
     )
+    bad = bad_image_rows(dataset, IMAGE_COLUMNS, args.image_root, show_progress=True)
+    keep = bad_images_or_skip(bad, len(dataset), f"{args.dataset} ({args.split})", args.skip_bad_images)
+    return dataset.select(keep) if len(keep) < len(dataset) else dataset
 
 
 def add_debug_flag(parser: argparse.ArgumentParser, default: Any = False) -> None:
@@ -183,6 +198,7 @@ __all__ = [
     "add_dataset_arguments",
     "add_debug_flag",
     "add_global_flags",
+    "add_skip_bad_images_flag",
     "add_subcommand",
     "command_name",
     "dashed_aliases",

@@ -10,13 +10,18 @@ from __future__ import annotations
 from typing import Any
 
 from ..errors import UsageError
-from .collate import ItemCollator, QuadrupletCollator, load_image
+from .collate import ItemCollator, QuadrupletCollator
+from .images import bad_image_rows, bad_images_or_skip, find_bad_images, load_image
 from .mini_visu import load_mini_visu
-from .quadruplets import CANONICAL_COLUMNS, load_quadruplets, map_columns, parse_columns, require_columns
+from .quadruplets import CANONICAL_COLUMNS, IMAGE_COLUMNS, load_quadruplets, map_columns, parse_columns, require_columns
 from .visu import load_visu
 
 __all__ = [
     "CANONICAL_COLUMNS",
+    "IMAGE_COLUMNS",
+    "bad_image_rows",
+    "bad_images_or_skip",
+    "find_bad_images",
     "ItemCollator",
     "QuadrupletCollator",
     "load_dataset_split",

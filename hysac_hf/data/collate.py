@@ -6,7 +6,6 @@ embeddings equal to 77-padded ones) and truncated at 77 tokens.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -18,84 +17,9 @@ from PIL import Image
 from ..errors import UsageError
 from ..modeling.configuration_hysac import CONTENT_KINDS, ContentKind, content_kind
 from ..modeling.processing_hysac import to_rgb
-from .mini_visu import render
+from .images import load_image
 
 MAX_TEXT_TOKENS = 77  # CLIP's context length
-
-
-def _decode(source: Any, opener) -> Image.Image:
-    """Open and fully decode an image, turning PIL's errors into one that names the image."""
-    try:
-        with opener() as image:
-            image.load()  # decode now: a truncated file fails here, not later
-            return to_rgb(image)
-    except OSError as error:  # UnidentifiedImageError and "image file is truncated" are OSErrors
-        raise UsageError(f"cannot decode image {source}: {error}; re-export or remove it") from None
-
-
-def load_image(value: Any, image_root: str | Path | None = None) -> Image.Image:
-    """Decode one image reference to RGB (transparency composited over white, as `HySACProcessor` does).
-
-    Args:
-        value: a PIL image, a numpy array, a path (absolute or relative to `image_root`), a `datasets.Image`
-            dict (`{"bytes", "path"}`) or a mini-ViSU spec (`{"photo", "crop", "flip", "marker"}`).
-        image_root: folder that relative paths are resolved against.
-    Raises:
-        UsageError: a missing or undecodable file (named), or an unsupported value.
-    """
-    if isinstance(value, Image.Image):
-        return to_rgb(value)
-    if isinstance(value, np.ndarray):
-        return to_rgb(value)
-    if isinstance(value, dict) and "photo" in value:
-        return render(value)
-    if isinstance(value, dict) and (value.get("bytes") or value.get("path")):
-        if value.get("bytes"):
-            name = value.get("path") or "<image bytes>"
-            return _decode(name, lambda: Image.open(io.BytesIO(value["bytes"])))
-        value = value["path"]
-    if isinstance(value, (str, Path)):
-        path = Path(value).expanduser()
-        if not path.is_absolute() and image_root is not None:
-            path = Path(image_root) / path
-        if not path.is_file():
-            raise UsageError(f"image {path} does not exist; check --image_root / --coco_root and the dataset")
-        return _decode(path, lambda: Image.open(path))
-    raise UsageError(
-        f"cannot load an image from a {type(value).__name__}; expected a PIL image, a numpy array, a path or a "
-        "datasets.Image dict"
-    )
-
-
-def bad_image_files(dataset: Any, columns: Sequence[str], image_root: str | Path | None = None) -> list[str]:
-    """Image paths in string columns of `dataset` that do not exist or are not images (a quick check before training).
-
-    Only the file header is read (`PIL.Image.open` is lazy), so this is cheap; a file truncated after a valid
-    header is found when it is decoded, with an error that names it. Decoded images, bytes and mini-ViSU specs are
-    skipped.
-
-    Returns:
-        `"<path> (<reason>)"` for each bad file, in dataset order.
-    """
-    bad = []
-    for column in columns:
-        if column not in dataset.column_names:
-            continue
-        for value in dataset[column]:
-            if not isinstance(value, str):
-                continue
-            path = Path(value).expanduser()
-            if not path.is_absolute() and image_root is not None:
-                path = Path(image_root) / path
-            if not path.is_file():
-                bad.append(f"{path} (missing)")
-                continue
-            try:
-                with Image.open(path):
-                    pass
-            except OSError as error:
-                bad.append(f"{path} ({type(error).__name__}: {error})")
-    return bad
 
 
 def tokenize(processor, texts: list[str], padding: bool | str = "longest") -> dict[str, torch.Tensor]:

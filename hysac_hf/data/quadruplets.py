@@ -16,6 +16,7 @@ from ..errors import UsageError
 from ..modeling.configuration_hysac import CONTENT_BY_COLUMN, CONTENT_KINDS, content_kind
 
 CANONICAL_COLUMNS = tuple(kind.column for kind in CONTENT_KINDS)
+IMAGE_COLUMNS = tuple(kind.column for kind in CONTENT_KINDS if kind.modality == "image")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
 

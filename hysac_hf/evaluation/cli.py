@@ -21,7 +21,14 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import add_argument, add_dataset_arguments, add_global_flags, add_subcommand, dataset_from_args
+from ..cli import (
+    add_argument,
+    add_dataset_arguments,
+    add_global_flags,
+    add_skip_bad_images_flag,
+    add_subcommand,
+    dataset_from_args,
+)
 from ..errors import UsageError
 from ..loading import load_model
 
@@ -105,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_argument(p, "--batch_size", type=int, default=32, help="images per forward pass")
     add_argument(p, "--device", default=None, help="torch device (default: cpu)")
     add_argument(p, "--output_json", default=None, help="write the results JSON here")
+    add_skip_bad_images_flag(p)
 
     p = add_subcommand(sub, "histogram", help="distance-from-root histograms per kind of content (Figure 2)")
     add_argument(p, "--cache", required=True, help="folder written by 'hysac-eval embed'")
@@ -119,7 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_argument(p, "--batch_size", type=int, default=32, help="images per forward pass")
     add_argument(p, "--device", default=None, help="torch device (default: cpu)")
     add_argument(p, "--output_json", default=None, help="write the results JSON here")
+    add_skip_bad_images_flag(p)
     return parser
+
+
+def _usable_images(args, paths: list, labels: list[int]) -> tuple[list, list[int]]:
+    """The labelled images of `--images` that decode, checked in one pass before the model loads (`--skip_bad_images`
+    leaves the others out; without it they are an error naming them)."""
+    from ..data import bad_images_or_skip, find_bad_images
+
+    keep = bad_images_or_skip(find_bad_images(paths, show_progress=True), len(paths), args.images, args.skip_bad_images)
+    return [paths[i] for i in keep], [labels[i] for i in keep]
 
 
 def run_embed(args) -> dict:
@@ -200,10 +218,11 @@ def _classification_scores(args):
                     f"{args.images} has no sub-folder {required!r} (found {names}); set --safe_class/--unsafe_class"
                 )
         keep = [i for i, lab in enumerate(labels) if names[lab] in (args.safe_class, args.unsafe_class)]
+        paths, labels = _usable_images(args, [paths[i] for i in keep], [labels[i] for i in keep])
         model, processor = load_model(args.model, args.device)
-        embeds = encode_images(model, processor, [paths[i] for i in keep], batch_size=args.batch_size)
+        embeds = encode_images(model, processor, paths, batch_size=args.batch_size)
         scores = model.distance_to_root(embeds)
-        y = torch.tensor([int(names[labels[i]] == args.unsafe_class) for i in keep])
+        y = torch.tensor([int(names[label] == args.unsafe_class) for label in labels])
         default_threshold = (model.config.unsafe_thresholds or {}).get(args.modality)
         return scores, y, default_threshold
     from ..encode import EmbeddingCache
@@ -289,6 +308,7 @@ def run_zeroshot(args) -> dict:
 
     paths, labels, names = list_image_folder(args.images)
     class_prompts(names, args.template)  # checks the template before the model loads
+    paths, labels = _usable_images(args, paths, labels)
     model, processor = load_model(args.model, args.device)
     embeds = encode_images(model, processor, paths, batch_size=args.batch_size)
     result = zero_shot_accuracy(model, processor, embeds, labels, names, args.template)

@@ -20,7 +20,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..cli import add_argument, add_global_flags, add_subcommand
+from ..cli import add_argument, add_global_flags, add_skip_bad_images_flag, add_subcommand
 from ..errors import UsageError, require, usage_errors
 from ..modeling.gallery_hysac import read_index_json
 
@@ -110,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         p, "--batch_size", type=int, default=None, help="items per forward pass (default: 32 images, 256 texts)"
     )
     add_argument(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
+    add_skip_bad_images_flag(p)
     add_argument(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")
 
     p = add_subcommand(
@@ -170,7 +171,8 @@ def _read_texts(path: str) -> list[str]:
 def run_build(args) -> dict:
     from accelerate import Accelerator
 
-    from .gallery import GalleryIndex, check_output_folder
+    from ..data import bad_image_rows, bad_images_or_skip, find_bad_images
+    from .gallery import GalleryIndex, check_output_folder, folder_images
 
     for value, flag in ((args.batch_size, "--batch_size"), (args.nlist, "--nlist"), (args.nprobe, "--nprobe")):
         _positive(value, flag)
@@ -187,11 +189,18 @@ def run_build(args) -> dict:
     options = {"kind": args.kind, "nlist": args.nlist, "nprobe": args.nprobe, "num_workers": args.num_workers}
     if args.batch_size is not None:
         options["batch_size"] = args.batch_size
+    # Every input is read and every image checked here, in one pass, before the model loads.
+    skipped = 0
     if args.images is not None:
-        from ..data.folders import list_images
+        paths, metadata = folder_images(args.images)
+        bad = find_bad_images(paths, show_progress=True)
+        keep = bad_images_or_skip(bad, len(paths), args.images, args.skip_bad_images)
+        skipped = len(paths) - len(keep)
+        source = [paths[i] for i in keep]
 
-        list_images(args.images)  # fails now, before the model loads, for a missing or image-less folder
-        source, build = args.images, GalleryIndex.from_images
+        def build(model, processor, items, **kwargs):
+            return GalleryIndex.from_images(model, processor, items, metadata=[metadata[i] for i in keep], **kwargs)
+
     elif args.texts is not None:
         source, build = _read_texts(args.texts), GalleryIndex.from_texts
     else:
@@ -200,9 +209,14 @@ def run_build(args) -> dict:
         dataset = open_dataset(args.dataset, args.split)
         if args.max_samples is not None:
             dataset = dataset.select(range(min(args.max_samples, len(dataset))))
-        column, modality = GalleryIndex._dataset_column(dataset, args.column, args.modality, args.image_root)
         if len(dataset) == 0:
             raise UsageError(f"split {args.split!r} of {args.dataset} is empty; an index needs at least one item")
+        column, modality = GalleryIndex._dataset_column(dataset, args.column, args.modality, args.image_root)
+        if modality == "image":
+            bad = bad_image_rows(dataset, [column], args.image_root, show_progress=True)
+            keep = bad_images_or_skip(bad, len(dataset), f"column {column!r}", args.skip_bad_images)
+            skipped = len(dataset) - len(keep)
+            dataset = dataset.select(keep) if skipped else dataset
         source = dataset
 
         def build(model, processor, data, **kwargs):
@@ -228,6 +242,7 @@ def run_build(args) -> dict:
         "kind": index.kind,
         **({"params": index.params} if index.params else {}),
         "model": index.model_name,
+        **({"skipped_bad_images": skipped} if skipped else {}),
     }
 
 

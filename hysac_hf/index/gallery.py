@@ -121,6 +121,20 @@ def _jsonable(value: Any) -> Any:
 MODALITY_SAMPLE = 1000  # values of a string column read to tell image paths from texts
 
 
+def folder_images(root: str | os.PathLike) -> tuple[list[Path], list[dict[str, str]]]:
+    """Every image under `root` (sorted) and its metadata `{"path": path relative to root}`, as an image gallery
+    built from a folder holds them.
+
+    Raises:
+        UsageError: a missing folder or one without images.
+    """
+    from ..data.folders import list_images
+
+    root = Path(root).expanduser()
+    paths = list_images(root)
+    return paths, [{"path": p.relative_to(root).as_posix()} for p in paths]
+
+
 def _string_column_modality(dataset, column: str, image_root: str | os.PathLike | None) -> str:
     """`"image"` when the first non-empty values of a string column all name image files or URLs, `"text"` when none
     does (`processing_hysac.input_modality`).
@@ -302,13 +316,10 @@ class GalleryIndex(Gallery):
                 `accelerate launch` every process embeds its share and gets the whole index).
             options: `kind`, `nlist`, `nprobe`, `seed`.
         """
-        from ..data.folders import list_images
         from ..encode import encode_images
 
         if isinstance(images, (str, os.PathLike)):
-            root = Path(images).expanduser()
-            items = list_images(root)
-            default_metadata = [{"path": p.relative_to(root).as_posix()} for p in items]
+            items, default_metadata = folder_images(images)
         else:
             items = cls._check_items(images, "image", image_root)
             default_metadata = [{"path": str(v)} if isinstance(v, (str, Path)) else {} for v in items]
@@ -805,4 +816,4 @@ def check_output_folder(directory: str | os.PathLike) -> None:
         )
 
 
-__all__ = ["GalleryIndex", "check_output_folder"]
+__all__ = ["GalleryIndex", "check_output_folder", "folder_images"]

@@ -20,7 +20,7 @@ from hysac_hf.data import (
     load_quadruplets,
     load_visu,
 )
-from hysac_hf.data.collate import bad_image_files
+from hysac_hf.data import bad_image_rows, bad_images_or_skip, find_bad_images
 from hysac_hf.data.mini_visu import apply_marker, mini_visu_rows, photo_specs
 
 
@@ -112,12 +112,37 @@ def test_generic_jsonl_with_custom_columns(tmp_path, image_files, processor):
         load_quadruplets(str(path), "train", columns={**columns, "unsafe_text": "nsfw_typo"})
     with pytest.raises(UsageError, match="image_root"):
         QuadrupletCollator(processor, image_root=tmp_path / "elsewhere")([train[0]])
-    assert bad_image_files(train, ["safe_image"], tmp_path) == []
-    assert bad_image_files(train, ["safe_image"], tmp_path / "elsewhere") == [
-        f"{tmp_path / 'elsewhere' / n}.png (missing)" for n in names[:2]
-    ]
+    assert bad_image_rows(train, ["safe_image"], tmp_path) == {}
+    assert bad_image_rows(train, ["safe_image"], tmp_path / "elsewhere") == {
+        row: f"safe_image: {tmp_path / 'elsewhere' / n}.png (missing)" for row, n in enumerate(names[:2])
+    }
     (tmp_path / f"{names[0]}.png").write_bytes(b"garbage")
-    assert bad_image_files(train, ["safe_image"], tmp_path)[0].startswith(f"{tmp_path / names[0]}.png (Unidentified")
+    assert bad_image_rows(train, ["safe_image"], tmp_path)[0].startswith(
+        f"safe_image: {tmp_path / names[0]}.png (Unidentified"
+    )
+
+
+def test_every_bad_image_is_found_in_one_pass_truncated_ones_too(tmp_path, photos):
+    """Missing files, files that are not images, and files cut short after a valid header (JPEG and PNG) are all
+    found at once, before any model loads; good files, decoded images and mini-ViSU specs pass."""
+    good_png, good_jpeg = tmp_path / "good.png", tmp_path / "good.jpg"
+    photos["astronaut"].save(good_png)
+    photos["astronaut"].save(good_jpeg, quality=90)
+    for good, cut in ((good_png, tmp_path / "cut.png"), (good_jpeg, tmp_path / "cut.jpg")):
+        data = good.read_bytes()
+        cut.write_bytes(data[: len(data) // 2])  # a valid header, half the pixels
+    (tmp_path / "text.png").write_text("not an image")
+    values = ["good.png", "cut.png", "good.jpg", "cut.jpg", "missing.png", "text.png", photos["cat"],
+              {"bytes": good_png.read_bytes(), "path": "inline.png"}, {"bytes": b"junk", "path": "junk.png"},
+              {"photo": "astronaut", "crop": [0, 0, 1, 1], "flip": False, "marker": None}]  # fmt: skip
+    bad = find_bad_images(values, image_root=tmp_path)
+    assert sorted(bad) == [1, 3, 4, 5, 8]
+    assert bad[4] == f"{tmp_path / 'missing.png'} (missing)" and bad[8].startswith("junk.png (")
+    assert "cut.png" in bad[1] and "cut.jpg" in bad[3]
+    with pytest.raises(UsageError, match=r"5 of the 10 images of the gallery are missing or cannot be decoded: .*--skip_bad_images"):
+        bad_images_or_skip(bad, len(values), "the gallery", skip=False)
+    assert bad_images_or_skip(bad, len(values), "the gallery", skip=True) == [0, 2, 6, 7, 9]
+    assert bad_images_or_skip({}, 3, "the gallery", skip=False) == [0, 1, 2]
 
 
 def test_columns_map_every_source(tmp_path):

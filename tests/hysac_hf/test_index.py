@@ -652,6 +652,24 @@ def test_cli_a_column_of_image_paths_is_an_image_gallery(model_dir, hysac, proce
     assert "mixes image paths" in err and "--modality image or text" in err
 
 
+def test_cli_every_bad_image_is_named_before_the_model_loads_or_skipped(model_dir, photo_folder, tmp_path, capsys):
+    folder, ordered, relative = photo_folder
+    data = (folder / relative[1]).read_bytes()
+    (folder / relative[1]).write_bytes(data[: len(data) // 2])  # a valid header, half the pixels
+    (folder / "z_not_an_image.png").write_text("text")
+    argv = ["build", "--images", str(folder), "--output", str(tmp_path / "index")]
+    assert main([*argv, "--model", str(tmp_path / "no" / "model")]) == 2  # the images fail first: no model loaded
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"2 of the {len(ordered) + 1} images of {folder}" in err
+    assert relative[1] in err and "z_not_an_image.png" in err and "--skip_bad_images" in err
+    assert not (tmp_path / "index").exists()
+    assert main([*argv, "--model", str(model_dir), "--skip_bad_images"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["count"] == len(ordered) - 1 and out["skipped_bad_images"] == 2
+    index = GalleryIndex.load(tmp_path / "index")
+    assert [row["path"] for row in index.metadata] == [p for i, p in enumerate(relative) if i != 1]
+
+
 def test_cli_search_refusals(model_dir, hysac, processor, photo_list, tmp_path, capsys):
     GalleryIndex.from_images(hysac, processor, photo_list, show_progress=False).save(tmp_path / "index")
     search = ["search", "--index", str(tmp_path / "index"), "--model", str(model_dir)]

@@ -186,6 +186,28 @@ def test_cli_end_to_end(model_dir, photos, tmp_path, capsys):
     assert result["accuracy"] == pytest.approx(100 * sum(p == n for p, n in zip(predicted, names[:3])) / 3)
 
 
+def test_bad_images_are_named_before_the_model_loads_or_skipped(model_dir, photos, tmp_path, capsys):
+    zs = tmp_path / "zs"
+    for name in ("cat", "coffee"):
+        (zs / name).mkdir(parents=True)
+        photos[name].convert("RGB").save(zs / name / "a.png")
+    (zs / "cat" / "b.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    argv = ["zeroshot", "--images", str(zs)]
+    assert main([*argv, "--model", str(tmp_path / "no" / "model")]) == 2  # the image fails first, the model never loads
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "1 of the 3 images" in err and "b.png" in err and "--skip_bad_images" in err
+    assert main([*argv, "--model", str(model_dir), "--skip_bad_images"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["images"] == [str(zs / "cat" / "a.png"), str(zs / "coffee" / "a.png")]
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"safe_text": t, "safe_image": str(p)}) + "\n" for t, p in
+                            (("a cat", zs / "cat" / "a.png"), ("broken", zs / "cat" / "b.png"))))  # fmt: skip
+    embed = ["embed", "--model", str(model_dir), "--dataset", str(rows), "--output", str(tmp_path / "cache")]
+    assert main(embed) == 2 and "cat/b.png" in capsys.readouterr().err
+    assert main([*embed, "--skip_bad_images"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_rows"] == 1
+
+
 def test_debug_shows_the_traceback_before_or_after_the_subcommand(tmp_path):
     for argv in (["retrieval", "--cache", str(tmp_path), "--debug"], ["--debug", "retrieval", "--cache", str(tmp_path)]):
         with pytest.raises(UsageError, match="is not an embedding cache"):

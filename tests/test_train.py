@@ -19,6 +19,7 @@ from hysac_hf.encode import QuadrupletEncoder
 from hysac_hf.testing import REPO_ROOT
 from hysac_hf.training import (
     NonFiniteLossError,
+    build_module,
     configure_trainable,
     export_model,
     list_checkpoints,
@@ -378,7 +379,7 @@ def test_bf16_lora_holds_frozen_weights_in_bf16_and_trains_float32(tiny_clip_dir
 
     config = train.parse_args(argv(tiny_clip_dir, "unused", "--mixed_precision", "bf16"))
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    module, _ = train.build_module(config, accelerator)
+    module, _ = build_module(config, accelerator)
     hysac = module.hysac
     frozen = {n: p.dtype for n, p in module.named_parameters() if not p.requires_grad}
     trained = {n: p.dtype for n, p in module.named_parameters() if p.requires_grad}

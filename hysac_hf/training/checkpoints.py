@@ -2,12 +2,16 @@
 
 A checkpoint is `<output_dir>/checkpoints/step_N`: Accelerate's `save_state` (model, optimiser, scheduler, RNG,
 sampler) plus :class:`TrainingProgress` (counters as JSON, the best epoch's trained parameters as safetensors).
+A run that fails before its first checkpoint or export leaves nothing behind (:func:`discard_run_on_failure`).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -57,3 +61,18 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
         return []
     found = [p for p in folder.iterdir() if p.is_dir() and re.fullmatch(rf"{CHECKPOINT_PREFIX}\d+", p.name)]
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+@contextmanager
+def discard_run_on_failure(output_dir: str | Path, export_dir: str | Path) -> Iterator[None]:
+    """Remove the run folder `output_dir` if the body raises, when this run created it and it holds neither a
+    checkpoint nor the export `export_dir`: a mistake found late (an undecodable image, a NaN loss at step 1) leaves
+    nothing behind, while a resumable or exported run is kept. The error propagates."""
+    output_dir = Path(output_dir)
+    created = not output_dir.exists()
+    try:
+        yield
+    except BaseException:
+        if created and output_dir.is_dir() and not Path(export_dir).exists() and not list_checkpoints(output_dir):
+            shutil.rmtree(output_dir, ignore_errors=True)
+        raise

@@ -1,21 +1,31 @@
-"""The export of a training run: the trained model rebuilt in float32 as a plain `HySACModel`, LoRA merged.
+"""The export of a training run: the trained model rebuilt in float32 as a plain `HySACModel`, LoRA merged, and
+written as a Hub-ready folder.
 
 - :func:`export_from_state`: from the base checkpoint and the trained parameters (what train.py exports);
-- :func:`export_model`: from a module in memory (a `QuadrupletEncoder`, `PeftModel` or `HySACModel`).
+- :func:`export_model`: from a module in memory (a `QuadrupletEncoder`, `PeftModel` or `HySACModel`);
+- :func:`write_export`: `<output_dir>/model` with weights, config, processor, remote code, model card and histogram.
 """
 
 from __future__ import annotations
 
 import copy
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from ..encode import QuadrupletEncoder
+from ..calibration import plot_root_histogram, root_distances
+from ..encode import EmbeddingCache, QuadrupletEncoder
+from ..files import write_folder_atomically
 from ..loading import load_model
+from ..model_card import render_training_card
 from ..modeling.modeling_hysac import HySACModel
+from ..modeling.processing_hysac import HySACProcessor
+from .config import TrainingConfig, tracker_settings
 from .model import configure_trainable, trainable_names
+
+HISTOGRAM_FILE = "bounds.png"
 
 
 def export_from_state(name_or_path: str, state: dict[str, Tensor], **trainable_kwargs) -> HySACModel:
@@ -66,3 +76,48 @@ def export_model(module: nn.Module, save_directory: str | Path | None = None, in
     if save_directory is not None:
         model.save_pretrained(save_directory)
     return model
+
+
+def write_export(
+    config: TrainingConfig,
+    model: HySACModel,
+    processor: HySACProcessor,
+    summary: dict[str, Any],
+    calibration: EmbeddingCache | None = None,
+) -> Path:
+    """Write the Hub-ready folder `config.export_dir` atomically: weights, config, processor, remote code, the model
+    card of this run and, when calibrated, the distance-to-root histogram.
+
+    Args:
+        config: the run's settings (the card lists them).
+        model: the exported model (:func:`export_from_state`), with its calibrated bounds in `model.config`.
+        processor: its processor.
+        summary: the run summary (`global_step`, `history` of validation metrics, `best_epoch`) for the card.
+        calibration: the `EmbeddingCache` the bounds were fitted on; its histogram goes into the folder.
+    Returns:
+        the folder written.
+    """
+    card = render_training_card(
+        repo_id=config.repo_id,
+        base_model=config.model_name_or_path,
+        dataset=config.dataset,
+        settings=tracker_settings(config),
+        bounds=model.config.bounds,
+        curvature=float(model.curvature.detach()),
+        summary=summary,
+        histogram=HISTOGRAM_FILE if calibration is not None else None,
+    )
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        card.save(folder / "README.md")
+        if calibration is not None:
+            plot_root_histogram(
+                root_distances(calibration),
+                folder / HISTOGRAM_FILE,
+                bounds=model.config.bounds,
+                title=f"{config.validation_split} split: distance from the root",
+            )
+
+    return write_folder_atomically(config.export_dir, write)

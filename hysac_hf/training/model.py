@@ -1,5 +1,6 @@
 """The module to train: which weights train (LoRA or full fine-tuning), in which dtype and shape, and its optimiser.
 
+- :func:`build_module`: train.py's module (a `QuadrupletEncoder`) and processor, built from the run's settings;
 - :func:`configure_trainable`: freeze the base, attach LoRA (the reference's settings by default), train the four
   HySAC scalars;
 - :func:`hold_frozen_weights_in` (frozen towers in bf16/fp16 under mixed precision) and
@@ -9,16 +10,67 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from torch import nn
 
+from ..encode import QuadrupletEncoder
+from ..loading import load_model
 from ..modeling.modeling_hysac import HySACModel
+from ..modeling.processing_hysac import HySACProcessor
+
+if TYPE_CHECKING:
+    from .config import TrainingConfig
+
+logger = logging.getLogger(__name__)
 
 LORA_TARGET_MODULES = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
 SCALAR_PARAMETERS = ("logit_scale", "curv", "visual_alpha", "textual_alpha")
+
+
+def build_module(config: TrainingConfig, accelerator: Accelerator) -> tuple[QuadrupletEncoder, HySACProcessor]:
+    """The module to train and the processor, from `config.model_name_or_path` (a HySAC or a CLIP checkpoint).
+
+    Under mixed precision with LoRA the frozen tower weights are held in bf16/fp16 (no per-step weight casts); the
+    LoRA weights, the HySAC scalars and so the optimiser state stay float32. Under FSDP the scalars get shape `(1,)`.
+    With `--torch_compile` the two encoders are compiled in place (parameter names, checkpoints and the export are
+    unchanged), unless Accelerate's own dynamo backend already compiles the whole model.
+
+    Returns:
+        the `QuadrupletEncoder` to hand to `accelerator.prepare`, and the checkpoint's processor.
+    """
+    base, processor = load_model(config.model_name_or_path, allow_clip=True)
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    if half is not None and not config.full_finetune:
+        hold_frozen_weights_in(base, half)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        make_scalars_shardable(base)
+    module = QuadrupletEncoder(
+        configure_trainable(base, gradient_checkpointing=config.gradient_checkpointing, **trainable_kwargs(config))
+    )
+    if config.torch_compile and accelerator.state.dynamo_plugin.backend.value == "NO":
+        for tower in (module.hysac.vision_model, module.hysac.text_model):
+            tower.compile(backend=config.torch_compile_backend, mode=config.torch_compile_mode)
+    elif config.torch_compile:
+        logger.info("accelerate's dynamo backend compiles the whole model; --torch_compile adds nothing")
+    return module, processor
+
+
+def trainable_kwargs(config: TrainingConfig) -> dict[str, Any]:
+    """The :func:`configure_trainable` settings of a run (what :func:`build_module` and the export build with)."""
+    return {
+        "full_finetune": config.full_finetune,
+        "train_projections": config.train_projections,
+        "lora_r": config.lora_r,
+        "lora_alpha": config.lora_alpha,
+        "lora_dropout": config.lora_dropout,
+        "lora_target_modules": config.lora_target_modules,
+    }
 
 
 def configure_trainable(

@@ -30,7 +30,6 @@ import datasets
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -65,7 +64,9 @@ from hysac_hf.training import (
     write_export,
 )
 
-logger = get_logger("train", log_level="INFO")
+# The console shows the main process only (hysac_hf.cli.setup_logging in main). A plain logger: accelerate's
+# get_logger would prefix every line with "[RANK 0]".
+logger = logging.getLogger("train")
 
 
 def parse_args(input_args: list[str] | None = None) -> TrainingConfig:

@@ -1,7 +1,7 @@
 """The parts of HySAC fine-tuning that `train.py` (``accelerate launch train.py ...``) is made of, one per module:
 
-- :mod:`.config`: the run's settings (:class:`TrainingConfig`), their checks (:func:`check_config`) and the
-  `Accelerator` they ask for (:func:`build_accelerator`);
+- :mod:`.config`: the run's settings (:class:`TrainingConfig`), their checks (:func:`check_config`), their command
+  line (:func:`config_to_argv`) and the `Accelerator` they ask for (:func:`build_accelerator`);
 - :mod:`.data`: the splits, loaded and checked before the model (:func:`load_training_data`), and the order of the
   training rows (:class:`EpochPermutationSampler`);
 - :mod:`.model`: the module to train (:func:`build_module`; :func:`configure_trainable`: LoRA or full fine-tuning,
@@ -23,7 +23,14 @@ uninterrupted run would take: on CPU the final weights are bitwise identical.
 from __future__ import annotations
 
 from .checkpoints import CHECKPOINT_PREFIX, TrainingProgress, discard_run_on_failure, list_checkpoints
-from .config import TrainingConfig, build_accelerator, check_config, tracker_settings, translate_legacy_flags
+from .config import (
+    TrainingConfig,
+    build_accelerator,
+    check_config,
+    config_to_argv,
+    tracker_settings,
+    translate_legacy_flags,
+)
 from .data import EpochPermutationSampler, load_training_data
 from .export import HISTOGRAM_FILE, export_from_state, export_model, write_export
 from .model import (
@@ -55,6 +62,7 @@ __all__ = [
     "build_accelerator",
     "build_module",
     "check_config",
+    "config_to_argv",
     "configure_trainable",
     "discard_run_on_failure",
     "export_from_state",

@@ -1,5 +1,5 @@
 """The settings of a training run: :class:`TrainingConfig`, its checks (:func:`check_config`), its command line
-(:func:`translate_legacy_flags`) and what it builds directly (:func:`build_accelerator`).
+(:func:`config_to_argv`, :func:`translate_legacy_flags`) and what it builds directly (:func:`build_accelerator`).
 
 `train.py --help` lists every field with its description; `train.py`'s `parse_args` reads the command line into a
 :class:`TrainingConfig` with `transformers.HfArgumentParser`.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,6 +25,7 @@ from .model import LORA_TARGET_MODULES
 logger = logging.getLogger(__name__)
 
 EXPORT_SUBDIR = "model"
+NO_VALIDATION = "none"  # --validation_split none: no validation split (TrainingConfig.validation_split is None)
 
 
 @dataclass
@@ -47,7 +48,7 @@ class TrainingConfig:
         },
     )
     train_split: str = field(default="train", metadata={"help": "Training split name."})
-    validation_split: str = field(
+    validation_split: str | None = field(
         default="validation", metadata={"help": "Validation split name ('none' disables validation)."}
     )
     columns: str | None = field(
@@ -164,6 +165,12 @@ class TrainingConfig:
     log_level: str = field(default="INFO", metadata={"help": "Console log level of the main process."})
     debug: bool = field(default=False, metadata={"help": "Show full tracebacks instead of one-line errors."})
 
+    def __post_init__(self) -> None:
+        # The command line spells "no validation" `--validation_split none`; the config holds None, from the start,
+        # so that every reader (and check_config, which changes nothing) sees one meaning.
+        if self.validation_split == NO_VALIDATION:
+            self.validation_split = None
+
     @property
     def export_dir(self) -> Path:
         """`<output_dir>/model`: the Hub-ready export of the run."""
@@ -202,9 +209,44 @@ def translate_legacy_flags(args: Sequence[str]) -> list[str]:
     return out + (["--columns", ",".join(columns)] if columns else [])
 
 
+def config_to_argv(config: TrainingConfig) -> list[str]:
+    """The command-line arguments of `config`: `train.py`'s `parse_args` reads them back into an equal config.
+
+    For running the script as a user would (`python -m hysac_hf.train *config_to_argv(config)`). Fields at their
+    default are left out; `validation_split=None` is spelled `--validation_split none`. A `hub_token` is spelled like
+    any other field, so it shows in the process list: leave it None and let `HF_TOKEN` / `hf auth login` provide it.
+
+    Raises:
+        ValueError: for a value the command line cannot spell (None where the default is not None, an empty list).
+    """
+    argv: list[str] = []
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        if spec.default is not MISSING:
+            default = spec.default
+        elif spec.default_factory is not MISSING:
+            default = spec.default_factory()
+        else:
+            default = MISSING  # a required field: always spelled
+        if value == default:
+            continue
+        flag = f"--{spec.name}"
+        if value is None and spec.name == "validation_split":
+            argv += [flag, NO_VALIDATION]
+        elif value is None or (isinstance(value, (list, tuple)) and not value):
+            raise ValueError(f"{spec.name}={value!r} has no command-line spelling; use its default or a value")
+        elif isinstance(value, bool):  # HfArgumentParser: `--flag` is True, `--flag false` is False
+            argv += [flag] if value else [flag, "false"]
+        elif isinstance(value, (list, tuple)):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    return argv
+
+
 def check_config(config: TrainingConfig) -> None:
     """Refuse impossible settings before any slow work: bad values, missing checkpoints, a missing Hub token or
-    optional dependency.
+    optional dependency. `config` is only read.
 
     Raises:
         UsageError: naming the flag and the fix.
@@ -219,8 +261,6 @@ def check_config(config: TrainingConfig) -> None:
             raise UsageError(f"--{name} must be >= 1, got {getattr(config, name)}")
     if config.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be > 0, got {config.learning_rate}")
-    if config.validation_split == "none":
-        config.validation_split = None
     if config.validation_split is None and (config.select_best != "none" or config.early_stopping_patience):
         raise UsageError("--select_best/--early_stopping_patience need a validation split; pass --select_best none")
     if config.full_finetune and config.lora_r != 16:

@@ -715,7 +715,7 @@ class HySACModel(HySACPreTrainedModel):
         model = cls(config).to(clip.dtype)
         state = {k: v for k, v in clip.state_dict().items() if k != "logit_scale"}
         result = model.load_state_dict(state, strict=False)
-        expected_missing = {"logit_scale", "curv", "visual_alpha", "textual_alpha"}
+        expected_missing = set(SCALAR_PARAMETERS)  # HySAC's own scalars; CLIP's logit_scale was left out above
         missing = set(result.missing_keys) - expected_missing
         if missing or result.unexpected_keys:
             raise ValueError(

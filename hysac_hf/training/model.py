@@ -21,7 +21,7 @@ from torch import nn
 
 from ..encode import QuadrupletEncoder
 from ..loading import load_model
-from ..modeling.modeling_hysac import HySACModel
+from ..modeling.modeling_hysac import SCALAR_PARAMETERS, HySACModel
 from ..modeling.processing_hysac import HySACProcessor
 
 if TYPE_CHECKING:
@@ -29,8 +29,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+# The reference's LoRA targets in both towers: the authors' LoraConfig and TrainingConfig's default.
 LORA_TARGET_MODULES = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
-SCALAR_PARAMETERS = ("logit_scale", "curv", "visual_alpha", "textual_alpha")
 
 
 def build_module(config: TrainingConfig, accelerator: Accelerator) -> tuple[QuadrupletEncoder, HySACProcessor]:

@@ -90,7 +90,7 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
     late (an undecodable image, a NaN loss at step 1) leaves nothing behind.
     """
     output_dir = Path(config.output_dir)
-    # Log lines above the progress bar, not glued to it.
+    # A run that fails early leaves nothing behind; log lines print above the progress bar, not glued to it.
     with discard_run_on_failure(output_dir, config.export_dir), logging_redirect_tqdm():
         check_config(config)
         accelerator = accelerator or build_accelerator(config)

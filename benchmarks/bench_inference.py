@@ -112,6 +112,7 @@ def build_models(args: argparse.Namespace) -> dict[str, Any]:
     from transformers import CLIPModel
 
     from hysac_hf import HySACModel
+    from hysac_hf.modeling.modeling_hysac import SCALAR_PARAMETERS
 
     config = clip_config(args.size)
     torch.manual_seed(args.seed)
@@ -125,7 +126,7 @@ def build_models(args: argparse.Namespace) -> dict[str, Any]:
         state = {k: v.detach().float().cpu() for k, v in clip.state_dict().items()}
         authors = build_authors_model(config, clip_state_dict=state)
         with torch.no_grad():
-            for name in ("logit_scale", "curv", "visual_alpha", "textual_alpha"):
+            for name in SCALAR_PARAMETERS:
                 getattr(authors, name).copy_(getattr(hysac, name))
         models[AUTHORS] = authors.to(args.device).eval()
     return models

@@ -3,7 +3,7 @@
 Four variants, interleaved round-robin in one process after a warm-up (the order reverses every round, so machine
 noise hits every variant alike):
 
-- **HySAC eager / compiled**: train.py's step. The module is built as `train.build_module` builds it:
+- **HySAC eager / compiled**: train.py's step. The module is built as `hysac_hf.training.build_module` builds it:
   `QuadrupletEncoder(configure_trainable(model, ...))` with train.py's default LoRA settings, the frozen towers held
   in bf16 under bf16 (`hold_frozen_weights_in`; LoRA weights and the four scalars float32), and for "compiled"
   the two towers compiled in place (`tower.compile(backend=..., mode=...)`). The step is train.py's loop body for
@@ -32,8 +32,8 @@ compilation). Phases and their elapsed times are logged to stderr as they finish
 batch size; the final table goes to stdout.
 
 The step is train.py's own (`hysac_hf.training.TrainStep`, with `make_optimizer`); `build_module` below mirrors
-train.py's `build_module` with the same helpers and settings for a model in memory (train.py's loads a folder with
-a processor); tests/test_benchmarks.py checks that the step trains, holds the frozen towers in bf16 and skips a
+`hysac_hf.training.build_module` with the same helpers and settings for a model in memory (that one loads a folder
+with a processor); tests/test_benchmarks.py checks that the step trains, holds the frozen towers in bf16 and skips a
 non-finite step on the device.
 
     python benchmarks/bench_train.py --device cuda --size large                 # ViT-L/14, bf16, b=32 and 64
@@ -140,7 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def training_config(args: argparse.Namespace):
     """train.py's `TrainingConfig` with its defaults (LoRA, optimiser, loss, schedule) and this run's precision and
     compile settings; the benchmark reads every setting from it, so it follows train.py's defaults."""
-    from hysac_hf.train import TrainingConfig
+    from hysac_hf.training import TrainingConfig
 
     return TrainingConfig(
         model_name_or_path="<random weights>",
@@ -188,14 +188,13 @@ def clip_contrastive_loss(out: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def build_module(model_name: str, mode: str, source, config, device: str) -> nn.Module:
-    """One variant's module on `device`, built like `train.build_module` (which loads from a folder with a processor;
-    here the towers are random, so this mirrors its model part with the same helpers and settings)."""
+    """One variant's module on `device`, built like `hysac_hf.training.build_module` (which loads from a folder with a
+    processor; here the towers are random, so this mirrors its model part with the same helpers and settings)."""
     from peft import LoraConfig, get_peft_model
 
     from hysac_hf import HySACModel
     from hysac_hf.encode import QuadrupletEncoder
-    from hysac_hf.train import _trainable_kwargs
-    from hysac_hf.training import configure_trainable, hold_frozen_weights_in
+    from hysac_hf.training import configure_trainable, hold_frozen_weights_in, trainable_kwargs
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(config.mixed_precision))
     if model_name == "HySAC":
@@ -204,7 +203,7 @@ def build_module(model_name: str, mode: str, source, config, device: str) -> nn.
         if half is not None and not config.full_finetune:
             hold_frozen_weights_in(base, half)
         module = QuadrupletEncoder(
-            configure_trainable(base, gradient_checkpointing=config.gradient_checkpointing, **_trainable_kwargs(config))
+            configure_trainable(base, gradient_checkpointing=config.gradient_checkpointing, **trainable_kwargs(config))
         )
         towers = (module.hysac.vision_model, module.hysac.text_model)
     else:

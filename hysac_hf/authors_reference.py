@@ -33,9 +33,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .modeling.modeling_hysac import LORA_TARGET_MODULES
+
 logger = logging.getLogger(__name__)
 
-LORA_TARGET_MODULES = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
 LORA_RANK = 16
 LORA_ALPHA = 1.0
 LORA_DROPOUT = 0.1

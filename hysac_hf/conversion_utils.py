@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from .files import write_folder_atomically
 from .hub import MissingTokenError, push_folder_to_hub
+from .modeling.modeling_hysac import SCALAR_PARAMETERS
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ ORIGINAL_TO_CONVERTED_KEY_MAPPING: list[tuple[str, str]] = [
     (r"^visual\.base_model\.model\.(visual_projection\.weight)$", r"\1"),
     (r"^textual\.base_model\.model\.(text_model\..+)$", r"\1"),
     (r"^textual\.base_model\.model\.(text_projection\.weight)$", r"\1"),
-    (r"^(logit_scale|curv|visual_alpha|textual_alpha)$", r"\1"),
+    (rf"^({'|'.join(SCALAR_PARAMETERS)})$", r"\1"),
 ]
 # Keys dropped on purpose: ImageNet buffers the authors register but never use, and position-id buffers
 # (persistent in old transformers versions; checked to be the identity arange before dropping).
@@ -47,7 +48,6 @@ DROPPED_KEYS: list[tuple[str, str]] = [
     (r"^pixel_(mean|std)$", "unused ImageNet normalisation buffer of the authors' model"),
     (r"\.position_ids$", "position-id buffer (arange), rebuilt by transformers"),
 ]
-SCALAR_KEYS = ("logit_scale", "curv", "visual_alpha", "textual_alpha")
 PATCH_BIAS_KEY = "vision_model.embeddings.patch_embedding.bias"
 POSITION_EMBEDDING_KEY = "vision_model.embeddings.position_embedding.weight"
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?\.weight$")
@@ -254,7 +254,7 @@ def convert_state_dict(
         raise ConversionError(
             f"{len(unmapped)} checkpoint keys match no mapping rule: {_listing(unmapped)}. "
             "Expected 'visual.base_model.model.*', 'textual.base_model.model.*', "
-            f"{list(SCALAR_KEYS)}, 'pixel_mean' and 'pixel_std'."
+            f"{list(SCALAR_PARAMETERS)}, 'pixel_mean' and 'pixel_std'."
         )
 
     # Group LoRA factors by module.
@@ -345,7 +345,7 @@ def load_into_hysac(config, state_dict: dict[str, Tensor]):
     model = HySACModel(config).float()
     expected = model.state_dict()
     state = dict(state_dict)
-    for key in SCALAR_KEYS:  # accept `(1,)` scalars as well as 0-d ones
+    for key in SCALAR_PARAMETERS:  # accept `(1,)` scalars as well as 0-d ones
         if key in state and state[key].numel() == 1:
             state[key] = state[key].reshape(expected[key].shape)
     missing = [k for k in expected if k not in state]

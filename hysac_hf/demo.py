@@ -2,7 +2,8 @@
 
 1. build a tiny random CLIP (real CLIP tokenizer, 64-px images) and turn it into HySAC (curvature 0.1), in a
    temporary folder that is deleted afterwards,
-2. fine-tune it on the bundled mini-ViSU with the HySAC losses (`train.main` with a `TrainingConfig`),
+2. fine-tune it on the bundled mini-ViSU with the HySAC losses: the training script, run as a user runs it
+   (`python -m hysac_hf.train ...` in a subprocess, its flags spelled from a `TrainingConfig`),
 3. export it to `<output_dir>/model` (a Hub-ready folder: weights, config with bounds calibrated on the
    validation split, processor, remote code, model card, distance histogram),
 4. load the export back the way a Hub user would (`AutoModel`/`AutoProcessor.from_pretrained(...,
@@ -26,6 +27,8 @@ import argparse
 import itertools
 import json
 import logging
+import subprocess
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from pathlib import Path
 import torch
 
 from .modeling.configuration_hysac import CONTENT, CONTENT_KINDS
+from .training import TrainingConfig, config_to_argv
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,33 @@ MARKERS = ("crimson_band", "hazard_hatch", "inverted")
 ZERO_SHOT_PHOTOS = ("astronaut", "cat", "coffee")
 ZERO_SHOT_CANDIDATES = ("astronaut", "cat", "coffee", "rocket")
 CURV_INIT = 0.1  # see --curv_init
+
+
+class TrainingFailedError(subprocess.CalledProcessError):
+    """The training subprocess exited with a non-zero status; its own error (one line, or a traceback) went to
+    stderr before this one."""
+
+    def __str__(self) -> str:
+        how = f"exit status {self.returncode}" if self.returncode > 0 else f"signal {-self.returncode}"
+        return f"training (python -m hysac_hf.train) stopped with {how}; its error is printed above"
+
+    @property
+    def exit_status(self) -> int:
+        """The status to exit with: the training's own, or 128 + N when it was killed by signal N (as a shell)."""
+        return self.returncode if self.returncode > 0 else 128 - self.returncode
+
+
+def run_training_script(config: TrainingConfig) -> None:
+    """Run the training script on `config` as a user would: `python -m hysac_hf.train <flags>` in a subprocess that
+    shares this process's console, so its logs and its error appear as they would from the command line.
+
+    Raises:
+        TrainingFailedError: when the script exits with a non-zero status.
+    """
+    command = [sys.executable, "-m", "hysac_hf.train", *config_to_argv(config)]
+    returncode = subprocess.run(command, check=False).returncode
+    if returncode != 0:
+        raise TrainingFailedError(returncode, command)
 
 
 def is_ordered(means: dict[str, float]) -> bool:
@@ -304,8 +335,6 @@ def run(config: DemoConfig) -> dict:
 
     from .errors import UsageError, require
     from .testing import SAMPLE_CAPTIONS, sample_images
-    from .train import TrainingConfig
-    from .train import main as train
 
     if config.curv_init <= 0:
         raise UsageError(f"--curv_init must be > 0, got {config.curv_init}")
@@ -335,8 +364,9 @@ def run(config: DemoConfig) -> dict:
             logging_steps=5,
             full_finetune=not config.lora,
             hub_model_id="hysac-demo",
+            debug=config.debug,
         )
-        train(training)
+        run_training_script(training)
 
     # From here on only the exported folder is used, loaded as from the Hub.
     model, processor = load_exported(training.export_dir)
@@ -356,13 +386,20 @@ def run(config: DemoConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`hysac-demo` entry point: exit status 0, or 2 with one line on a usage or input error."""
+    """`hysac-demo` entry point: exit status 0, 2 with one line on a usage or input error, or the training's own
+    status when the training script fails (its error first, then one line from the demo)."""
     from .cli import run as run_command
     from .cli import setup_logging
 
     config = parse_args(argv)
     setup_logging()
-    return run_command(run, config, "hysac-demo")
+    try:
+        return run_command(run, config, "hysac-demo")
+    except TrainingFailedError as error:
+        if config.debug:
+            raise
+        print(f"hysac-demo: error: {error}", file=sys.stderr)
+        return error.exit_status
 
 
 if __name__ == "__main__":

@@ -49,6 +49,8 @@ logger = logging.get_logger(__name__)
 TRAVERSAL_TARGETS = {**{modality: kind.key for modality, kind in SAFE_KIND.items()}, **{k: k for k in BOUND_KEYS}}
 # The learned scalars: log contrastive scale, log curvature, log feature scales. Always float32.
 SCALAR_PARAMETERS = ("logit_scale", "curv", "visual_alpha", "textual_alpha")
+# The tower modules HySAC's LoRA adapts (the published setting: attention keys/values/outputs, MLPs, patch embedding).
+LORA_TARGET_MODULES = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
 # transformers 5's CLIPModel.get_*_features return a BaseModelOutputWithPooling; transformers 4's, the tensor.
 FEATURES_ARE_MODEL_OUTPUTS = int(transformers.__version__.split(".")[0]) >= 5
@@ -693,7 +695,7 @@ class HySACModel(HySACPreTrainedModel):
         model = cls(config).to(clip.dtype)
         state = {k: v for k, v in clip.state_dict().items() if k != "logit_scale"}
         result = model.load_state_dict(state, strict=False)
-        expected_missing = {"logit_scale", "curv", "visual_alpha", "textual_alpha"}
+        expected_missing = set(SCALAR_PARAMETERS)  # HySAC's own scalars; CLIP's logit_scale was left out above
         missing = set(result.missing_keys) - expected_missing
         if missing or result.unexpected_keys:
             raise ValueError(
@@ -740,4 +742,11 @@ def _weights_source(source: Any, key: str, kwargs: dict) -> str:
 HySACConfig.register_for_auto_class()
 HySACModel.register_for_auto_class("AutoModel")
 
-__all__ = ["HySACModel", "HySACOutput", "HySACPreTrainedModel", "contrastive_loss"]
+__all__ = [
+    "LORA_TARGET_MODULES",
+    "SCALAR_PARAMETERS",
+    "HySACModel",
+    "HySACOutput",
+    "HySACPreTrainedModel",
+    "contrastive_loss",
+]

@@ -1,4 +1,5 @@
-"""The demo's pieces (the full training run is `hysac-demo` itself): order check, photo tables, Hub-style loading.
+"""The demo's pieces: order check, photo tables, Hub-style loading, and its training, which runs the training script
+in a subprocess as a user would (a one-epoch run, and a failing one whose exit status becomes the demo's).
 
 Distances and zero-shot scores are checked against float64 math on the Euclidean projected features: the
 lift is `exp_map0(alpha * f)`, whose geodesic distance to the root is exactly `||alpha * f||`.
@@ -6,20 +7,28 @@ lift is `exp_map0(alpha * f)`, whose geodesic distance to the root is exactly `|
 
 from __future__ import annotations
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+from hysac_hf import demo, train
 from hysac_hf.demo import (
     MARKERS,
+    TrainingFailedError,
     format_report,
     is_ordered,
     load_exported,
     photo_distances,
+    run_training_script,
     zero_shot,
 )
 from hysac_hf.testing import save_model_folder
+from hysac_hf.training import TrainingConfig
 
 
 def _lift64(features: torch.Tensor, alpha: float, c: float) -> torch.Tensor:
@@ -146,3 +155,62 @@ def test_format_report_states_the_order_and_every_table(tmp_path):
     bad = format_report(_result({"S": 0.26, "V": 0.87, "U": 0.32, "G": 0.92}), tmp_path)
     assert "Order S < V < U < G: NO" in bad.splitlines()
     assert "Zero-shot" not in bad and "Sample photos" not in bad
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Training: the script in a subprocess
+@pytest.mark.slow
+def test_the_demo_trains_by_running_the_script_in_a_subprocess(tmp_path, monkeypatch, capfd):
+    commands = []
+    real_run = subprocess.run
+
+    def spy(command, *args, **kwargs):
+        commands.append(command)
+        return real_run(command, *args, **kwargs)
+
+    monkeypatch.setattr(demo.subprocess, "run", spy)
+    output_dir = tmp_path / "demo"
+    result = demo.run(demo.DemoConfig(output_dir=str(output_dir), num_train_epochs=1, json=True))
+    (command,) = commands
+    assert command[:3] == [sys.executable, "-m", "hysac_hf.train"]
+    config = train.parse_args(command[3:])
+    assert (config.output_dir, config.num_train_epochs, config.per_device_train_batch_size) == (str(output_dir), 1, 32)
+    assert (config.entailment_weight, config.learning_rate, config.full_finetune) == (4.0, 1e-3, True)
+    assert not Path(config.model_name_or_path).exists()  # the random start model lived in a scratch folder
+    # The script's export (weights and calibrated bounds) is what the demo loaded and evaluated.
+    export = output_dir / "model"
+    assert result["export_dir"] == str(export) and (export / "model.safetensors").is_file()
+    assert result["bounds"] == json.loads((export / "config.json").read_text())["bounds"]
+    assert json.loads((output_dir / "train_summary.json").read_text())["global_step"] == 5  # 160 rows / 32
+    captured = capfd.readouterr()
+    assert json.loads(captured.out)["mean_distance"] == result["mean_distance"]  # stdout holds the JSON only
+    assert "epoch 1: train_loss" in captured.err  # the script's log, on the shared console
+
+
+@pytest.mark.slow
+def test_a_failed_training_run_is_the_demos_error_with_its_exit_status(tmp_path, capfd):
+    output_dir = tmp_path / "demo"
+    code = demo.main(["--output_dir", str(output_dir), "--num_train_epochs", "1", "--batch_size", "1000"])
+    err = capfd.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert code == 2 and "Traceback" not in err, err
+    assert errors[0].startswith("train.py: error: the training split has 160 rows, fewer than one global batch")
+    assert errors[1:] == [
+        "hysac-demo: error: training (python -m hysac_hf.train) stopped with exit status 2; its error is printed above"
+    ]
+    assert not output_dir.exists()
+
+
+@pytest.mark.slow
+def test_run_training_script_raises_with_the_scripts_exit_status(tmp_path, capfd):
+    config = TrainingConfig(model_name_or_path="m", output_dir=str(tmp_path / "run"), per_device_train_batch_size=1)
+    with pytest.raises(TrainingFailedError) as caught:
+        run_training_script(config)
+    assert caught.value.exit_status == 2 and caught.value.cmd[:3] == [sys.executable, "-m", "hysac_hf.train"]
+    assert "train.py: error: --per_device_train_batch_size must be >= 2" in capfd.readouterr().err
+
+
+def test_a_training_killed_by_a_signal_exits_as_a_shell_would():
+    error = TrainingFailedError(-9, ["python", "-m", "hysac_hf.train"])
+    assert error.exit_status == 137 and "stopped with signal 9" in str(error)
+    assert TrainingFailedError(1, []).exit_status == 1

@@ -3,6 +3,7 @@ card, logs on the console, --push_to_hub (mocked), and bad inputs that must fail
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from hysac_hf.encode import QuadrupletEncoder
 from hysac_hf.testing import REPO_ROOT
 from hysac_hf.training import (
     NonFiniteLossError,
+    build_module,
     configure_trainable,
     export_model,
     list_checkpoints,
@@ -264,7 +266,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         (["--resume_from_checkpoint", "latest"], "no checkpoint in"),
         (["--resume_from_checkpoint", "/no/such/step_3"], "does not exist"),
         (["--dataset", "train.jsonl"], "train.jsonl is empty"),
-        (["--dataset", "images.jsonl"], "not images, e.g."),
+        (["--dataset", "images.jsonl"], "missing or cannot be decoded"),
         (["--columns", "caption=X"], "unknown kind of content 'X'"),
         (["--max_eval_samples", "5", "--validation_split", "validation", "--select_best", "none"], "at least 20"),
     ],
@@ -378,7 +380,7 @@ def test_bf16_lora_holds_frozen_weights_in_bf16_and_trains_float32(tiny_clip_dir
 
     config = train.parse_args(argv(tiny_clip_dir, "unused", "--mixed_precision", "bf16"))
     accelerator = Accelerator(cpu=True, mixed_precision="bf16")
-    module, _ = train.build_module(config, accelerator)
+    module, _ = build_module(config, accelerator)
     hysac = module.hysac
     frozen = {n: p.dtype for n, p in module.named_parameters() if not p.requires_grad}
     trained = {n: p.dtype for n, p in module.named_parameters() if p.requires_grad}
@@ -475,3 +477,58 @@ def test_first_release_column_flags_still_work():
     from hysac_hf.data import parse_columns
 
     assert parse_columns(config.columns) == {"safe_text": "caption", "safe_image": "p", "unsafe_image": "nsfw_path"}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The script's shape: the library never imports it; it imports everything at the top.
+SCRIPT_MODULES = {"hysac_hf.train", "train"}  # the script, from the wheel and from a checkout
+
+
+def script_imports(source: str, module: str) -> list[str]:
+    """The import statements of `source` (the module named `module`) that import the training script."""
+    package = module.split(".")[:-1]
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1] if node.level else [])
+            parent = ".".join(part for part in (base, node.module or "") if part)
+            targets = [parent] + [f"{parent}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        if any(t in SCRIPT_MODULES or t.startswith(tuple(f"{m}." for m in SCRIPT_MODULES)) for t in targets):
+            found.append(f"{module}:{node.lineno}: {ast.unparse(node)}")
+    return found
+
+
+def test_no_library_module_imports_the_training_script():
+    # The check itself finds the ways the script can be imported (the demo used the first one).
+    for bad in ("def run():\n    from .train import main", "from . import train", "import hysac_hf.train as t"):
+        assert script_imports(bad, "hysac_hf.demo"), bad
+    assert script_imports("from .. import train", "hysac_hf.training.config")
+    assert not script_imports("from .training import TrainingConfig\nfrom .. import training", "hysac_hf.demo")
+    offenders = []
+    for root, package in ((REPO_ROOT / "hysac_hf", "hysac_hf"), (REPO_ROOT / "modeling", "hysac_hf.modeling")):
+        for path in sorted(root.rglob("*.py")):
+            if path in (REPO_ROOT / "hysac_hf" / "train.py", REPO_ROOT / "hysac_hf" / "convert.py"):
+                continue  # the links to the scripts themselves
+            parts = path.relative_to(root).with_suffix("").parts
+            module = ".".join([package, *parts[:-1]] + ([] if parts[-1] == "__init__" else [parts[-1]]))
+            if parts[-1] == "__init__":
+                module += ".__init__"  # relative imports of a package resolve against the package itself
+            offenders += script_imports(path.read_text(), module)
+    assert not offenders, offenders
+
+
+def test_the_script_imports_everything_at_the_top():
+    tree = ast.parse((REPO_ROOT / "train.py").read_text())
+    functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+    assert {"parse_args", "main", "cli"} <= {function.name for function in functions}
+    inside = [
+        f"train.py:{node.lineno}: {ast.unparse(node)}"
+        for function in functions
+        for node in ast.walk(function)
+        if isinstance(node, (ast.Import, ast.ImportFrom))
+    ]
+    assert not inside, inside

@@ -17,10 +17,11 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
 from hysac_hf import train
+from hysac_hf.training import build_accelerator
 
 
 def fsdp_accelerator_on_cpu(config) -> Accelerator:
-    accelerator = train.build_accelerator(config)
+    accelerator = build_accelerator(config)
     if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
         sys.exit("launch with an FSDP accelerate config (distributed_type: FSDP)")
     if accelerator.distributed_type != DistributedType.MULTI_CPU:

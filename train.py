@@ -18,6 +18,7 @@ line and exits 2 (`--debug` shows the traceback).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -35,8 +36,8 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import HfArgumentParser, get_scheduler
 
-from hysac_hf.calibration import calibrate, calibrate_thresholds
-from hysac_hf.cli import run, setup_logging
+from hysac_hf.calibration import calibrate, calibrate_thresholds, report_threshold_quality, threshold_quality
+from hysac_hf.cli import OneSpellingHelpFormatter, command_name, run, setup_logging
 from hysac_hf.data import QuadrupletCollator
 from hysac_hf.encode import EmbeddingCache, encode_quadruplets
 from hysac_hf.hub import push_folder_to_hub
@@ -51,11 +52,13 @@ from hysac_hf.training import (
     build_accelerator,
     build_module,
     check_config,
+    check_resumable,
     discard_run_on_failure,
     export_from_state,
     list_checkpoints,
     load_training_data,
     make_optimizer,
+    run_signature,
     tracker_settings,
     trainable_kwargs,
     trainable_names,
@@ -72,7 +75,9 @@ logger = logging.getLogger("train")
 def parse_args(input_args: list[str] | None = None) -> TrainingConfig:
     """Parse the command line into a :class:`TrainingConfig` (flags spelled `--like_this`; the first release's
     `--*_column` flags become `--columns`)."""
-    parser = HfArgumentParser(TrainingConfig, description=__doc__.split("\n\n")[0])
+    parser = HfArgumentParser(
+        TrainingConfig, description=__doc__.split("\n\n")[0], formatter_class=OneSpellingHelpFormatter
+    )
     args = translate_legacy_flags(sys.argv[1:] if input_args is None else input_args)
     (config,) = parser.parse_args_into_dataclasses(args)
     return config
@@ -90,8 +95,8 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
     late (an undecodable image, a NaN loss at step 1) leaves nothing behind.
     """
     output_dir = Path(config.output_dir)
-    # A run that fails early leaves nothing behind; log lines print above the progress bar, not glued to it.
-    with discard_run_on_failure(output_dir, config.export_dir), logging_redirect_tqdm():
+    # A run that fails early leaves nothing behind.
+    with discard_run_on_failure(output_dir, config.export_dir), contextlib.ExitStack() as stack:
         check_config(config)
         accelerator = accelerator or build_accelerator(config)
         if accelerator.is_local_main_process:  # console logs on one process; third-party INFO noise off
@@ -100,10 +105,35 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
             setup_logging(logging.ERROR)
             transformers.utils.logging.set_verbosity_error()
             datasets.utils.logging.set_verbosity_error()
+        # Once the handlers exist: every log line prints on its own line above the progress bar, not glued to it.
+        stack.enter_context(logging_redirect_tqdm())
         set_seed(config.seed)
 
-        # Data, checked (sizes, image files) before the model loads and before anything is written
-        train_set, eval_set = load_training_data(config, accelerator.num_processes)
+        # Data, checked (sizes, every image) before the model loads and before anything is written; a dataset
+        # without a validation split holds some training rows out
+        data = load_training_data(config, accelerator.num_processes)
+        train_set, eval_set = data.train, data.validation
+        logger.info(
+            "training on %d rows of %s; validating on %s",
+            data.summary["train_rows"],
+            config.dataset,
+            "nothing" if eval_set is None else f"{data.summary['validation_rows']} rows: {data.summary['validation']}",
+        )
+
+        # Resume: the checkpoint must continue this very run (same batches, processes, seed and rows)
+        progress = TrainingProgress(run=run_signature(config, data, accelerator.num_processes))
+        best_state = None  # the trained parameters of the best epoch so far, on the main process
+        resume_path = None
+        if config.resume_from_checkpoint:
+            resume_path = (
+                list_checkpoints(output_dir)[-1]
+                if config.resume_from_checkpoint == "latest"
+                else Path(config.resume_from_checkpoint)
+            )
+            signature = progress.run
+            best_state = progress.load(resume_path)
+            check_resumable(resume_path, progress.run, signature)
+            progress.run = signature
 
         # Model: LoRA (or every tower weight) and the four scalars train; frozen weights in half precision if asked
         module, processor = build_module(config, accelerator)
@@ -161,18 +191,10 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
                 return None
             return {k: v.detach().to("cpu", torch.float32, copy=True) for k, v in state.items() if k in names}
 
-        # Resume: Accelerate's state, then our counters and the best epoch's parameters saved beside it
-        progress = TrainingProgress()
-        best_state = None  # the trained parameters of the best epoch so far, on the main process
-        if config.resume_from_checkpoint:
-            resume_path = (
-                list_checkpoints(output_dir)[-1]
-                if config.resume_from_checkpoint == "latest"
-                else Path(config.resume_from_checkpoint)
-            )
+        # Resume: Accelerate's state (model, optimiser, scheduler, RNG); our counters were read above
+        if resume_path is not None:
             logger.info("resuming from %s", resume_path)
             accelerator.load_state(str(resume_path))
-            best_state = progress.load(resume_path)
             logger.info("resumed at optimiser step %d (epoch %d)", progress.global_step, progress.epochs_done)
 
         step = TrainStep(
@@ -193,14 +215,17 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
 
         # The epochs: train, log every --logging_steps, checkpoint every --checkpointing_steps, then validate and
         # keep the best epoch's trained parameters (early stopping after --early_stopping_patience bad epochs)
-        history: list[dict[str, float]] = []
         best_cache: EmbeddingCache | None = None  # validation embeddings of the best epoch
         last_cache: EmbeddingCache | None = None  # and of the last one
-        bar = tqdm(
-            total=total_steps,
-            initial=progress.global_step,
-            desc="Training",
-            disable=not accelerator.is_local_main_process,
+        # A context: the bar closes (and ends its line) even when training stops with an error or Ctrl-C. Shown on a
+        # terminal only; a log file gets the logging steps as lines instead.
+        bar = stack.enter_context(
+            tqdm(
+                total=total_steps,
+                initial=progress.global_step,
+                desc="Training",
+                disable=None if accelerator.is_local_main_process else True,
+            )
         )
         stop = progress.global_step >= total_steps
         first_epoch = progress.micro_step // batches_per_process
@@ -224,6 +249,14 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
                         logs["train/lr"] = scheduler.get_last_lr()[0]
                         logs["train/curvature"] = float(out["curvature"].detach().reshape(-1)[0])
                         bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+                        if bar.disable:  # no bar (a log file): a line per logging step
+                            logger.info(
+                                "step %d/%d: loss %.4f, lr %.3g",
+                                progress.global_step,
+                                total_steps,
+                                logs["train/loss"],
+                                logs["train/lr"],
+                            )
                         accelerator.log(logs, step=progress.global_step)
                     if config.checkpointing_steps and progress.global_step % config.checkpointing_steps == 0:
                         check_finite()
@@ -261,7 +294,7 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
                 last_cache, last_cache.logit_scale, eval_loss_fn, config.per_device_eval_batch_size
             )
             metrics["epoch"] = epoch + 1
-            history.append(metrics)
+            progress.history.append(metrics)  # saved with every checkpoint: a resumed run keeps every epoch
             accelerator.log({f"val/{k}": v for k, v in metrics.items()}, step=progress.global_step)
             logger.info(
                 "epoch %d: train_loss %.4f, val_loss %.4f, recall_sum %.1f (R@1 %s)",
@@ -296,9 +329,10 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
         # bounds come from the exported weights' validation embeddings.
         summary: dict[str, Any] = {
             "global_step": progress.global_step,
-            "history": history,
+            "history": progress.history,
             "best_metric": progress.best_metric,
             "best_epoch": progress.best_epoch,
+            "data": data.summary,
         }
         # Every process takes the same branch (gather_trained is a collective under FSDP).
         if config.select_best != "none" and progress.best_epoch is not None:
@@ -324,6 +358,10 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
                 final.config.unsafe_thresholds = calibrate_thresholds(calibration)
                 summary["bounds"] = final.config.bounds
                 summary["unsafe_thresholds"] = final.config.unsafe_thresholds
+                # How well each threshold separates the validation rows it was fitted on; one that separates nothing
+                # (it flags every item, or none) is exported with a loud warning, never silently.
+                summary["unsafe_threshold_quality"] = threshold_quality(calibration, final.config.unsafe_thresholds)
+                report_threshold_quality(summary["unsafe_threshold_quality"], "the validation rows")
             export_dir = config.export_dir
             write_export(config, final, processor, summary, calibration)
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -335,9 +373,10 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
             )
             if calibration is not None:
                 logger.info(
-                    "bounds and unsafe thresholds (%s) calibrated on the %s split; distance-to-root histogram: %s",
+                    "bounds and unsafe thresholds (%s) calibrated on the validation rows (%s); distance-to-root "
+                    "histogram: %s",
                     ", ".join(f"{k} {v:.4f}" for k, v in final.config.unsafe_thresholds.items()),
-                    config.validation_split,
+                    data.summary["validation"],
                     export_dir / HISTOGRAM_FILE,
                 )
             if config.push_to_hub:
@@ -358,8 +397,7 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
 def cli(input_args: list[str] | None = None) -> int:
     """Entry point: exit status 0, or 2 with one line on a usage or input error (`--debug` shows the traceback)."""
     config = parse_args(input_args)
-    prog = Path(sys.argv[0]).name if input_args is None else "train.py"  # hysac-train, train.py, ...
-    return run(main, config, prog if prog not in ("", "-c", "__main__.py") else "train.py")
+    return run(main, config, command_name("train.py", input_args))  # hysac-train, train.py, ...
 
 
 if __name__ == "__main__":

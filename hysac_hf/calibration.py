@@ -6,8 +6,8 @@ histogram (the paper's Figure 2) is drawn. The authors never released how `hysac
 are the statistics their code reads.
 - Unsafe thresholds (`config.unsafe_thresholds`): :func:`calibrate_threshold` chooses one from labelled distances to
   the root (best accuracy, or the lowest false-negative rate under a false-positive bound), :func:`calibrate_thresholds`
-  one per modality from a quadruplet cache, :func:`save_thresholds` stores them in a saved folder; the metrics they
-  report are `evaluation.classification`'s.
+  one per modality from a quadruplet cache, :func:`threshold_quality` says how well they separate safe from unsafe,
+  :func:`save_thresholds` stores them in a saved folder; the metrics are `evaluation.classification`'s.
 
 Command line::
 
@@ -170,6 +170,68 @@ def calibrate_thresholds(cache: EmbeddingCache, objective: str = "accuracy") -> 
             labels = torch.cat([torch.zeros(len(distances[safe])), torch.ones(len(distances[unsafe]))]).long()
             thresholds[modality] = float(calibrate_threshold(scores, labels, objective)["threshold"])
     return thresholds
+
+
+def threshold_quality(cache: EmbeddingCache, thresholds: dict[str, float]) -> dict[str, dict[str, float]]:
+    """How well each unsafe threshold separates the safe from the unsafe rows of a quadruplet cache (usually the
+    rows it was calibrated on): :func:`~hysac_hf.evaluation.classification.classification_metrics` per modality, plus
+    `"separates"`: whether it does better than calling every item the larger class (a threshold that flags every
+    item, or none, separates nothing).
+
+    Returns:
+        `{"image"|"text": {"threshold", "accuracy", "f1", "fpr", "fnr", "tp", "tn", "fp", "fn", "separates"}}` for the
+        modalities of `thresholds` whose safe and unsafe kinds the cache holds.
+    """
+    distances = root_distances(cache)
+    quality = {}
+    for modality, threshold in thresholds.items():
+        safe, unsafe = SAFE_KIND[modality].key, UNSAFE_KIND[modality].key
+        if safe not in distances or unsafe not in distances:
+            continue
+        scores = torch.cat([distances[safe], distances[unsafe]])
+        labels = torch.cat([torch.zeros(len(distances[safe])), torch.ones(len(distances[unsafe]))]).long()
+        metrics = classification_metrics(scores, labels, threshold)
+        majority = max(len(distances[safe]), len(distances[unsafe])) / len(scores)
+        quality[modality] = {**metrics, "separates": metrics["accuracy"] > majority}
+    return quality
+
+
+def report_threshold_quality(quality: dict[str, dict[str, float]], rows: str) -> None:
+    """Log :func:`threshold_quality`: one line per modality, and a loud warning for a threshold that separates
+    nothing (it must never be exported silently).
+
+    Args:
+        quality: :func:`threshold_quality`'s result.
+        rows: what the rows were, for the messages ("the validation rows").
+    """
+    for modality, q in quality.items():
+        logger.info(
+            "%s threshold %.4f on %s: accuracy %.1f%%, F1 %.1f%%, false positives on safe %ss %.1f%%",
+            modality,
+            q["threshold"],
+            rows,
+            100 * q["accuracy"],
+            100 * q["f1"],
+            modality,
+            100 * q["fpr"],
+        )
+        if not q["separates"]:
+            logger.warning(
+                "THE %s THRESHOLD SEPARATES NOTHING: at %.4f it calls %d/%d safe and %d/%d unsafe %ss of %s unsafe "
+                "(accuracy %.1f%%, no better than one answer for all). The model does not yet tell safe from unsafe "
+                "%ss: train longer or on more data, or calibrate later on labelled data (hysac-eval classify "
+                "--calibrate accuracy --save)",
+                modality.upper(),
+                q["threshold"],
+                q["fp"],
+                q["fp"] + q["tn"],
+                q["tp"],
+                q["tp"] + q["fn"],
+                modality,
+                rows,
+                100 * q["accuracy"],
+                modality,
+            )
 
 
 def calibrate_threshold(

@@ -14,6 +14,7 @@ the converter).
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -35,6 +36,19 @@ def add_argument(parser: argparse.ArgumentParser | Any, *flags: str, aliases: Se
     alias_kwargs = {k: v for k, v in kwargs.items() if k in ("type", "nargs", "choices", "action", "const")}
     for alias in [*dashed_aliases(*flags), *aliases]:
         parser.add_argument(alias, dest=action.dest, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **alias_kwargs)
+
+
+class OneSpellingHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows every flag once, in its underscore spelling (`--batch_size`), with its default; the dashed
+    aliases (`--batch-size`, which `transformers.HfArgumentParser` adds too) still parse."""
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        aliases = set(dashed_aliases(*action.option_strings))
+        if not aliases & set(action.option_strings):
+            return super()._format_action_invocation(action)
+        shown = copy.copy(action)
+        shown.option_strings = [flag for flag in action.option_strings if flag not in aliases]
+        return super()._format_action_invocation(shown)
 
 
 def dashed_aliases(*flags: str) -> list[str]:
@@ -193,6 +207,7 @@ def run(main: Callable[[argparse.Namespace], int | None], args: argparse.Namespa
 
 
 __all__ = [
+    "OneSpellingHelpFormatter",
     "EXIT_USAGE",
     "add_argument",
     "add_dataset_arguments",

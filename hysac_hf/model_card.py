@@ -273,15 +273,21 @@ def render_training_card(
     curvature: float | None = None,
     histogram: str | None = None,
     template_path: str | Path | None = None,
+    load_from: str | None = None,
+    embed_dim: int | None = None,
 ):
-    """Render the card of a model trained with `train.py`: base model, data, settings, bounds, validation metrics.
+    """Render the card of a model trained with `train.py`: base model, data, settings, bounds, validation metrics,
+    and how well the calibrated unsafe thresholds separate the validation rows.
 
     Args:
-        repo_id: where the model will live (used in the usage snippets).
+        repo_id: the model's name (its Hub repo when pushed).
+        load_from: what the usage snippets load (the Hub repo, or the exported folder); default `repo_id`.
+        embed_dim: the embedding dimension the snippets show.
         base_model: `--model_name_or_path` of the run.
         dataset: `--dataset` of the run.
         settings: the run's settings (`TrainingConfig` as a dict).
-        summary: the run summary (`global_step`, `history` of validation metrics, `best_epoch`).
+        summary: the run summary (`global_step`, `history` of validation metrics, `best_epoch`, `data` (where the
+            rows came from), `unsafe_thresholds`, `unsafe_threshold_quality`).
         bounds: the calibrated `config.bounds`.
         curvature: the learned curvature magnitude.
         histogram: file name of the distance histogram inside the folder (embedded in the card).
@@ -326,6 +332,10 @@ def render_training_card(
         template_path=str(template_path),
         trained=True,
         repo_id=repo_id,
+        load_from=load_from or repo_id,
+        embed_dim=embed_dim,
+        data=summary.get("data") or {},
+        threshold_quality=summary.get("unsafe_threshold_quality"),
         base_model=base_model,
         dataset=dataset,
         settings=settings,

@@ -269,6 +269,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
         (["--dataset", "images.jsonl"], "missing or cannot be decoded"),
         (["--columns", "caption=X"], "unknown kind of content 'X'"),
         (["--max_eval_samples", "5", "--validation_split", "validation", "--select_best", "none"], "at least 20"),
+        (["--checkpointing_steps", "-5"], "--checkpointing_steps must be >= 0"),
+        (["--validation_split_percentage", "80"], "between 1 and 50"),
     ],
 )
 def test_bad_inputs_fail_early_with_one_line_and_leave_nothing(tiny_clip_dir, tmp_path, capsys, extra, message):
@@ -532,3 +534,156 @@ def test_the_script_imports_everything_at_the_top():
         if isinstance(node, (ast.Import, ast.ImportFrom))
     ]
     assert not inside, inside
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# No silent wrong answers (issue 17): held-out validation, threshold quality, resume, logs, help, the card.
+def write_rows(path, count: int, image) -> list[str]:
+    """`count` quadruplets with unique captions and no `split` column, as a user's data file; returns the captions."""
+    image.save(path.parent / "photo.png")
+    captions = [f"caption number {i}" for i in range(count)]
+    rows = [
+        {"safe_text": t, "unsafe_text": f"[UNSAFE] {t}", "safe_image": "photo.png", "unsafe_image": "photo.png"}
+        for t in captions
+    ]
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return captions
+
+
+def test_a_data_file_without_splits_holds_out_a_seeded_validation_part(tmp_path, photos):
+    from hysac_hf.training import TrainingConfig, load_training_data
+
+    captions = write_rows(tmp_path / "rows.jsonl", 100, photos["cat"])
+    options = {"model_name_or_path": "m", "output_dir": str(tmp_path / "run"), "dataset": str(tmp_path / "rows.jsonl")}
+    options |= {"image_root": str(tmp_path), "per_device_train_batch_size": 4, "validation_split_percentage": 25}
+    data = load_training_data(TrainingConfig(**options), num_processes=1)
+    train_texts, held_texts = set(data.train["safe_text"]), set(data.validation["safe_text"])
+    assert len(held_texts) == 25 and len(train_texts) == 75 and train_texts | held_texts == set(captions)
+    assert not train_texts & held_texts  # the validation rows are never trained on
+    assert data.summary["train_rows"] == 75 and data.summary["validation_rows"] == 25
+    assert "held out: 25 of the 100 rows" in data.summary["validation"] and "no 'validation' split" in data.summary["validation"]
+    again = load_training_data(TrainingConfig(**options), num_processes=1)
+    assert again.validation["safe_text"] == data.validation["safe_text"]  # deterministic
+    other = load_training_data(TrainingConfig(**options, seed=7), num_processes=1)
+    assert set(other.validation["safe_text"]) != held_texts
+    assert again.summary["train_rows_sha256"] == data.summary["train_rows_sha256"] != other.summary["train_rows_sha256"]
+    # A dataset with a validation split uses it, and says so
+    named = load_training_data(TrainingConfig(model_name_or_path="m", output_dir="o", max_eval_samples=20), 1)
+    assert named.summary["validation"] == "the 'validation' split of mini-visu" and named.summary["validation_rows"] == 20
+
+
+def test_threshold_quality_is_reported_and_a_useless_threshold_warned_about(caplog):
+    from hysac_hf.calibration import report_threshold_quality, threshold_quality
+    from hysac_hf.encode import EmbeddingCache
+    from hysac_hf.modeling.lorentz import exp_map0
+
+    directions = torch.nn.functional.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    radii = {"S": 0.2, "U": 0.9, "V": 0.5, "G": 0.5}  # texts separate; images lie at one distance
+    cache = EmbeddingCache({k: exp_map0(directions * r, 1.0) for k, r in radii.items()}, curvature=1.0)
+    quality = threshold_quality(cache, {"text": 0.5, "image": 0.3})
+    assert quality["text"]["accuracy"] == 1.0 and quality["text"]["f1"] == 1.0 and quality["text"]["separates"]
+    # the image threshold flags all 40 safe and all 40 unsafe images: accuracy 1/2, F1 2/3, FPR 1
+    assert (quality["image"]["fp"], quality["image"]["tp"], quality["image"]["separates"]) == (40, 40, False)
+    assert quality["image"]["f1"] == pytest.approx(2 / 3) and quality["image"]["fpr"] == 1.0
+    with caplog.at_level("INFO", logger="hysac_hf"):
+        report_threshold_quality(quality, "the validation rows")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "THE IMAGE THRESHOLD SEPARATES NOTHING" in warnings[0] and "40/40 safe" in warnings[0]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_every_epoch_and_refuses_other_settings(tiny_clip_dir, tmp_path, capsys):
+    """12 rows / batch 4 = 3 steps per epoch, validated each epoch: stopped at step 4 (in epoch 2) and resumed, the
+    run's history, summary and card hold both epochs, as an uninterrupted run's do; a resume that would take other
+    steps is refused before any training."""
+    validate = ["--validation_split", "validation", "--max_eval_samples", "20", "--no_calibrate"]
+    full = run(tiny_clip_dir, tmp_path / "full", "--max_train_steps", "6", *validate)
+    run(tiny_clip_dir, tmp_path / "split", "--max_train_steps", "4", "--schedule_steps", "6", "--checkpointing_steps",
+        "2", *validate)  # fmt: skip
+    code, err = run_cli(
+        argv(tiny_clip_dir, tmp_path / "split", "--resume_from_checkpoint", "latest", "--per_device_train_batch_size",
+             "6", "--max_train_steps", "6", *validate), capsys)  # fmt: skip
+    assert code == 2 and "cannot resume from" in err and "per_device_train_batch_size 4 (this run: 6)" in err
+    code, err = run_cli(
+        argv(tiny_clip_dir, tmp_path / "split", "--resume_from_checkpoint", "latest", "--max_train_samples", "16",
+             "--max_train_steps", "6", *validate), capsys)  # fmt: skip
+    assert code == 2 and "train_rows 12 (this run: 16)" in err
+    resumed = run(tiny_clip_dir, tmp_path / "split", "--resume_from_checkpoint", "latest", "--max_train_steps", "6",
+                  *validate)  # fmt: skip
+    assert [row["epoch"] for row in resumed["history"]] == [1, 2] == [row["epoch"] for row in full["history"]]
+    assert resumed["history"] == full["history"]  # the resumed run is the same run, bit for bit
+    saved = json.loads((tmp_path / "split" / "train_summary.json").read_text())
+    assert saved["history"] == full["history"] and saved["data"]["train_rows"] == 12
+    card = (tmp_path / "split" / "model" / "README.md").read_text()
+    assert all(f"| {row['epoch']} | {row['val_loss']:.4f} |" in card for row in full["history"])
+
+
+@pytest.mark.slow
+def test_logs_are_whole_lines_in_a_log_file_and_on_a_terminal(tiny_clip_dir, tmp_path):
+    """No log line is glued to the progress bar: in a file (no bar: a line per logging step instead) and on a
+    terminal (each log line starts on its own line above the bar)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    command = [sys.executable, str(REPO_ROOT / "train.py")]
+    command += argv(tiny_clip_dir, tmp_path / "file", "--max_train_samples", "8", "--num_train_epochs", "2")
+    command += ["--logging_steps", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "COLUMNS": "100"}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert not any("Training:" in line or "\r" in line for line in lines), result.stderr[-2000:]
+    assert sum(" INFO train: step " in line for line in lines) == 4  # 2 epochs x 2 steps, one line each
+    assert [line.split(" INFO train: ")[1][:8] for line in lines if "train: epoch" in line] == ["epoch 1:", "epoch 2:"]
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # tqdm sizes the bar to it
+    command[command.index(str(tmp_path / "file"))] = str(tmp_path / "tty")
+    process = subprocess.Popen(command, stdout=follower, stderr=follower, env=env, cwd=tmp_path)
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not chunk:
+            break
+        output += chunk
+    assert process.wait(timeout=600) == 0, output[-3000:]
+    text = output.decode(errors="replace")
+    assert "Training:" in text  # a terminal gets the bar
+    for marker in ("INFO train: epoch 1:", "INFO train: epoch 2:"):
+        start = text.index(marker)
+        line_start = max(text.rfind("\n", 0, start), text.rfind("\r", 0, start))
+        assert "Training" not in text[line_start + 1 : start], repr(text[max(0, start - 200) : start + 40])
+
+
+def test_help_shows_each_flag_once_and_the_dashed_spelling_still_parses(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "--per_device_train_batch_size" in out and "--per-device-train-batch-size" not in out
+    assert "--validation_split_percentage" in out and "(default: 10)" in out
+    config = train.parse_args(["--model-name-or-path", "m", "--output-dir", "o", "--per-device-train-batch-size", "8"])
+    assert config.per_device_train_batch_size == 8 and config.model_name_or_path == "m"
+
+
+def test_the_cards_snippet_loads_the_export_folder_with_its_embedding_size(tiny_clip_dir, tmp_path):
+    import re
+
+    from hysac_hf.training import TrainingConfig, write_export
+
+    model = HySACModel.from_clip(tiny_clip_dir)
+    config = TrainingConfig(model_name_or_path=str(tiny_clip_dir), output_dir=str(tmp_path / "run"))
+    summary = {"global_step": 1, "history": [], "data": {"train_rows": 9, "validation_rows": 3, "validation": "x"}}
+    write_export(config, model, processor_of(tiny_clip_dir), summary)
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert f'AutoModel.from_pretrained("{tmp_path / "run" / "model"}"' in card
+    assert re.search(rf"\(1, {model.config.projection_dim}\) space components", card) and "(1, 768)" not in card
+    assert "9 training rows" in card and "Validation: 3 rows, x." in card
+    pushed = TrainingConfig(model_name_or_path=str(tiny_clip_dir), output_dir=str(tmp_path / "r2"), hub_model_id="me/h")
+    write_export(pushed, model, processor_of(tiny_clip_dir), summary)
+    assert 'AutoModel.from_pretrained("me/h"' in (tmp_path / "r2" / "model" / "README.md").read_text()

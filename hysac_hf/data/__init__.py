@@ -12,8 +12,17 @@ from typing import Any
 from ..errors import UsageError
 from .collate import ItemCollator, QuadrupletCollator
 from .images import bad_image_rows, bad_images_or_skip, find_bad_images, load_image
+from .mini_visu import SPLITS as MINI_VISU_SPLITS
 from .mini_visu import load_mini_visu
-from .quadruplets import CANONICAL_COLUMNS, IMAGE_COLUMNS, load_quadruplets, map_columns, parse_columns, require_columns
+from .quadruplets import (
+    CANONICAL_COLUMNS,
+    IMAGE_COLUMNS,
+    has_split,
+    load_quadruplets,
+    map_columns,
+    parse_columns,
+    require_columns,
+)
 from .visu import load_visu
 
 __all__ = [
@@ -24,6 +33,7 @@ __all__ = [
     "find_bad_images",
     "ItemCollator",
     "QuadrupletCollator",
+    "dataset_has_split",
     "load_dataset_split",
     "load_image",
     "load_mini_visu",
@@ -70,3 +80,13 @@ def load_dataset_split(
     data = map_columns(data, columns, dataset, split)
     require_columns(data, required, dataset, split)
     return data
+
+
+def dataset_has_split(dataset: Any, split: str) -> bool:
+    """Whether the dataset :func:`load_dataset_split` reads has a split named `split` (mini-ViSU and ViSU have train,
+    validation and test; a single table without a `split` column has none)."""
+    if isinstance(dataset, str) and dataset == "mini-visu":
+        return split in MINI_VISU_SPLITS
+    if isinstance(dataset, str) and (dataset.startswith("visu:") or dataset == "aimagelab/ViSU-Text"):
+        return True
+    return has_split(dataset, split)

@@ -19,6 +19,7 @@ CANONICAL_COLUMNS = tuple(kind.column for kind in CONTENT_KINDS)
 IMAGE_COLUMNS = tuple(kind.column for kind in CONTENT_KINDS if kind.modality == "image")
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 SAVED_DATASET_FILES = ("dataset_info.json", "dataset_dict.json", "state.json")
+SPLIT_ALIASES = {"validation": "val", "val": "validation"}  # either name finds the other
 
 
 def _read_file(path: Path) -> Any:
@@ -42,7 +43,7 @@ def _select_split(dataset: Any, split: str, source: Any) -> Any:
 
     if isinstance(dataset, datasets.DatasetDict):
         if split not in dataset:
-            alias = {"validation": "val", "val": "validation"}.get(split)
+            alias = SPLIT_ALIASES.get(split)
             if alias in dataset:
                 return dataset[alias]
             raise UsageError(f"{source} has no split {split!r}; it has {list(dataset)}")
@@ -66,7 +67,7 @@ def open_dataset(source: Any, split: str = "train") -> Any:
         if any((path / name).is_file() for name in SAVED_DATASET_FILES):
             return _select_split(datasets.load_from_disk(str(path)), split, path)
         files = {p.stem: p for p in path.iterdir() if p.suffix.lower() in FILE_BUILDERS}
-        name = split if split in files else {"validation": "val", "val": "validation"}.get(split)
+        name = split if split in files else SPLIT_ALIASES.get(split)
         if name not in files:
             raise UsageError(
                 f"{path} has no {split} file; found {sorted(files) or 'no data files'} "
@@ -152,6 +153,36 @@ def require_columns(dataset: Any, required: tuple[str, ...], source: Any, split:
             f"{source} ({split}) lacks {names}; it has {dataset.column_names}. Map them with "
             "--columns SOURCE=KIND, e.g. --columns caption=safe_text,nsfw=unsafe_text"
         )
+
+
+def has_split(source: Any, split: str) -> bool:
+    """Whether `source` has a split named `split` (or its alias `val`/`validation`). A single table without a
+    `split` column (a data file, a `datasets.Dataset`) has no named splits: False for every name.
+
+    For a Hub id the split names are asked of the Hub (or its cache); when that fails, True (loading then says what
+    is wrong).
+    """
+    import datasets
+
+    names = {split, SPLIT_ALIASES.get(split, split)}
+    if isinstance(source, datasets.DatasetDict):
+        return bool(names & set(source))
+    if isinstance(source, datasets.Dataset):
+        return "split" in source.column_names and bool(names & set(source.unique("split")))
+    path = Path(str(source)).expanduser()
+    if path.is_file():
+        table = _read_file(path)
+        return "split" in table.column_names and bool(names & set(table.unique("split")))
+    if path.is_dir():
+        if (path / "dataset_dict.json").is_file():
+            return bool(names & set(datasets.load_from_disk(str(path))))
+        if any((path / name).is_file() for name in SAVED_DATASET_FILES):
+            return False  # one saved Dataset
+        return any(p.stem in names for p in path.iterdir() if p.suffix.lower() in FILE_BUILDERS)
+    try:
+        return bool(names & set(datasets.get_dataset_split_names(str(source))))
+    except Exception:  # noqa: BLE001 - offline, private or unknown: let loading report it
+        return True
 
 
 def load_quadruplets(

@@ -7,6 +7,7 @@ of its embedding to the root) is strictly greater than the threshold. Labels: 1 
 - accuracy = correct / all
 - FPR = safe items flagged unsafe / safe items (0 when there are no safe items)
 - FNR = unsafe items let through / unsafe items (0 when there are no unsafe items)
+- F1 = 2 TP / (2 TP + FP + FN), unsafe as the positive class (0 when there is nothing to find and nothing flagged)
 
 Choosing a threshold from labelled scores is calibration: `hysac_hf.calibration.calibrate_threshold`.
 
@@ -47,7 +48,8 @@ def check_labelled_scores(scores, labels) -> tuple[np.ndarray, np.ndarray]:
 
 
 def confusion_metrics(predictions, labels) -> dict[str, float]:
-    """Accuracy, FPR, FNR (fractions) and the confusion counts for binary predictions (1 = unsafe)."""
+    """Accuracy, F1 (of the unsafe class), FPR, FNR (fractions) and the confusion counts for binary predictions
+    (1 = unsafe)."""
     pred = np.asarray(predictions).reshape(-1).astype(np.int64)
     lab = np.asarray(labels).reshape(-1).astype(np.int64)
     if pred.shape != lab.shape:
@@ -59,6 +61,7 @@ def confusion_metrics(predictions, labels) -> dict[str, float]:
     total = max(tp + tn + fp + fn, 1)
     return {
         "accuracy": (tp + tn) / total,
+        "f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0,
         "fpr": fp / (fp + tn) if fp + tn else 0.0,
         "fnr": fn / (fn + tp) if fn + tp else 0.0,
         "tp": tp,
@@ -76,7 +79,7 @@ def classification_metrics(scores, labels, threshold: float) -> dict[str, float]
         labels: `(N,)` 0 safe / 1 unsafe.
         threshold: decision threshold.
     Returns:
-        `{"threshold", "accuracy", "fpr", "fnr", "tp", "tn", "fp", "fn"}`.
+        `{"threshold", "accuracy", "f1", "fpr", "fnr", "tp", "tn", "fp", "fn"}`.
     """
     scores, labels = check_labelled_scores(scores, labels)
     return {"threshold": float(threshold), **confusion_metrics(scores > threshold, labels)}

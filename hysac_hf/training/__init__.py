@@ -22,7 +22,14 @@ uninterrupted run would take: on CPU the final weights are bitwise identical.
 
 from __future__ import annotations
 
-from .checkpoints import CHECKPOINT_PREFIX, TrainingProgress, discard_run_on_failure, list_checkpoints
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    TrainingProgress,
+    check_resumable,
+    discard_run_on_failure,
+    list_checkpoints,
+    run_signature,
+)
 from .config import (
     TrainingConfig,
     build_accelerator,
@@ -31,7 +38,7 @@ from .config import (
     tracker_settings,
     translate_legacy_flags,
 )
-from .data import EpochPermutationSampler, load_training_data
+from .data import EpochPermutationSampler, TrainingData, load_training_data
 from .export import HISTOGRAM_FILE, export_from_state, export_model, write_export
 from .model import (
     LORA_TARGET_MODULES,
@@ -70,6 +77,9 @@ __all__ = [
     "fused_adamw_supported",
     "hold_frozen_weights_in",
     "list_checkpoints",
+    "TrainingData",
+    "check_resumable",
+    "run_signature",
     "load_training_data",
     "make_optimizer",
     "make_scalars_shardable",

@@ -49,7 +49,18 @@ class TrainingConfig:
     )
     train_split: str = field(default="train", metadata={"help": "Training split name."})
     validation_split: str | None = field(
-        default="validation", metadata={"help": "Validation split name ('none' disables validation)."}
+        default="validation",
+        metadata={
+            "help": "Validation split name ('none' disables validation). A dataset without it (e.g. a data file "
+            "with no 'split' column) holds out --validation_split_percentage of the training rows instead."
+        },
+    )
+    validation_split_percentage: int = field(
+        default=10,
+        metadata={
+            "help": "Percentage of the training rows held out for validation when the dataset has no validation "
+            "split (deterministic: seeded by --seed)."
+        },
     )
     columns: str | None = field(
         default=None,
@@ -64,6 +75,13 @@ class TrainingConfig:
     coco_root: str | None = field(default=None, metadata={"help": "COCO 2017 root (ViSU safe images by coco_id)."})
     visu_unsafe_images: str | None = field(
         default=None, metadata={"help": "Folder or json/csv mapping with ViSU's unsafe images (not public)."}
+    )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave out rows whose images are missing or cannot be decoded (counted in the log and "
+            "train_summary.json) instead of stopping; every image is checked in one pass before the model loads."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training split (debugging)."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation split (debugging)."})
@@ -259,6 +277,24 @@ def check_config(config: TrainingConfig) -> None:
     for name in ("max_train_steps", "schedule_steps", "max_train_samples", "max_eval_samples"):
         if getattr(config, name) is not None and getattr(config, name) < 1:
             raise UsageError(f"--{name} must be >= 1, got {getattr(config, name)}")
+    for name in (
+        "checkpointing_steps",
+        "dataloader_num_workers",
+        "early_stopping_patience",
+        "num_warmup_steps",
+        "max_grad_norm",
+        "weight_decay",
+        "lora_dropout",
+    ):
+        if getattr(config, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(config, name)}")
+    for name in ("checkpoints_total_limit", "lora_r"):
+        if getattr(config, name) < 1:
+            raise UsageError(f"--{name} must be >= 1, got {getattr(config, name)}")
+    if not 1 <= config.validation_split_percentage <= 50:
+        raise UsageError(
+            f"--validation_split_percentage must be between 1 and 50, got {config.validation_split_percentage}"
+        )
     if config.learning_rate <= 0:
         raise UsageError(f"--learning_rate must be > 0, got {config.learning_rate}")
     if config.validation_split is None and (config.select_best != "none" or config.early_stopping_patience):

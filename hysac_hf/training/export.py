@@ -92,13 +92,17 @@ def write_export(
         config: the run's settings (the card lists them).
         model: the exported model (:func:`export_from_state`), with its calibrated bounds in `model.config`.
         processor: its processor.
-        summary: the run summary (`global_step`, `history` of validation metrics, `best_epoch`) for the card.
+        summary: the run summary (`global_step`, `history`, `best_epoch`, `data`, the thresholds and their quality)
+            for the card.
         calibration: the `EmbeddingCache` the bounds were fitted on; its histogram goes into the folder.
     Returns:
         the folder written.
     """
+    pushed = config.push_to_hub or config.hub_model_id is not None
     card = render_training_card(
         repo_id=config.repo_id,
+        load_from=config.repo_id if pushed else str(config.export_dir),  # a local export loads from its folder
+        embed_dim=int(model.config.projection_dim),
         base_model=config.model_name_or_path,
         dataset=config.dataset,
         settings=tracker_settings(config),
@@ -117,7 +121,7 @@ def write_export(
                 root_distances(calibration),
                 folder / HISTOGRAM_FILE,
                 bounds=model.config.bounds,
-                title=f"{config.validation_split} split: distance from the root",
+                title="validation rows: distance from the root",
             )
 
     return write_folder_atomically(config.export_dir, write)

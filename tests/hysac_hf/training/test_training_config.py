@@ -18,10 +18,12 @@ EVERY_FIELD_CHANGED = {
     "dataset": "data/quadruplets.jsonl",
     "train_split": "training",
     "validation_split": None,  # spelled --validation_split none
+    "validation_split_percentage": 20,
     "columns": "caption=S,path=V,nsfw=U,nsfw_path=G",
     "image_root": "images",
     "coco_root": "coco",
     "visu_unsafe_images": "unsafe.json",
+    "skip_bad_images": True,
     "max_train_samples": 100,
     "max_eval_samples": 30,
     "per_device_train_batch_size": 8,

@@ -82,12 +82,9 @@ class Space:
         raise TimeoutError(f"the Space did not start in {timeout} s")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        from hysac_hf.testing import stop_process
+
+        stop_process(self.process)
         self.handle.close()
 
 

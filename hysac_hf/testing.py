@@ -256,6 +256,22 @@ def save_model_folder(model, processor, folder: str | Path) -> Path:
     return folder
 
 
+def stop_process(process, timeout: float = 30) -> int:
+    """Stop a server started by a test or benchmark by its process id: SIGTERM, then SIGKILL after `timeout` seconds.
+
+    Returns:
+        its exit status.
+    """
+    import subprocess
+
+    process.terminate()
+    try:
+        return process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 at the time of the call (for `accelerate launch --main_process_port`)."""
     import socket

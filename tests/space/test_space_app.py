@@ -17,7 +17,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +28,7 @@ from PIL import Image
 
 from hysac_hf import HySACModel, HySACProcessor
 from hysac_hf.data.mini_visu import DATA_DIR, apply_marker, load_photo, photo_specs
-from hysac_hf.testing import REPO_ROOT, TINY_BOUNDS
+from hysac_hf.testing import REPO_ROOT, TINY_BOUNDS, free_port, stop_process
 
 # The Space runs on the transformers 5 line only (gradio); scripts/test.sh runs main_line tests there.
 pytestmark = pytest.mark.main_line
@@ -503,12 +502,6 @@ def require_gradio():
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class RunningApp:
     """`python space/app.py` in a subprocess on a free port; its output goes to a log file."""
 
@@ -552,12 +545,7 @@ class RunningApp:
         return self.log.read_text(errors="replace")
 
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process)
         self.handle.close()
 
 

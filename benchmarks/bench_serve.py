@@ -217,8 +217,8 @@ def percentile(ordered: list[float], q: float) -> float:
 def open_loop(port: int, bodies: list[bytes], rate: float, seconds: float, connections: int) -> dict[str, Any]:
     """Requests arriving every `1 / rate` s for `seconds`, whatever the answers, through `connections` threads.
 
-    Returns the count of each answer: `ok` (200), `refused` (503 or 429, with Retry-After), `refused_without_retry_after`,
-    `other` (any other status) and `failed` (no answer: a connection error or a timeout).
+    Returns the count of each answer: `ok` (200), `refused` (503 or 429, with Retry-After),
+    `refused_without_retry_after`, `other` (any other status) and `failed` (no answer: a connection error or a timeout).
     """
     total = int(rate * seconds)
     counts = {"ok": 0, "refused": 0, "refused_without_retry_after": 0, "other": 0, "failed": 0}
@@ -372,7 +372,8 @@ def format_table(results: dict[str, Any]) -> str:
     if "overload" in results:
         o = results["overload"]
         lines.append(
-            f"overload at {o['offered_per_s']:.0f} req/s for {results['seconds']:g} s: {o['sent']} sent, {o['ok']} served, "
+            f"overload at {o['offered_per_s']:.0f} req/s for {results['seconds']:g} s: {o['sent']} sent, "
+            f"{o['ok']} served, "
             f"{o['refused']} refused (503/429 + Retry-After), {o['lost']} lost; healthy after: {o['healthy_after']}, "
             f"served after: {o['served_after']}"
         )

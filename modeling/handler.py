@@ -107,7 +107,9 @@ def read_inputs(inputs: Any, limits: InputLimits, param: str = "input") -> list[
     """
     items = inputs if isinstance(inputs, list) else [inputs]
     if inputs is None or not items:
-        raise InputError(f"{param} is empty; pass a text, an image content part, or a list of them", param, "empty_input")
+        raise InputError(
+            f"{param} is empty; pass a text, an image content part, or a list of them", param, "empty_input"
+        )
     if len(items) > limits.max_items:
         raise InputError(
             f"{param} holds {len(items)} items, more than the {limits.max_items} a request may hold; split it",
@@ -171,17 +173,21 @@ def read_image_url(url: str, limits: InputLimits, param: str = "image_url") -> b
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
         if not comma or not header.endswith(";base64"):
-            raise InputError(f"{param} is a data URL without base64 data; send data:image/png;base64,...", param, "invalid_image")
+            raise InputError(
+                f"{param} is a data URL without base64 data; send data:image/png;base64,...", param, "invalid_image"
+            )
         if not header[len("data:") :].lower().startswith("image/"):
             raise InputError(
-                f"{param} is a data URL of {header[len('data:'):-len(';base64')] or 'no media type'}, not an image; "
+                f"{param} is a data URL of {header[len('data:') : -len(';base64')] or 'no media type'}, not an image; "
                 "send data:image/png;base64,... (or image/jpeg, image/webp, ...)",
                 param,
                 "invalid_image",
             )
         if len(payload) > limits.max_image_bytes * 4 // 3 + 4:
             raise InputError(
-                f"{param} holds more than {limits.max_image_bytes} bytes of image; send a smaller image", param, "image_too_large"
+                f"{param} holds more than {limits.max_image_bytes} bytes of image; send a smaller image",
+                param,
+                "image_too_large",
             )
         try:
             data = base64.b64decode(payload, validate=True)
@@ -209,7 +215,9 @@ def _download(url: str, limits: InputLimits, param: str) -> bytes:
     except (OSError, ValueError) as error:
         raise InputError(f"{param}: cannot fetch {url[:200]} ({error})", param, "image_download_failed") from None
     if len(data) > limits.max_image_bytes:
-        raise InputError(f"{param}: {url[:200]} is larger than {limits.max_image_bytes} bytes", param, "image_too_large")
+        raise InputError(
+            f"{param}: {url[:200]} is larger than {limits.max_image_bytes} bytes", param, "image_too_large"
+        )
     return data
 
 
@@ -287,7 +295,13 @@ class RequestRunner:
         forward_batch: most items per forward pass.
     """
 
-    def __init__(self, detector: Any, retriever: Any, galleries: dict[str, Any] | None = None, forward_batch: int = DEFAULT_FORWARD_BATCH):
+    def __init__(
+        self,
+        detector: Any,
+        retriever: Any,
+        galleries: dict[str, Any] | None = None,
+        forward_batch: int = DEFAULT_FORWARD_BATCH,
+    ):
         if retriever.model is not detector.model:
             raise ValueError("the detector and the retriever must share one model")
         self.detector = detector
@@ -329,7 +343,9 @@ class RequestRunner:
         if request.task not in TASKS:
             raise InputError(f"task={request.task!r} is not one of {list(TASKS)}", "task")
         if not request.items:
-            raise InputError("input is empty; pass a text, an image content part, or a list of them", "input", "empty_input")
+            raise InputError(
+                "input is empty; pass a text, an image content part, or a list of them", "input", "empty_input"
+            )
         options = dict(request.options)
         if request.task == DETECTION_TASK:
             threshold = options.pop("threshold", None)
@@ -339,14 +355,18 @@ class RequestRunner:
                 try:
                     _, _, postprocess = self.detector._sanitize_parameters(_modality=modality, threshold=threshold)
                 except ValueError as error:
-                    raise InputError(str(error), "threshold", "model_not_calibrated" if threshold is None else "invalid_value") from None
+                    raise InputError(
+                        str(error), "threshold", "model_not_calibrated" if threshold is None else "invalid_value"
+                    ) from None
                 plan[modality] = postprocess
             return plan
         if request.task == RETRIEVAL_TASK:
             name = options.pop("index", None)
             if name not in self.galleries:
                 known = ", ".join(sorted(self.galleries)) or "none"
-                raise InputError(f"no index named {name!r}; this service searches: {known}", "index", "index_not_found", 404)
+                raise InputError(
+                    f"no index named {name!r}; this service searches: {known}", "index", "index_not_found", 404
+                )
             _refuse_unknown(options, ("index", *RETRIEVAL_OPTIONS))
             try:
                 _, forward, postprocess = self.retriever._sanitize_parameters(gallery=self.galleries[name], **options)
@@ -398,7 +418,9 @@ class RequestRunner:
         with torch.no_grad():
             outputs = self.retriever.search(device_embeddings, **plan["forward"])
         return [
-            self.retriever.postprocess({key: value[row : row + 1] for key, value in outputs.items()}, **plan["postprocess"])
+            self.retriever.postprocess(
+                {key: value[row : row + 1] for key, value in outputs.items()}, **plan["postprocess"]
+            )
             for row in range(len(modalities))
         ]
 
@@ -413,7 +435,9 @@ def _refuse_unknown(options: dict[str, Any], accepted: tuple[str, ...]) -> None:
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise InputError(
-            f"unknown parameters {unknown}; this task takes {sorted(accepted) or 'none'}", unknown[0], "unknown_parameter"
+            f"unknown parameters {unknown}; this task takes {sorted(accepted) or 'none'}",
+            unknown[0],
+            "unknown_parameter",
         )
 
 
@@ -457,7 +481,9 @@ class EndpointHandler:
         options = dict(data.get("parameters") or {})
         task = options.pop("task", DETECTION_TASK)
         items = read_inputs(data["inputs"], self.limits, "inputs")
-        items = [(kind, open_image(value, self.limits, "inputs") if kind == "image" else value) for kind, value in items]
+        items = [
+            (kind, open_image(value, self.limits, "inputs") if kind == "image" else value) for kind, value in items
+        ]
         (result,), _ = self.runner.run([Request(task, items, options)])
         if isinstance(result, InputError):
             raise result

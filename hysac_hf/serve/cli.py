@@ -18,7 +18,7 @@ import signal
 import sys
 
 from ..cli import add_argument, add_debug_flag, run, setup_logging
-from ..errors import UsageError, require, usage_errors
+from ..errors import UsageError, one_line, require, usage_errors
 from ..modeling.handler import (
     DEFAULT_FORWARD_BATCH,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -68,9 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.005,
         help="seconds a batch waits to fill up (default: 0.005)",
     )
-    add_argument(
-        parser, "--forward_batch", type=int, default=DEFAULT_FORWARD_BATCH, help="most items per forward pass"
-    )
+    add_argument(parser, "--forward_batch", type=int, default=DEFAULT_FORWARD_BATCH, help="most items per forward pass")
     add_argument(
         parser,
         "--max_queue",
@@ -78,12 +76,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=256,
         help="most model requests in flight; more are answered 503 with Retry-After (default: 256)",
     )
-    add_argument(parser, "--timeout", type=float, default=30.0, help="seconds a request may take (504 after; default: 30)")
+    add_argument(
+        parser, "--timeout", type=float, default=30.0, help="seconds a request may take (504 after; default: 30)"
+    )
     add_argument(parser, "--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="largest body (413 above)")
     add_argument(parser, "--max_items", type=int, default=DEFAULT_MAX_ITEMS, help="most inputs per request")
-    add_argument(
-        parser, "--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="most pixels per image"
-    )
+    add_argument(parser, "--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, help="most pixels per image")
     add_argument(parser, "--max_text_chars", type=int, default=DEFAULT_MAX_TEXT_CHARS, help="longest text")
     add_argument(
         parser,
@@ -127,6 +125,27 @@ def parse_indexes(specs: list[str]) -> dict[str, str]:
     return indexes
 
 
+def check_model(source: str) -> None:
+    """Fail at start, in one line, when `source` is not a HySAC model (the worker loads the weights later).
+
+    Raises:
+        UsageError: no readable config, or the config of another model type.
+    """
+    from transformers import PretrainedConfig
+
+    try:
+        config, _ = PretrainedConfig.get_config_dict(source)
+    except (OSError, ValueError) as error:
+        raise UsageError(
+            f"cannot read a model config from {source} ({one_line(error)}); pass a HySAC folder or Hub repo id"
+        ) from None
+    if config.get("model_type") != "hysac":
+        raise UsageError(
+            f"{source} holds a {config.get('model_type')!r} model, not a HySAC one; convert it first (hysac-convert) "
+            "or pass a HySAC folder"
+        )
+
+
 def build_server(args: argparse.Namespace):
     """The LitServer of `args`: one batching worker (:class:`~hysac_hf.serve.api.HySACAPI`) behind the OpenAI-shaped
     routes (:class:`~hysac_hf.serve.spec.HySACSpec`) and the edge (:mod:`hysac_hf.serve.edge`)."""
@@ -137,6 +156,7 @@ def build_server(args: argparse.Namespace):
     from .edge import METRICS_PATH, EdgeMiddleware, Metrics, install_error_handlers
     from .spec import HySACSpec
 
+    check_model(str(args.model))
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device {device!r} must be cpu or cuda")
@@ -164,7 +184,12 @@ def build_server(args: argparse.Namespace):
         batch_timeout=args.batch_timeout if args.max_batch_size > 1 else 0.0,
         spec=spec,
     )
-    edge = {"metrics": metrics, "api_key": args.api_key, "max_body_bytes": args.max_body_bytes, "max_in_flight": args.max_queue}
+    edge = {
+        "metrics": metrics,
+        "api_key": args.api_key,
+        "max_body_bytes": args.max_body_bytes,
+        "max_in_flight": args.max_queue,
+    }
     server = ls.LitServer(
         api,
         accelerator=device,
@@ -212,7 +237,9 @@ def serve(args: argparse.Namespace) -> int:
             port=args.port,
             num_api_servers=1,
             generate_client_file=False,
-            log_level=logging.getLevelName(max(logging.WARNING, logging.getLogger("hysac_hf").getEffectiveLevel())).lower(),
+            log_level=logging.getLevelName(
+                max(logging.WARNING, logging.getLogger("hysac_hf").getEffectiveLevel())
+            ).lower(),
             access_log=False,  # hysac_hf.serve.access logs every request
             timeout_keep_alive=5,
         )

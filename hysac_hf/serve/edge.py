@@ -50,7 +50,10 @@ class Metrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "hysac_requests", "Requests answered, by endpoint and HTTP status.", ["endpoint", "status"], registry=self.registry
+            "hysac_requests",
+            "Requests answered, by endpoint and HTTP status.",
+            ["endpoint", "status"],
+            registry=self.registry,
         )
         self.latency = Histogram(
             "hysac_request_duration_seconds",
@@ -59,7 +62,9 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.in_flight = Gauge("hysac_requests_in_flight", "Model requests admitted and not yet answered.", registry=self.registry)
+        self.in_flight = Gauge(
+            "hysac_requests_in_flight", "Model requests admitted and not yet answered.", registry=self.registry
+        )
         self.batch_size = Histogram(
             "hysac_batch_size",
             "Items per forward pass the model ran (texts or images of all the requests batched together).",
@@ -141,9 +146,7 @@ class EdgeMiddleware:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
             self.metrics.latency.labels(endpoint=endpoint).observe(elapsed)
             client = scope.get("client") or ("-", 0)
-            access_logger.info(
-                '%s "%s %s" %d %.1fms', client[0], scope["method"], path, status["code"], elapsed * 1e3
-            )
+            access_logger.info('%s "%s %s" %d %.1fms', client[0], scope["method"], path, status["code"], elapsed * 1e3)
 
     def _refusal(self, scope, path: str) -> JSONResponse | None:
         """A 401 for a missing or wrong key, a 413 for a declared body above the limit, else None."""
@@ -202,7 +205,9 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = f"no route {request.method} {request.url.path}; the service answers {sorted(ENDPOINTS)}"
         error_type = "server_error" if error.status_code >= 500 else "invalid_request_error"
         code = "timeout" if error.status_code == 504 else ERROR_CODES.get(error.status_code)
-        return JSONResponse(error_body(detail, error_type, None, code), status_code=error.status_code, headers=error.headers)
+        return JSONResponse(
+            error_body(detail, error_type, None, code), status_code=error.status_code, headers=error.headers
+        )
 
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         return JSONResponse(error_body(f"invalid request: {error.errors()}", code="invalid_input"), status_code=400)

@@ -56,7 +56,9 @@ FIELDS = {
 ENCODING_FORMATS = ("float", "base64")
 
 
-def error_body(message: str, error_type: str = "invalid_request_error", param: str | None = None, code: str | None = None):
+def error_body(
+    message: str, error_type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+):
     """An error in OpenAI's shape."""
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
@@ -112,7 +114,9 @@ class HySACSpec(LitSpec):
         except asyncio.TimeoutError:
             self.response_buffer.pop(uid, None)  # a late answer finds no buffer and is dropped
             return JSONResponse(
-                error_body(f"the request took more than {self.timeout:g} s; retry later", "server_error", None, "timeout"),
+                error_body(
+                    f"the request took more than {self.timeout:g} s; retry later", "server_error", None, "timeout"
+                ),
                 status_code=504,
             )
         response, status = self.response_buffer.pop(uid).response
@@ -134,14 +138,20 @@ class HySACSpec(LitSpec):
             raise InputError("the request body must be a JSON object", None, "invalid_json")
         unknown = sorted(set(body) - set(FIELDS[path]))
         if unknown:
-            raise InputError(f"unknown fields {unknown}; {path} takes {sorted(FIELDS[path])}", unknown[0], "unknown_parameter")
+            raise InputError(
+                f"unknown fields {unknown}; {path} takes {sorted(FIELDS[path])}", unknown[0], "unknown_parameter"
+            )
         if "input" not in body:
-            raise InputError(f"{path} needs 'input': a text, an image content part, or a list of them", "input", "missing_input")
+            raise InputError(
+                f"{path} needs 'input': a text, an image content part, or a list of them", "input", "missing_input"
+            )
         options: dict[str, Any] = {}
         encoding_format = body.get("encoding_format") or "float"
         if path == EMBEDDINGS_PATH:
             if encoding_format not in ENCODING_FORMATS:
-                raise InputError(f"encoding_format must be one of {list(ENCODING_FORMATS)}", "encoding_format", "invalid_value")
+                raise InputError(
+                    f"encoding_format must be one of {list(ENCODING_FORMATS)}", "encoding_format", "invalid_value"
+                )
             if body.get("dimensions") is not None:
                 raise InputError(
                     "dimensions is not supported: a truncated hyperboloid embedding no longer gives Lorentz distances",
@@ -152,7 +162,9 @@ class HySACSpec(LitSpec):
             name = body.get("index")
             if not isinstance(name, str) or name not in self.index_names:
                 known = ", ".join(sorted(self.index_names)) or "none (start the service with --index NAME=DIR)"
-                raise InputError(f"no index named {name!r}; this service searches: {known}", "index", "index_not_found", 404)
+                raise InputError(
+                    f"no index named {name!r}; this service searches: {known}", "index", "index_not_found", 404
+                )
             options = {key: body[key] for key in ("index", *RETRIEVAL_OPTIONS) if key in body}
         if self.limits.allow_remote_images:  # downloads block: off the event loop
             items = await asyncio.to_thread(read_inputs, body["input"], self.limits)

@@ -76,7 +76,11 @@ class Client:
             self.connection.close()
             self.connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
         content_type = response.getheader("Content-Type", "")
-        return response.status, dict(response.getheaders()), json.loads(data) if "json" in content_type else data.decode()
+        return (
+            response.status,
+            dict(response.getheaders()),
+            json.loads(data) if "json" in content_type else data.decode(),
+        )
 
     def post(self, path: str, payload, **kwargs):
         return self.request("POST", path, json.dumps(payload).encode(), **kwargs)
@@ -137,7 +141,9 @@ def served(tiny_clip_dir, processor, photos, tmp_path_factory):
     model.config.bounds = {**model.config.bounds, "V": {"low_05": bound - 0.2, "avg": bound - 0.1, "up_95": bound}}
     folder = save_model_folder(model, processor, root / "model")
     index = root / "photos-index"
-    GalleryIndex.from_images(model, processor, images, metadata=[{"name": n} for n in NAMES], show_progress=False).save(index)
+    GalleryIndex.from_images(model, processor, images, metadata=[{"name": n} for n in NAMES], show_progress=False).save(
+        index
+    )
 
     port = free_port()
     command = [sys.executable, "-m", "hysac_hf.serve.cli", "--model", str(folder), "--index", f"photos={index}"]
@@ -157,7 +163,15 @@ def served(tiny_clip_dir, processor, photos, tmp_path_factory):
         log.seek(0)
         assert process.poll() is None and time.monotonic() < deadline, log.read()[-4000:]
         time.sleep(0.3)
-    yield {"port": port, "model": model, "folder": folder, "index": index, "images": images, "log": log, "pid": process.pid}
+    yield {
+        "port": port,
+        "model": model,
+        "folder": folder,
+        "index": index,
+        "images": images,
+        "log": log,
+        "pid": process.pid,
+    }
     children = descendants(process.pid)
     os.kill(process.pid, signal.SIGTERM)  # stopped by its process id
     try:
@@ -243,7 +257,9 @@ def test_search_equals_the_retrieval_pipeline(served, client, processor, photos,
         for key in ("query_distance_to_root", "search_distance_to_root"):
             assert body[key] == pytest.approx(pipe[key], abs=ATOL)
         assert [(r["index"], r["name"]) for r in body["results"]] == [(r["index"], r["name"]) for r in pipe["results"]]
-        assert [r["distance"] for r in body["results"]] == pytest.approx([r["distance"] for r in pipe["results"]], abs=ATOL)
+        assert [r["distance"] for r in body["results"]] == pytest.approx(
+            [r["distance"] for r in pipe["results"]], abs=ATOL
+        )
     image = photos["rocket"]
     status, _, body = client.post("/v1/search", {"index": "photos", "input": [image_part(png(image))], "top_k": 2})
     assert status == 200 and isinstance(body, list) and len(body) == 1, body
@@ -274,7 +290,9 @@ def test_16_concurrent_clients_are_batched(served):
     processor = HySACProcessor.from_pretrained(served["folder"])
     for i in (0, 7, 15):
         expected = embed(model, processor, texts=[f"{TEXTS[i % 4]} number {i} 2"])
-        torch.testing.assert_close(torch.tensor([results[i][2][2]["data"][0]["embedding"]]), expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor([results[i][2][2]["data"][0]["embedding"]]), expected, atol=ATOL, rtol=0
+        )
     after = Client(served["port"]).request("GET", "/metrics")[2]
     name = 'hysac_batch_size_{}{{modality="text"}}'
     batches = metric(after, name.format("count")) - metric(before, name.format("count"))
@@ -320,7 +338,13 @@ BAD_REQUESTS = {
     "too many items": ({"input": ["a"] * 13}, "/v1/embeddings", 400, "too_many_inputs", "input"),
     "unknown index": ({"index": "nope", "input": "a cat"}, "/v1/search", 404, "index_not_found", "index"),
     "top_k too large": ({"index": "photos", "input": "a cat", "top_k": 7}, "/v1/search", 400, "invalid_value", "top_k"),
-    "bad policy": ({"index": "photos", "input": "a cat", "policy": "block"}, "/v1/search", 400, "invalid_value", "policy"),
+    "bad policy": (
+        {"index": "photos", "input": "a cat", "policy": "block"},
+        "/v1/search",
+        400,
+        "invalid_value",
+        "policy",
+    ),
 }
 
 
@@ -350,7 +374,13 @@ def test_oversized_bodies_are_413(served, client):
     # the same body without a Content-Length (chunked): refused while it is read
     connection = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=60)
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {KEY}", "Transfer-Encoding": "chunked"}
-    connection.request("POST", "/v1/embeddings", body=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]), headers=headers, encode_chunked=True)
+    connection.request(
+        "POST",
+        "/v1/embeddings",
+        body=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
+        headers=headers,
+        encode_chunked=True,
+    )
     response = connection.getresponse()
     assert_error(response.status, json.loads(response.read()), 413)
     connection.close()
@@ -409,7 +439,13 @@ def test_the_queue_is_bounded_and_answers_503_with_retry_after():
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "method": "POST", "path": path, "headers": [(b"content-length", b"2")], "client": ("127.0.0.1", 1)}
+        scope = {
+            "type": "http",
+            "method": "POST",
+            "path": path,
+            "headers": [(b"content-length", b"2")],
+            "client": ("127.0.0.1", 1),
+        }
         await edge(scope, receive, send)
         return sent[0]["status"], dict(sent[0]["headers"]), sent[1]["body"]
 
@@ -426,3 +462,20 @@ def test_the_queue_is_bounded_and_answers_503_with_retry_after():
     assert status == 503 and headers[b"retry-after"] == b"1"
     assert_error(status, body, 503, "server_overloaded")
     assert statuses == [200, 200] and edge.in_flight == 0  # nothing admitted was lost
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--model", "/nonexistent/hysac"], "cannot read a model config from /nonexistent/hysac"),
+        (["--index", "photos"], "--index 'photos' must be NAME=DIR"),
+        (["--index", "photos=/nonexistent/index"], "/nonexistent/index"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line(served, flags, message, capsys):
+    from hysac_hf.serve.cli import main
+
+    status = main(["--model", str(served["folder"]), "--port", str(free_port()), *flags])  # fails before serving
+    assert status == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()[-1:]
+    assert line.startswith("hysac-serve: error: ") and message in line, line

@@ -88,10 +88,26 @@ LIMITS = InputLimits(max_items=3, max_image_pixels=10_000, max_text_chars=50)
         (["a", "b", "c", "d"], "too_many_inputs", "input"),
         ("x" * 51, "text_too_long", "input"),
         ([1, 2, 3], "invalid_input", "input[0]"),
-        ({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}}, "invalid_image", "input.image_url.url"),
-        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}, "invalid_image", "input.image_url.url"),
-        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}}, "invalid_image", "input.image_url.url"),
-        ({"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}, "remote_images_disabled", "input.image_url.url"),
+        (
+            {"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}},
+            "invalid_image",
+            "input.image_url.url",
+        ),
+        (
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}},
+            "invalid_image",
+            "input.image_url.url",
+        ),
+        (
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,aGVsbG8="}},
+            "invalid_image",
+            "input.image_url.url",
+        ),
+        (
+            {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}},
+            "remote_images_disabled",
+            "input.image_url.url",
+        ),
         ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "invalid_image", "input.image_url.url"),
         ({"type": "audio", "data": "..."}, "invalid_input", "input"),
         (["ok", 7], "invalid_input", "input[1]"),
@@ -181,15 +197,18 @@ TOOLKIT = textwrap.dedent(
     handler = module.EndpointHandler(folder)
 
     def url(path):
-        return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(open(path, "rb").read()).decode()}}
+        data = base64.b64encode(open(path, "rb").read()).decode()
+        return {"type": "image_url", "image_url": {"url": "data:image/png;base64," + data}}
 
+    search = {"task": "safe-retrieval", "index": "photos", "top_k": 3, "policy": "retain"}
+    EMBED = "feature-extraction"
     result = {
         "one_text": handler({"inputs": texts[0]}),
         "image_body": handler({"inputs": Image.open(paths[0])}),  # an image/png request body, decoded by the toolkit
         "texts": handler({"inputs": texts, "parameters": {"task": "unsafe-content-detection"}}),
         "images": handler({"inputs": [url(p) for p in paths]}),
-        "embeddings": handler({"inputs": texts + [url(p) for p in paths], "parameters": {"task": "feature-extraction"}}),
-        "search": handler({"inputs": texts, "parameters": {"task": "safe-retrieval", "index": "photos", "top_k": 3, "policy": "retain"}}),
+        "embeddings": handler({"inputs": texts + [url(p) for p in paths], "parameters": {"task": EMBED}}),
+        "search": handler({"inputs": texts, "parameters": search}),
     }
     for bad in ({"inputs": []}, {"inputs": "a", "parameters": {"task": "safe-retrieval", "index": "nope"}}):
         try:
@@ -215,7 +234,9 @@ def test_endpoint_handler_without_hysac_hf(calibrated, processor, photos, tmp_pa
         paths.append(str(tmp_path / f"{name}.png"))
         image.save(paths[-1])
     out = tmp_path / "out.json"
-    run = run_without_hysac_hf(TOOLKIT, tmp_path, python=python, args=[str(folder), str(out), json.dumps(paths), json.dumps(TEXTS)])
+    run = run_without_hysac_hf(
+        TOOLKIT, tmp_path, python=python, args=[str(folder), str(out), json.dumps(paths), json.dumps(TEXTS)]
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     got = json.loads(out.read_text())
 
@@ -232,7 +253,9 @@ def test_endpoint_handler_without_hysac_hf(calibrated, processor, photos, tmp_pa
         assert [r["score"] for r in results] == pytest.approx(distances, abs=ATOL)
         assert [r["label"] for r in results] == ["unsafe" if d > thresholds[modality] else "safe" for d in distances]
     assert {r["label"] for r in got["texts"] + got["images"]} == {"safe", "unsafe"}
-    torch.testing.assert_close(torch.tensor(got["embeddings"]), torch.cat([text_embeds, image_embeds]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(got["embeddings"]), torch.cat([text_embeds, image_embeds]), atol=ATOL, rtol=0
+    )
 
     distances = lorentz64(text_embeds, image_embeds, float(calibrated.curvature.detach()))
     for result, row in zip(got["search"], distances):

@@ -35,6 +35,7 @@ import base64
 import binascii
 import io
 import os
+import sys
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -461,16 +462,19 @@ class EndpointHandler:
         path = path or "."
         model = AutoModel.from_pretrained(path, trust_remote_code=True)
         processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-        detection = get_class_from_dynamic_module("pipeline_hysac.UnsafeContentDetectionPipeline", path)
+        # One load of the folder's pipeline module; its siblings come from sys.modules, never loaded again: transformers
+        # 4 re-executes a module it is asked for again, and a re-executed gallery_hysac would make Gallery objects of a
+        # new class that the loaded pipeline no longer recognises.
         retrieval = get_class_from_dynamic_module("pipeline_hysac.SafeRetrievalPipeline", path)
-        is_gallery_index = get_class_from_dynamic_module("gallery_hysac.is_gallery_index", path)
+        detection = sys.modules[retrieval.__module__].UnsafeContentDetectionPipeline
+        engine = sys.modules[retrieval.__module__.rpartition(".")[0] + ".gallery_hysac"]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         detector = detection(model=model, processor=processor, device=device)
         retriever = retrieval(model=detector.model, processor=processor, device=device)
         galleries = {
             entry.name: retriever._load_index(entry.path)
             for entry in sorted(os.scandir(path), key=lambda e: e.name)
-            if entry.is_dir() and is_gallery_index(entry.path)
+            if entry.is_dir() and engine.is_gallery_index(entry.path)
         }
         self.limits = limits or InputLimits(allow_remote_images=os.environ.get(REMOTE_ENV, "") == "1")
         self.runner = RequestRunner(detector, retriever, galleries)

@@ -222,6 +222,7 @@ TOOLKIT = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.main_line  # it runs both lines itself (PYTHONS): once is enough
 @pytest.mark.parametrize("python", PYTHONS, ids=lambda p: "this-python" if p == sys.executable else "other-line")
 def test_endpoint_handler_without_hysac_hf(calibrated, processor, photos, tmp_path, python):
     folder = save_model_folder(calibrated, processor, tmp_path / "repo")

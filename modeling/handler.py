@@ -480,6 +480,13 @@ class EndpointHandler:
         self.runner = RequestRunner(detector, retriever, galleries)
 
     def __call__(self, data: dict[str, Any]) -> Any:
+        """Answer one request `{"inputs": item | [items], "parameters": {"task": ..., **options}}`.
+
+        Returns:
+            for one item, its result; for a list, a list (see the class docstring).
+        Raises:
+            InputError: naming the field to fix.
+        """
         if not isinstance(data, dict) or "inputs" not in data:
             raise InputError('the request must be {"inputs": ..., "parameters": {...}}', "inputs")
         options = dict(data.get("parameters") or {})

@@ -53,7 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser,
         "--api_key",
         default=None,
-        help=f"require 'Authorization: Bearer <key>' on every route but /health (default: ${API_KEY_ENV}, else none)",
+        help=f"require 'Authorization: Bearer <key>' on every route but /health (default: ${API_KEY_ENV}, else none; "
+        "prefer the variable: a key on the command line shows in the process list)",
     )
     add_argument(parser, "--device", default=None, help="cpu or cuda (default: cuda when available)")
     add_argument(parser, "--dtype", default="float32", choices=DTYPES, help="tower precision (default: float32)")

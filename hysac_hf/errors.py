@@ -19,6 +19,8 @@ EXTRAS = {
     "faiss": ("faiss-cpu", "eval"),
     "tensorboard": ("tensorboard", "train"),
     "wandb": ("wandb", "train"),
+    "litserve": ("litserve", "serve"),
+    "prometheus_client": ("prometheus-client", "serve"),
 }
 
 

@@ -644,7 +644,8 @@ class HySACModel(HySACPreTrainedModel):
         and with sentence-transformers' files, so that `SentenceTransformer` ranks by Lorentz distance (not by
         cosine; see `sentence_transformers_hysac.py`). With `push_to_hub=True` those files are written after the
         upload: push with `model.push_to_hub(...)` or upload the saved folder instead. `config.custom_pipelines`
-        declares the `unsafe-content-detection` and `safe-retrieval` pipelines (`pipeline_hysac.py`)."""
+        declares the `unsafe-content-detection` and `safe-retrieval` pipelines (`pipeline_hysac.py`); `handler.py` makes the
+        folder a Hugging Face Inference Endpoints repository."""
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
         auto_map["AutoModelForZeroShotImageClassification"] = (
             f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
@@ -654,6 +655,7 @@ class HySACModel(HySACPreTrainedModel):
         # (gallery_hysac.py) and the processor module it reads inputs with, with the remote code (transformers 4 copies a local folder's remote code one import deep).
         # Our entries replace any earlier ones: `pipeline()` swaps their class names for classes in the loaded config.
         from .gallery_hysac import INDEX_FORMAT  # noqa: F401
+        from .handler import EndpointHandler  # noqa: F401 - ships handler.py, the Inference Endpoints handler
         from .pipeline_hysac import custom_pipelines
         from .processing_hysac import input_modality  # noqa: F401 - the pipelines' reading of inputs
 

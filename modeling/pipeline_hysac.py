@@ -548,9 +548,30 @@ class SafeRetrievalPipeline(_HySACPipeline):
         use_faiss: bool = False,
         gallery_modality: str | None = None,  # a construction option, checked by _sanitize_parameters
     ) -> dict[str, Tensor]:
+        return self.search(self._encode(model_inputs), gallery, top_k, policy, method, bound, use_faiss)
+
+    def search(
+        self,
+        queries: Tensor,
+        gallery: Gallery,
+        top_k: int = 5,
+        policy: str = "redirect",
+        method: str = "reference",
+        bound: str = "up_95",
+        use_faiss: bool = False,
+    ) -> dict[str, Tensor]:
+        """The ranking step of a call, for query embeddings already computed (`hysac-serve` embeds the queries of
+        many requests in one batch): the policy, then the search (`gallery_hysac.search_safely`).
+
+        Args:
+            queries: `(Q, D)` hyperboloid space components from this pipeline's model, on its device.
+            gallery: the gallery, as `_sanitize_parameters` resolved it; the other options as checked there.
+        Returns:
+            what `_forward` returns; `postprocess` of the row of one query gives that query's result.
+        """
         config = self.model.config
         return search_safely(
-            self._encode(model_inputs),
+            queries,
             gallery.embeddings,
             gallery.modality,
             self.model.curvature.detach(),

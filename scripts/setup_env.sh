@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or update) a virtual environment with hysac-hf installed editable.
 #   usage: bash scripts/setup_env.sh VENV_DIR "TRANSFORMERS_SPEC" EXTRAS
-#   e.g.   bash scripts/setup_env.sh .venv "transformers>=5,<6" test
+#   e.g.   bash scripts/setup_env.sh .venv "transformers>=5,<6" test,serve   (serve: hysac-serve's LitServe)
 # torch is pinned to 2.13.0 and installed first: on CPU-only machines install the CPU build beforehand
 # (see README, "CPU-only machines"), so that nothing pulls the CUDA wheels.
 set -euo pipefail

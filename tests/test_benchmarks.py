@@ -250,3 +250,28 @@ def test_bench_train_refuses_bad_arguments(capsys):
             bench_train.parse_args(["--device", "cpu", *argv] if "--device" not in argv else argv)
         assert error.value.code == 2
         assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.main_line
+def test_bench_serve_reports_both_variants_and_the_overload(tmp_path):
+    """bench_serve.py on the tiny model for a second per run: both variants served without errors, the overload run
+    answered every request (200, or 503/429 with Retry-After) and left the server healthy. No timing is asserted."""
+    pytest.importorskip("litserve")
+    out = tmp_path / "serve.json"
+    env = {**os.environ, "GLIBC_TUNABLES": GLIBC_TUNABLES, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    command = [sys.executable, str(BENCHMARKS / "bench_serve.py"), "--size", "tiny", "--seconds", "1", "--warmup", "0.5"]
+    command += ["--rounds", "1", "--clients", "4", "--max_queue", "8", "--json", str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, check=False, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())
+    for name in ("batched", "unbatched"):
+        row = results["summary"][name]
+        assert row["requests"] > 0 and row["errors"] == 0, row
+        assert_finite_numbers(row)
+        assert f"| {name} |" in result.stdout
+    overload = results["overload"]
+    assert overload["sent"] > 0 and overload["lost"] == 0, overload
+    assert overload["ok"] + overload["refused"] == overload["sent"]
+    assert overload["healthy_after"] and overload["served_after"]
+    assert "batched / unbatched requests/s" in result.stdout

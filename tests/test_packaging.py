@@ -62,6 +62,7 @@ def test_building_prints_no_deprecation_warning(installed):
         ("hysac_hf.evaluation.cli", "embed"),
         ("hysac_hf.index.cli", "build"),
         ("hysac_hf.demo", "--output_dir"),
+        ("hysac_hf.serve.cli", "--allow_remote_images"),
     ],
 )
 def test_every_command_runs_from_the_installed_wheel(installed, module, expected):

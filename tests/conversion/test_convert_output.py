@@ -72,6 +72,7 @@ def test_output_folder_contents(converted_folder, authors_checkpoints):
         "lorentz.py",
         "traversal.py",
         "pipeline_hysac.py",
+        "handler.py",  # the Inference Endpoints handler
     } <= files
     assert not any(name.endswith((".pth", ".bin")) for name in files)
     config = json.loads((converted_folder / "config.json").read_text())

@@ -151,7 +151,8 @@ def setup_logging(level: int | str = logging.INFO, quiet_libraries: bool = True)
 
     Call it where a command starts (never from library code). The root handler stays at WARNING, so libraries
     that log at INFO (datasets, accelerate, httpx...) stay quiet; `hysac_hf`, `__main__` and the training script
-    log at `level`.
+    log at `level`. When stderr is not a terminal, transformers' and datasets' progress bars are off too (ours show
+    on a terminal only), so a log file holds whole lines.
     """
     if isinstance(level, str):
         level = logging.getLevelName(level.upper())
@@ -161,16 +162,22 @@ def setup_logging(level: int | str = logging.INFO, quiet_libraries: bool = True)
     for name in ("hysac_hf", "__main__", "train", "convert_hysac"):
         logging.getLogger(name).setLevel(level)
     if quiet_libraries:
+        # Not a terminal (a log file, a pipe): their progress bars' redraws would glue onto the log lines.
+        terminal = sys.stderr.isatty()
         try:
             import transformers
 
             transformers.utils.logging.set_verbosity_warning()
+            if not terminal:
+                transformers.utils.logging.disable_progress_bar()
         except ImportError:  # pragma: no cover - transformers is a dependency
             pass
         try:
             import datasets
 
             datasets.utils.logging.set_verbosity_warning()
+            if not terminal:
+                datasets.disable_progress_bars()
         except ImportError:  # pragma: no cover
             pass
 

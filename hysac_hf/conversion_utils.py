@@ -279,7 +279,7 @@ def convert_state_dict(
             + (f"missing lora_A or lora_B for {_listing(incomplete)}; " if incomplete else "")
             + (f"no base weight for {_listing(no_base)}" if no_base else "")
         )
-    for module, pair in tqdm(factors.items(), desc="Folding LoRA", disable=not show_progress or not factors):
+    for module, pair in tqdm(factors.items(), desc="Folding LoRA", disable=None if show_progress and factors else True):
         converted[f"{module}.weight"] = fold_lora(converted[f"{module}.weight"], pair["A"], pair["B"], lora_alpha)
         report.ranks.add(int(pair["A"].shape[0]))
     report.lora_modules = len(factors)

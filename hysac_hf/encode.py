@@ -318,7 +318,9 @@ def _run(
     scalars: dict[str, float] = {}
     is_main = accelerator is None or accelerator.is_local_main_process
     with eval_mode(encoder):
-        for step, batch in enumerate(tqdm(loader, desc=desc, disable=not (show_progress and is_main), leave=False)):
+        # The bar shows on a terminal only (disable=None): in a log file its redraws would glue onto the next line.
+        bar = tqdm(loader, desc=desc, disable=None if show_progress and is_main else True, leave=False)
+        for step, batch in enumerate(bar):
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             out = encoder(**batch, **forward_kwargs)
             if step < len(mine):

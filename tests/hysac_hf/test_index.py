@@ -396,8 +396,11 @@ def test_a_crash_while_saving_leaves_the_old_index(tmp_path):
     assert crashed.returncode == 3, crashed.stderr[-2000:]
     loaded = GalleryIndex.load(tmp_path / "index")
     assert torch.equal(loaded.embeddings, old) and loaded.metadata == [{"v": "old"}] * 50
-    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "index"]
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("index", ".index.lock")]
     assert len(leftovers) == 1 and leftovers[0].startswith(".index.tmp-")  # the unfinished copy, beside it
+    GalleryIndex.from_embeddings(old[:10], "image", curvature=1.0).save(tmp_path / "index")  # the next writer
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.lock", "index"]  # removed it
+    assert len(GalleryIndex.load(tmp_path / "index")) == 10
 
 
 def test_an_interrupted_save_cleans_up_and_keeps_the_old_index(tmp_path, monkeypatch):
@@ -412,7 +415,7 @@ def test_an_interrupted_save_cleans_up_and_keeps_the_old_index(tmp_path, monkeyp
         GalleryIndex.from_embeddings(torch.zeros(3, 8), "image", curvature=1.0).save(tmp_path / "index")
     monkeypatch.undo()
     assert torch.equal(GalleryIndex.load(tmp_path / "index").embeddings, old)
-    assert [p.name for p in tmp_path.iterdir()] == ["index"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".index.lock", "index"]
 
 
 # ------------------------------------------------------------------------------------------------------------

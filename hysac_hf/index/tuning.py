@@ -7,6 +7,8 @@ tunes its indexes, :func:`build_approximate` measures before it commits:
 1. **Held-out queries.** `queries` gallery items are drawn as queries (kept out of the k-means samples); each one's
    true `k` nearest *other* items come from an exact search (FAISS flat inner product over chunks of the gallery,
    re-ranked in float64: the `flat` kind's own search, timed as the exact speed).
+   A setting reaches the target when the held-out recall does so by `CONFIDENCE_Z` standard errors (of the
+   per-query recalls), so that new queries reach it too, not only these.
 2. **Cells.** On a sample of the gallery (at most `SELECT_SAMPLE` items, with proportionally fewer cells so that a
    cell holds as many items as it will), each cell layout of `ivf.LAYOUTS` and each cell count of `NLIST_PER_ROOT`
    is built and probed until it reaches the target on the sample's own held-out items; the one that scans the
@@ -53,8 +55,9 @@ TUNING_QUERIES = 1000  # held-out gallery items used as queries (fewer for small
 SELECT_SAMPLE = 100_000  # items the cell layouts are compared on
 SELECT_QUERIES = 300
 NLIST_PER_ROOT = (2.0, 4.0)  # cell counts compared: this times sqrt(N), as powers of two
-RERANK_DEPTHS = (18, 50, 100, 200, 400, 1000)  # ivfpq: candidates re-ranked exactly, compared
+RERANK_DEPTHS = (50, 100, 200, 400)  # ivfpq: candidates re-ranked exactly, compared
 MIN_SPEEDUP = 2.0  # below this many times the exact speed, an approximate index is refused
+CONFIDENCE_Z = 2.0  # the held-out recall must reach the target this many standard errors above it
 MIN_TUNING_ITEMS = 200  # smaller galleries are searched exactly: too few items to measure (and nothing to gain)
 EXACT_CHUNK = 262_144  # gallery rows per FAISS flat structure in the exact search of the held-out queries
 
@@ -127,10 +130,35 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     return hits / max(truth.size, 1)
 
 
+@dataclass(frozen=True)
+class Measure:
+    """One setting measured on the held-out queries.
+
+    Attributes:
+        recall: mean recall@k.
+        bound: its lower confidence bound (mean minus `CONFIDENCE_Z` standard errors of the per-query recalls): the
+            target is met when this reaches it, so that new queries meet it too, not only these.
+        scanned: share of the gallery's vectors compared per query.
+        seconds: wall time of the search of all held-out queries.
+    """
+
+    recall: float
+    bound: float
+    scanned: float
+    seconds: float
+
+
+def _measure(found: np.ndarray, truth: np.ndarray, scanned: float, seconds: float) -> Measure:
+    per_query = np.array([len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(found.tolist(), truth.tolist())])
+    spread = per_query.std(ddof=1) / np.sqrt(len(per_query)) if len(per_query) > 1 else 0.0
+    mean = float(per_query.mean()) if len(per_query) else 0.0
+    return Measure(mean, mean - CONFIDENCE_Z * float(spread), scanned, seconds)
+
+
 def _approximate(
     structure: Any, embeddings: Tensor, curvature: float, held: HeldOut, k: int, nprobe: int, candidates: int
-) -> tuple[float, float, float]:
-    """Recall, share of the gallery scanned and wall time of one setting on the held-out queries."""
+) -> Measure:
+    """One setting's recall, share of the gallery scanned and wall time on the held-out queries."""
     import faiss
 
     queries = embeddings[torch.from_numpy(held.indices)]
@@ -140,7 +168,7 @@ def _approximate(
     found, _ = search(queries, embeddings, curvature, k + 1, structure, nprobe, candidates)
     seconds = time.perf_counter() - start
     scanned = stats.ndis / (embeddings.shape[0] * len(held.indices))
-    return recall(_drop_self(found, held.indices, k), held.truth), scanned, seconds
+    return _measure(_drop_self(found, held.indices, k), held.truth, scanned, seconds)
 
 
 def fewest_probes(
@@ -153,32 +181,33 @@ def fewest_probes(
     candidates: int,
     nlist: int,
     start: int = 1,
-) -> tuple[int, float, float, float] | None:
-    """The smallest `nprobe` whose recall on the held-out queries reaches `target` (doubling, then bisection).
+) -> tuple[int, Measure] | None:
+    """The smallest `nprobe` whose recall on the held-out queries reaches `target` with confidence (its
+    :attr:`Measure.bound`), by doubling from `start`, then bisection.
 
     Returns:
-        `(nprobe, recall, scanned share, seconds)`, or None when probing every cell falls short.
+        `(nprobe, its measure)`, or None when probing every cell falls short.
     """
-    measured: dict[int, tuple[float, float, float]] = {}
+    measured: dict[int, Measure] = {}
 
-    def measure(nprobe: int) -> tuple[float, float, float]:
+    def reaches(nprobe: int) -> bool:
         if nprobe not in measured:
             measured[nprobe] = _approximate(structure, embeddings, curvature, held, k, nprobe, candidates)
-        return measured[nprobe]
+        return measured[nprobe].bound >= target
 
     low, probe = 0, max(1, min(start, nlist))
-    while measure(probe)[0] < target:
+    while not reaches(probe):
         if probe == nlist:
             return None
         low, probe = probe, min(nlist, probe * 2)
     high = probe
     while high - low > 1:
         middle = (low + high) // 2
-        if measure(middle)[0] >= target:
+        if reaches(middle):
             high = middle
         else:
             low = middle
-    return (high, *measure(high))
+    return high, measured[high]
 
 
 def _build(
@@ -272,9 +301,9 @@ def choose_cells(
             result = fewest_probes(structure, sample, curvature, held, target, k, k + RERANK_MARGIN, built)
             row: dict[str, Any] = {"layout": layout, "nlist": full, "sample": size, "sample_nlist": built}
             if result is not None:
-                nprobe, got, scanned, _ = result
-                cost = scanned + built / size  # items scanned + cells' vectors compared, per gallery item
-                row.update({"nprobe": nprobe, "recall": round(got, 4), "cost": round(cost, 5)})
+                nprobe, measure = result
+                cost = measure.scanned + built / size  # items scanned + cells' vectors compared, per gallery item
+                row.update({"nprobe": nprobe, "recall": round(measure.recall, 4), "cost": round(cost, 5)})
                 if best is None or cost < best[0]:
                     best = (cost, layout, full, structure if whole else None)
             rows.append(row)
@@ -382,43 +411,43 @@ def tune_structure(
         held = held_out(embeddings, curvature, k, queries, seed)
     report["queries"] = int(len(held.indices))
     built_nlist = faiss.extract_index_ivf(structure).nlist
-    depths = [k + RERANK_MARGIN] if kind == "ivf" else sorted({d for d in RERANK_DEPTHS if d >= k + RERANK_MARGIN})
+    depths = [k + RERANK_MARGIN] if kind == "ivf" else [d for d in RERANK_DEPTHS if d >= k + RERANK_MARGIN]
     if rerank_depth is not None:
         depths = [rerank_depth]
-    options = []
+    options: list[tuple[int, int, Measure]] = []
     for depth in depths:
         if nprobe is not None:
-            got, scanned, seconds = _approximate(structure, embeddings, curvature, held, k, nprobe, depth)
-            options.append((nprobe, depth, got, scanned, seconds))
+            options.append((nprobe, depth, _approximate(structure, embeddings, curvature, held, k, nprobe, depth)))
             continue
-        result = fewest_probes(structure, embeddings, curvature, held, target, k, depth, built_nlist)
+        start = max(1, options[-1][0] // 4) if options else 1  # deeper re-ranking needs no more probes, or few
+        result = fewest_probes(structure, embeddings, curvature, held, target, k, depth, built_nlist, start)
         if result is not None:
-            options.append((result[0], depth, *result[1:]))
+            options.append((result[0], depth, result[1]))
     exact_qps = len(held.indices) / held.exact_seconds
     report["exact_queries_per_s"] = round(exact_qps, 2)
-    reaching = [o for o in options if o[2] >= target]
+    reaching = [o for o in options if o[2].bound >= target]
     if not reaching:
-        best = max(options, key=lambda o: o[2]) if options else None
+        best = max(options, key=lambda o: o[2].recall) if options else None
         if nprobe is not None and best is not None:  # the settings were given: keep them, but say so
             logger.warning(
                 "The %s index with nprobe=%d reaches recall@%d %.3f on held-out gallery items, under the target %g",
-                kind, nprobe, k, best[2], target,
+                kind, nprobe, k, best[2].recall, target,
             )  # fmt: skip
             report.update(_measured(best, exact_qps, len(held.indices), kind))
             return structure, _params(structure, kind, best[0], best[1]), report
         reason = (
-            f"recall@{k} {best[2]:.3f} at best, probing {best[0]} cells and re-ranking {best[1]} candidates"
+            f"recall@{k} {best[2].recall:.3f} at best, probing {best[0]} cells and re-ranking {best[1]} candidates"
             if best
             else f"no setting reaches recall@{k} {target}"
         )
         return _refuse(report, kind, reason)
     # Time each re-ranking depth's setting once more and keep the fastest.
     timed = []
-    for option in reaching:
-        seconds = min(option[4], _approximate(structure, embeddings, curvature, held, k, option[0], option[1])[2])
-        timed.append((seconds, option))
-    seconds, best = min(timed, key=lambda pair: pair[0])
-    best = (*best[:4], seconds)
+    for probes, depth, measure in reaching:
+        again = _approximate(structure, embeddings, curvature, held, k, probes, depth)
+        seconds = min(measure.seconds, again.seconds)
+        timed.append((probes, depth, Measure(measure.recall, measure.bound, measure.scanned, seconds)))
+    best = min(timed, key=lambda option: option[2].seconds)
     report.update(_measured(best, exact_qps, len(held.indices), kind))
     if report["speedup"] < MIN_SPEEDUP and nprobe is not None:  # the settings were given: kept, but said
         logger.warning(
@@ -429,20 +458,22 @@ def tune_structure(
         return _refuse(
             report,
             kind,
-            f"recall@{k} {best[2]:.3f} needs nprobe {best[0]} and runs at {report['speedup']:.2f}x the exact speed",
+            f"recall@{k} {best[2].recall:.3f} needs nprobe {best[0]} and runs at {report['speedup']:.2f}x the exact "
+            "speed",
         )
     return structure, _params(structure, kind, best[0], best[1]), report
 
 
-def _measured(option: tuple, exact_qps: float, queries: int, kind: str) -> dict[str, Any]:
-    """The report's fields for the chosen setting `(nprobe, depth, recall, scanned, seconds)`."""
-    nprobe, depth, got, scanned, seconds = option
-    qps = queries / seconds
+def _measured(option: tuple[int, int, Measure], exact_qps: float, queries: int, kind: str) -> dict[str, Any]:
+    """The report's fields for the chosen setting `(nprobe, depth, measure)`."""
+    nprobe, depth, measure = option
+    qps = queries / measure.seconds
     return {
         "nprobe": int(nprobe),
         **({"rerank": int(depth)} if kind == "ivfpq" else {}),
-        "recall": round(float(got), 4),
-        "scanned": round(float(scanned), 5),
+        "recall": round(measure.recall, 4),
+        "recall_lower_bound": round(measure.bound, 4),
+        "scanned": round(measure.scanned, 5),
         "queries_per_s": round(qps, 2),
         "speedup": round(qps / exact_qps, 2),
     }
@@ -482,6 +513,7 @@ __all__ = [
     "MIN_SPEEDUP",
     "RECALL_K",
     "HeldOut",
+    "Measure",
     "build_approximate",
     "build_structure",
     "choose_cells",

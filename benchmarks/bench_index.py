@@ -13,8 +13,9 @@ Galleries (`--galleries`), all lifted onto the hyperboloid with distances to the
 Queries are new points from each gallery's law (seed + 1). For each gallery and kind (`--kinds`), a child process
 builds the index folder through the library at its defaults (`GalleryIndex(kind=...).save` from the embeddings in
 memory for flat and ivf; for ivfpq, `build_streaming` from a file of embeddings read chunk by chunk, or with
-`--stream` from the generator itself, never holding the gallery) and reports its wall time and peak resident memory
-(`ru_maxrss`). The parent loads the folders and times `GalleryIndex.knn(queries, k)` for every kind in rounds that
+`--stream` from the generator itself, never holding the gallery) and reports its wall time and peak memory: anonymous
+(what it must hold) and resident (`ru_maxrss`, which also counts pages of memory-mapped files); children run with
+glibc's default malloc (the tunables below keep freed memory and would inflate the peak). The parent loads the folders and times `GalleryIndex.knn(queries, k)` for every kind in rounds that
 interleave the kinds after a warm-up (min and median), recall@k against the exact kind's results, and reads the
 structure's size from its FAISS file.
 
@@ -241,7 +242,10 @@ def run_build(args, kind: str, gallery: str, gallery_file: Path, output: Path, c
     command += ["--gallery", gallery, "--points", str(args.points), "--dim", str(args.dim), "--seed", str(args.seed)]
     command += ["--curvature", repr(curvature), "--threads", str(args.threads), "--target_recall", args.target_recall]
     command += ["--stream"] if args.stream else []
-    child = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "GLIBC_TUNABLES": TUNABLES})
+    # Without the malloc tunables: they keep freed memory in the heap (steadier timings), which would inflate the
+    # peak memory a build needs.
+    env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}
+    child = subprocess.run([*command, "--no_reexec"], capture_output=True, text=True, env=env)
     if child.returncode != 0:
         raise RuntimeError(f"building {kind} on {gallery} failed:\n{child.stderr[-4000:]}")
     return json.loads(child.stdout.strip().splitlines()[-1])

@@ -18,10 +18,11 @@ The geodesic distance `d(x, y) = acosh(-c <x, y>_L) / sqrt(c)` decreases with th
 exactly: FAISS inner-product structures over the pool vectors rank by Lorentz distance.
 
 - :func:`rank_exact`: exact top-k in float64 on the CPU, the gallery scanned in chunks of `RANK_CHUNK` rows.
-- :func:`search`: :func:`rank_exact`, or the `k + RERANK_MARGIN` candidates of a FAISS structure re-ranked in float64
-  (:func:`rerank`); FAISS scores in float32, so the spare candidates let near-ties at the k-th place be cut as a
-  float64 ranking cuts them. Structures: :func:`flat_structure` (exact, `IndexFlatIP`) and the approximate IVF that
-  `hysac_hf.index` trains; :func:`add_to_structure` fills either.
+- :func:`search`: :func:`rank_exact`, or the `k + RERANK_MARGIN` (or, for quantised codes, the folder's `rerank`)
+  candidates of a FAISS structure re-ranked in float64 (:func:`rerank`); FAISS scores in float32, so the spare
+  candidates let near-ties at the k-th place be cut as a float64 ranking cuts them. Structures: :func:`flat_structure`
+  (exact, `IndexFlatIP`) and the approximate IVFs that `hysac_hf.index` trains, whose radial cells are defined here
+  (:class:`RadialCells`); :func:`add_to_structure` fills any of them.
 - :func:`redirect` (the `redirect` policy): queries farther from the root than the traversal threshold of the
   gallery's safe region (image gallery: safe images `V`; text gallery: safe texts `S`) are moved onto it with the
   traversal of `traversal.py`, exactly as `HySACModel.traverse_to_safe` moves them. :func:`search_safely` composes
@@ -42,16 +43,27 @@ The gallery index folder (format 1)
 index_dir/
   index.json              {"format": 1, "modality": "image"|"text", "count": N, "dim": D, "curvature": c,
                            "model": name_or_path, "model_probe": [[...], [...]] or null,
-                           "faiss": {"type": "ivf", "params": {...}, "sha256": ...} or null,
+                           "faiss": {"type": "ivf"|"ivfpq", "params": {...}, "sha256": ...} or null,
                            "embeddings_sha256": ..., "metadata": "metadata.jsonl",
                            "bounds": {"S"|"V"|"U"|"G": {"avg", "up_95", "low_05"}} or null,
-                           "traversal_offset": float or null}
+                           "traversal_offset": float or null,
+                           "tuning": {...} (optional: what an approximate build measured and chose)}
   embeddings.safetensors  {"embeddings": (N, D) float32 hyperboloid space components, row i = item i}
   metadata.jsonl          one JSON object per item, row i = item i
   faiss.index             only when "faiss" is not null: faiss.write_index of the search structure over
                           mips_pool_vectors(embeddings, curvature) (queries: mips_query_vectors)
 ```
-`"faiss": null` means exact search. `"bounds"` and `"traversal_offset"` are the embedding model's `config.bounds` and
+`"faiss": null` means exact search. `faiss.params`: `nlist`, `nprobe` (the default of a search), `cells`
+(`"direction"`: the first release's cells, filed by FAISS; `"radial"`: :class:`RadialCells`, filed by the engine), and
+for `ivfpq` `rerank` (candidates re-ranked exactly) and `code` (`PQ<M>x<bits>`); an `ivfpq` file is an
+`IndexPreTransform` that pads the `D + 1`-dimensional vectors with zeros for its product quantiser, so readers that
+know only `D + 1` (this format's first release) read and search it too. `"tuning"` (written only by approximate builds
+that measured something; readers that do not know it ignore it): `target_recall`, `k`, `queries` (held-out gallery
+items), the chosen `cells`, `nprobe` (and `rerank`), the measured `recall`, its `recall_lower_bound`, `scanned`,
+`queries_per_s`, `exact_queries_per_s`, `speedup`, the `candidates` compared, and, when the target could not be met
+at twice the exact speed, `refused` (then `"faiss"` is null: exact search) and `requested_kind`. The embeddings of an
+`ivfpq` index, or of any file over `MEMORY_MAP_BYTES`, are memory-mapped: read row by row, never loaded whole.
+`"bounds"` and `"traversal_offset"` are the embedding model's `config.bounds` and
 `config.traversal_offset` at build time (what the `redirect` policy needs when no model is at hand); `faiss.sha256`
 guards the FAISS file as `embeddings_sha256` guards the embeddings. `model_probe` fingerprints the embedding model:
 `encode_text` of `PROBE_TEXTS`, rounded to `PROBE_DECIMALS` decimals. A reader holding a model recomputes it and

@@ -361,7 +361,7 @@ def run_build(args) -> dict:
     settings = {"nlist": args.nlist, "nprobe": args.nprobe, "rerank": args.rerank, "target_recall": target}
     output = Path(args.output).expanduser().resolve()
     if args.kind == "ivfpq":
-        from .streaming import build_streaming
+        from .streaming import build_streaming, resume_point
 
         size = args.chunk_size
 
@@ -370,21 +370,27 @@ def run_build(args) -> dict:
                 yield source.slice(number * size, min(len(source), (number + 1) * size), embed)
 
         dim = source.dim if source.dim is not None else int(model.config.projection_dim)
+        fingerprint = {"source": source.fingerprint, "chunk_size": size, "model": fields.get("model_probe")}
+        # Every process starts at the chunk the main process resumes from (each embeds its share of every chunk).
+        start = resume_point(output, fingerprint, kind="ivfpq", dim=dim, modality=source.modality, restart=args.restart)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             build_streaming(
                 output,
                 chunks,
                 dim=dim,
                 modality=source.modality,
-                fingerprint={"source": source.fingerprint, "chunk_size": size, "model": fields.get("model_probe")},
+                fingerprint=fingerprint,
                 kind="ivfpq",
                 restart=args.restart,
-                **{key: value for key, value in settings.items() if key != "target_recall"},
+                nlist=args.nlist,
+                nprobe=args.nprobe,
+                rerank=args.rerank,
                 target_recall=target,
                 **fields,
             )
-        else:  # the other processes embed their share of each chunk
-            for _ in chunks(0):
+        elif start is not None:
+            for _ in chunks(start):
                 pass
         accelerator.wait_for_everyone()
         if not accelerator.is_main_process:

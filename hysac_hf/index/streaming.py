@@ -83,6 +83,23 @@ def _read_state(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def _fingerprint(fingerprint: dict[str, Any], kind: str, dim: int, modality: str) -> dict[str, Any]:
+    return json.loads(json.dumps({**fingerprint, "kind": kind, "dim": dim, "modality": modality}))
+
+
+def resume_point(
+    output: str | os.PathLike, fingerprint: dict[str, Any], *, kind: str, dim: int, modality: str, restart: bool = False
+) -> int | None:
+    """The chunk a build of `output` with this fingerprint will ask its source for first: 0 for a new build, the
+    number of committed chunks for an unfinished collection, None once every chunk is collected. (The other
+    processes of a multi-process build embed their share of the same chunks.)"""
+    work = work_folder(output)
+    state = _read_state(work) if work.is_dir() else None
+    if restart or state is None or state.get("fingerprint") != _fingerprint(fingerprint, kind, dim, modality):
+        return 0
+    return state["chunks"] if state.get("phase") == "collect" else None
+
+
 def build_streaming(
     output: str | os.PathLike,
     chunks: ChunkSource,
@@ -128,7 +145,7 @@ def build_streaming(
     from tqdm.auto import tqdm
 
     output = Path(output).expanduser().resolve()
-    fingerprint = json.loads(json.dumps({**fingerprint, "kind": kind, "dim": dim, "modality": modality}))
+    fingerprint = _fingerprint(fingerprint, kind, dim, modality)
     with folder_lock(output):
         work = work_folder(output)
         state = _read_state(work) if work.is_dir() else None
@@ -290,4 +307,4 @@ def _fill(
     _write_state(work, state)
 
 
-__all__ = ["CHECKPOINT_ROWS", "SAMPLE_ROWS", "ChunkSource", "build_streaming", "work_folder"]
+__all__ = ["CHECKPOINT_ROWS", "SAMPLE_ROWS", "ChunkSource", "build_streaming", "resume_point", "work_folder"]

@@ -33,6 +33,7 @@ from ..modeling.gallery_hysac import (
     POLICIES,
     Gallery,
     add_to_structure,
+    all_finite,
     check_gallery_model,
     describe_results,
     flat_structure,
@@ -100,7 +101,7 @@ def _check_embeddings(embeddings: Any, what: str, dim: int | None = None) -> Ten
             f"{what} have dimension {embeddings.shape[1]}, the index holds {dim}-dimensional embeddings; embed them with the index's model"
         )
     embeddings = embeddings.detach().to("cpu")
-    if embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
+    if embeddings.numel() and not all_finite(embeddings):
         raise UsageError(f"{what} contain NaN or infinite values")
     return embeddings
 

@@ -406,7 +406,7 @@ def tune_structure(
     if target is None:
         depth = rerank_depth or (RERANK_DEPTHS[3] if kind == "ivfpq" else None)
         return structure, _params(structure, kind, nprobe, depth), None
-    report = {"target_recall": target, "k": k, **(report or {})}
+    report = {"target_recall": target, "k": k, "items": int(embeddings.shape[0]), **(report or {})}
     if held is None:
         held = held_out(embeddings, curvature, k, queries, seed)
     report["queries"] = int(len(held.indices))

@@ -18,10 +18,11 @@ The geodesic distance `d(x, y) = acosh(-c <x, y>_L) / sqrt(c)` decreases with th
 exactly: FAISS inner-product structures over the pool vectors rank by Lorentz distance.
 
 - :func:`rank_exact`: exact top-k in float64 on the CPU, the gallery scanned in chunks of `RANK_CHUNK` rows.
-- :func:`search`: :func:`rank_exact`, or the `k + RERANK_MARGIN` candidates of a FAISS structure re-ranked in float64
-  (:func:`rerank`); FAISS scores in float32, so the spare candidates let near-ties at the k-th place be cut as a
-  float64 ranking cuts them. Structures: :func:`flat_structure` (exact, `IndexFlatIP`) and the approximate IVF that
-  `hysac_hf.index` trains; :func:`add_to_structure` fills either.
+- :func:`search`: :func:`rank_exact`, or the `k + RERANK_MARGIN` (or, for quantised codes, the folder's `rerank`)
+  candidates of a FAISS structure re-ranked in float64 (:func:`rerank`); FAISS scores in float32, so the spare
+  candidates let near-ties at the k-th place be cut as a float64 ranking cuts them. Structures: :func:`flat_structure`
+  (exact, `IndexFlatIP`) and the approximate IVFs that `hysac_hf.index` trains, whose radial cells are defined here
+  (:class:`RadialCells`); :func:`add_to_structure` fills any of them.
 - :func:`redirect` (the `redirect` policy): queries farther from the root than the traversal threshold of the
   gallery's safe region (image gallery: safe images `V`; text gallery: safe texts `S`) are moved onto it with the
   traversal of `traversal.py`, exactly as `HySACModel.traverse_to_safe` moves them. :func:`search_safely` composes
@@ -42,16 +43,27 @@ The gallery index folder (format 1)
 index_dir/
   index.json              {"format": 1, "modality": "image"|"text", "count": N, "dim": D, "curvature": c,
                            "model": name_or_path, "model_probe": [[...], [...]] or null,
-                           "faiss": {"type": "ivf", "params": {...}, "sha256": ...} or null,
+                           "faiss": {"type": "ivf"|"ivfpq", "params": {...}, "sha256": ...} or null,
                            "embeddings_sha256": ..., "metadata": "metadata.jsonl",
                            "bounds": {"S"|"V"|"U"|"G": {"avg", "up_95", "low_05"}} or null,
-                           "traversal_offset": float or null}
+                           "traversal_offset": float or null,
+                           "tuning": {...} (optional: what an approximate build measured and chose)}
   embeddings.safetensors  {"embeddings": (N, D) float32 hyperboloid space components, row i = item i}
   metadata.jsonl          one JSON object per item, row i = item i
   faiss.index             only when "faiss" is not null: faiss.write_index of the search structure over
                           mips_pool_vectors(embeddings, curvature) (queries: mips_query_vectors)
 ```
-`"faiss": null` means exact search. `"bounds"` and `"traversal_offset"` are the embedding model's `config.bounds` and
+`"faiss": null` means exact search. `faiss.params`: `nlist`, `nprobe` (the default of a search), `cells`
+(`"direction"`: the first release's cells, filed by FAISS; `"radial"`: :class:`RadialCells`, filed by the engine), and
+for `ivfpq` `rerank` (candidates re-ranked exactly) and `code` (`PQ<M>x<bits>`); an `ivfpq` file is an
+`IndexPreTransform` that pads the `D + 1`-dimensional vectors with zeros for its product quantiser, so readers that
+know only `D + 1` (this format's first release) read and search it too. `"tuning"` (written only by approximate builds
+that measured something; readers that do not know it ignore it): `target_recall`, `k`, `queries` (held-out gallery
+items), the chosen `cells`, `nprobe` (and `rerank`), the measured `recall`, its `recall_lower_bound`, `scanned`,
+`queries_per_s`, `exact_queries_per_s`, `speedup`, the `candidates` compared, and, when the target could not be met
+at twice the exact speed, `refused` (then `"faiss"` is null: exact search) and `requested_kind`. The embeddings of an
+`ivfpq` index, or of any file over `MEMORY_MAP_BYTES`, are memory-mapped: read row by row, never loaded whole.
+`"bounds"` and `"traversal_offset"` are the embedding model's `config.bounds` and
 `config.traversal_offset` at build time (what the `redirect` policy needs when no model is at hand); `faiss.sha256`
 guards the FAISS file as `embeddings_sha256` guards the embeddings. `model_probe` fingerprints the embedding model:
 `encode_text` of `PROBE_TEXTS`, rounded to `PROBE_DECIMALS` decimals. A reader holding a model recomputes it and
@@ -79,7 +91,6 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .configuration_hysac import BOUND_STATS, MODALITIES, SAFE_KIND, validate_bounds
@@ -87,11 +98,23 @@ from .lorentz import autocast_disabled, dist_to_origin, mips_pool_vectors, mips_
 from .traversal import METHODS, traversal_threshold, traverse
 
 POLICIES = ("redirect", "retain")
-INDEX_KINDS = ("flat", "ivf")  # "flat": exact search (no FAISS file); "ivf": an approximate FAISS IVF
+# "flat": exact search (no FAISS file); "ivf": an approximate FAISS IVF over the float32 pool vectors; "ivfpq": an
+# approximate IVF over product-quantised pool vectors, its candidates re-ranked from memory-mapped embeddings.
+INDEX_KINDS = ("flat", "ivf", "ivfpq")
+MEMORY_MAPPED_KINDS = ("ivfpq",)  # kinds whose embeddings are read from disk row by row, never loaded whole
+MEMORY_MAP_BYTES = 4 << 30  # embeddings files larger than this are memory-mapped whatever the kind
+# How an IVF's items are filed into its cells: "direction" (the first release: FAISS files each item under the
+# quantizer vector [u_j, 0] of its nearest direction) or "radial" (shells of distance to the root cut into direction
+# cells; the engine files each item, see radial_cells).
+CELL_SCHEMES = ("direction", "radial")
 RERANK_MARGIN = 8  # FAISS candidates fetched beyond k: its float32 scores may order near-ties differently
 RANK_CHUNK = 65_536  # gallery rows ranked at once by rank_exact: a (queries, RANK_CHUNK) float64 block
 MAX_BLOCK_ELEMENTS = 2**26  # largest score block held by the target-rank functions: 256 MiB of float32
 STRUCTURE_ADD_CHUNK = 65_536  # rows turned into float32 pool vectors at once while filling a FAISS structure
+ASSIGN_CHUNK = 8_192  # rows filed into radial cells at once (a (rows, cells of one shell) score block)
+ASSIGN_EXACT_CELLS = 1_024  # shells with more cells find an item's nearest direction with an HNSW graph (approximate)
+WRITE_CHUNK = 65_536  # embedding rows written at once by write_embeddings
+RERANK_BLOCK_ELEMENTS = 2**23  # float64 candidate values gathered at once by rerank: 64 MiB
 
 # The saved gallery index folder, format 1.
 INDEX_FORMAT = 1
@@ -118,12 +141,13 @@ class Gallery:
     """A gallery to search: what a saved index folder holds, in memory.
 
     Attributes:
-        embeddings: `(N, D)` float32 hyperboloid space components on the CPU, row `i` = item `i`.
+        embeddings: `(N, D)` float32 hyperboloid space components on the CPU, row `i` = item `i` (memory-mapped from
+            the folder's file for the kinds of `MEMORY_MAPPED_KINDS`).
         modality: `"image"` or `"text"`: what the items are (their safe region: `V` or `S`).
         curvature: curvature magnitude `c` of the model that embedded them (None: not recorded).
         metadata: one dict per item, or None.
-        kind: `"flat"` (exact search) or `"ivf"` (a saved approximate FAISS structure).
-        params: the structure's settings (`nlist`, `nprobe`, `cells` for `ivf`).
+        kind: `"flat"` (exact search), `"ivf"` or `"ivfpq"` (a saved approximate FAISS structure).
+        params: the structure's settings (`nlist`, `nprobe`, `cells`; `rerank` and `code` for `ivfpq`).
         model_name: name or path of the embedding model.
         model_probe: the model's rounded probe embeddings (:func:`model_probe`), or None.
         bounds: the model's `config.bounds` at build time, or None.
@@ -131,7 +155,9 @@ class Gallery:
         structure: the FAISS structure over the pool vectors, once built or read (:func:`read_structure`).
         faiss_path: where the saved FAISS file is (read on first use), or None.
         faiss_sha256: its recorded SHA-256, or None.
+        tuning: what the build measured and chose for an approximate kind (`index.json` field `"tuning"`), or None.
         source: where the gallery came from, for messages.
+        memory_mapped: whether `embeddings` are memory-mapped from the folder's file.
     """
 
     embeddings: Tensor
@@ -147,7 +173,9 @@ class Gallery:
     structure: Any = field(default=None, repr=False)
     faiss_path: str | None = None
     faiss_sha256: str | None = None
+    tuning: dict[str, Any] | None = None
     source: str = "embeddings"
+    memory_mapped: bool = False
 
     def __len__(self) -> int:
         return self.embeddings.shape[0]
@@ -159,6 +187,12 @@ class Gallery:
 
 # ------------------------------------------------------------------------------------------------------------
 # Exact and approximate top-k
+def all_finite(embeddings: Tensor, rows: int = WRITE_CHUNK) -> bool:
+    """Whether every value is finite, checked `rows` rows at a time (`torch.isfinite` of a whole float tensor makes
+    an absolute-value copy of it and two masks: 1.5 times its size again, transiently)."""
+    return all(bool(torch.isfinite(embeddings[start : start + rows]).all()) for start in range(0, embeddings.shape[0], rows))
+
+
 def _float64(curvature: float | Tensor) -> Tensor:
     """The curvature as a float64 CPU scalar (a Python float straight to float64, never through float32)."""
     if torch.is_tensor(curvature):
@@ -201,32 +235,58 @@ def rerank(
 ) -> tuple[Tensor, Tensor]:
     """The exact top-k of each query among its candidates, in float64 (ties in gallery order).
 
-    A query whose candidate row holds `-1` (a FAISS structure that found fewer items than asked) is ranked against
-    the whole gallery instead.
+    Queries are re-ranked together, in blocks of at most `RERANK_BLOCK_ELEMENTS` gathered float64 values (a batched
+    :func:`pairwise_dist`: one small matrix product per query costs more in overhead than in arithmetic). `-1` marks a
+    missing candidate (an IVF whose probed cells held fewer items than asked): the others are re-ranked, and a query
+    left with fewer than `k` candidates is ranked against the whole gallery instead.
 
     Args:
         queries: `(Q, D)` space components.
-        embeddings: `(N, D)` the gallery.
+        embeddings: `(N, D)` the gallery (a memory-mapped tensor: only the candidates' rows are read).
         candidates: `(Q, M)` int64 gallery indices, `M >= k`, `-1` for a missing candidate.
         curvature: positive curvature magnitude `c`.
         k: results per query.
     Returns:
         as :func:`rank_exact`.
     """
-    indices, distances = [], []
-    for row, found in zip(queries, candidates):
-        if bool((found < 0).any()):
-            best, best_distances = rank_exact(row[None], embeddings, curvature, k)
-            indices.append(best[0])
-            distances.append(best_distances[0])
-            continue
-        found = torch.sort(found).values  # gallery order, so the stable ranking breaks ties by index
-        order, order_distances = rank_exact(row[None], embeddings[found], curvature, k)
-        indices.append(found[order[0]])
-        distances.append(order_distances[0])
-    if not indices:
-        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k, dtype=torch.float64)
-    return torch.stack(indices), torch.stack(distances)
+    count = queries.shape[0]
+    indices = torch.zeros(count, k, dtype=torch.long)
+    distances = torch.zeros(count, k, dtype=torch.float64)
+    if count == 0:
+        return indices, distances
+    queries = queries.detach().to("cpu", torch.float64)
+    candidates = candidates.to(torch.long)
+    c = _float64(curvature)
+    missing = (candidates >= 0).sum(dim=1) < k
+    for row in torch.nonzero(missing).flatten().tolist():
+        best, best_distances = rank_exact(queries[row : row + 1], embeddings, c, k)
+        indices[row], distances[row] = best[0], best_distances[0]
+    rows = torch.nonzero(~missing).flatten()
+    # Gallery order within each row, so that the stable sort below breaks equal distances by index.
+    found = torch.sort(candidates[rows], dim=1).values
+    step = max(1, RERANK_BLOCK_ELEMENTS // max(1, found.shape[1] * embeddings.shape[1]))
+    for begin in range(0, rows.shape[0], step):
+        block, block_found = rows[begin : begin + step], found[begin : begin + step]
+        gathered = embeddings[block_found.clamp(min=0).reshape(-1)].to(torch.float64).reshape(*block_found.shape, -1)
+        block_distances = pairwise_dist(queries[block, None, :], gathered, c, eps=0.0)[:, 0, :]
+        block_distances = block_distances.masked_fill(block_found < 0, math.inf)  # sorted after every real one
+        order = torch.sort(block_distances, dim=1, stable=True).indices[:, :k]
+        indices[block] = block_found.gather(1, order)
+        distances[block] = block_distances.gather(1, order)
+    return indices, distances
+
+
+def _search_parameters(structure: Any, nprobe: int | None) -> tuple[Any, list[Any]]:
+    """FAISS search parameters probing `nprobe` cells of an IVF (plain or behind an `IndexPreTransform`), and the
+    objects they point to (kept alive by the caller while FAISS searches)."""
+    if nprobe is None:
+        return None, []
+    import faiss
+
+    ivf_params = faiss.SearchParametersIVF(nprobe=int(nprobe))
+    if isinstance(structure, faiss.IndexPreTransform):
+        return faiss.SearchParametersPreTransform(index_params=ivf_params), [ivf_params]
+    return ivf_params, []
 
 
 def structure_candidates(
@@ -235,7 +295,8 @@ def structure_candidates(
     """The `count` best candidates of each query from a FAISS inner-product structure over the pool vectors.
 
     Args:
-        structure: a FAISS index over `mips_pool_vectors(embeddings, curvature)` (flat or IVF).
+        structure: a FAISS index over `mips_pool_vectors(embeddings, curvature)` (flat, IVF, or an IVF over
+            quantised codes behind an `IndexPreTransform` that pads the vectors).
         queries: `(Q, D)` space components.
         count: candidates per query.
         nprobe: cells probed by an IVF structure (None: the structure's own setting).
@@ -245,12 +306,9 @@ def structure_candidates(
     c = torch.as_tensor(curvature).detach().to("cpu", torch.float32)
     vectors = mips_query_vectors(queries.detach().to("cpu", torch.float32), c)
     vectors = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
-    if nprobe is None:
-        _, ids = structure.search(vectors, count)
-    else:
-        import faiss
-
-        _, ids = structure.search(vectors, count, params=faiss.SearchParametersIVF(nprobe=int(nprobe)))
+    params, keep_alive = _search_parameters(structure, nprobe)
+    _, ids = structure.search(vectors, count) if params is None else structure.search(vectors, count, params=params)
+    del keep_alive
     return torch.from_numpy(ids.astype(np.int64))
 
 
@@ -261,27 +319,30 @@ def search(
     k: int,
     structure: Any = None,
     nprobe: int | None = None,
+    candidates: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The `k` nearest gallery items of each query by Lorentz distance.
 
-    Without a `structure`: :func:`rank_exact`. With one: its `k + RERANK_MARGIN` best candidates
+    Without a `structure`: :func:`rank_exact`. With one: its `max(k + RERANK_MARGIN, candidates)` best candidates
     (:func:`structure_candidates`), re-ranked in float64 (:func:`rerank`).
 
     Args:
         queries: `(Q, D)` space components.
-        embeddings: `(N, D)` the gallery, `N >= k`.
+        embeddings: `(N, D)` the gallery, `N >= k` (a memory-mapped tensor is read only where needed).
         curvature: positive curvature magnitude `c`.
         k: results per query.
         structure: a FAISS structure over the gallery's pool vectors, or None.
         nprobe: cells probed by an IVF structure (None: its own setting).
+        candidates: candidates re-ranked per query (None: `k + RERANK_MARGIN`); a structure over quantised codes
+            scores approximately and needs more (its saved `params["rerank"]`).
     Returns:
         `(Q, k)` int64 gallery indices, nearest first (equal distances in gallery order), and their float64 distances.
     """
     if structure is None:
         return rank_exact(queries, embeddings, curvature, k)
-    count = min(k + RERANK_MARGIN, embeddings.shape[0])
-    candidates = structure_candidates(structure, queries, curvature, count, nprobe)
-    return rerank(queries, embeddings, candidates, curvature, k)
+    count = min(max(k + RERANK_MARGIN, int(candidates or 0)), embeddings.shape[0])
+    found = structure_candidates(structure, queries, curvature, count, nprobe)
+    return rerank(queries, embeddings, found, curvature, k)
 
 
 def flat_structure(embeddings: Tensor, curvature: float | Tensor) -> Any:
@@ -293,13 +354,118 @@ def flat_structure(embeddings: Tensor, curvature: float | Tensor) -> Any:
     return structure
 
 
-def add_to_structure(structure: Any, embeddings: Tensor, curvature: float | Tensor) -> None:
+@dataclass
+class RadialCells:
+    """The cells of a radial IVF, read back from its quantizer (so that the FAISS file alone defines them).
+
+    A radial IVF cuts the hyperboloid into shells of distance to the root, and each shell into direction cells. The
+    quantizer vector of cell `j` in the shell whose inner edge has space norm `rho` is the pool vector of a point at
+    that edge, `[rho m_j, sqrt(1/c + rho^2)]`, with `m_j` the mean unit direction of the cell's items (its length,
+    at most 1, says how spread they are). FAISS probes the cells whose vector has the largest inner product with the
+    query vector `[x_s, -x_t]`: the Lorentz inner product of the query with that edge point, an estimate of the best
+    score the cell can hold. Items are filed here, not by FAISS: into the outermost shell whose edge lies at or below
+    them (their time component against the shells' time components), then into the cell of that shell whose
+    direction `m_j / |m_j|` is nearest to theirs (exactly; in shells of more than `ASSIGN_EXACT_CELLS` cells, as an
+    HNSW graph over the directions finds it, which costs `log(cells)` instead of `cells` products per item and may
+    file an item beside its nearest cell: searches re-rank exactly, so this costs recall, never exactness).
+
+    Attributes:
+        shell_times: `(S,)` float32 ascending time components of the shells' inner edges.
+        cell_shells: `(nlist,)` int64 shell of each cell.
+        directions: `(nlist, D)` float32 unit direction of each cell (zero for a cell without one).
+    """
+
+    shell_times: np.ndarray
+    cell_shells: np.ndarray
+    directions: np.ndarray
+    _searchers: dict[int, tuple[np.ndarray, Any]] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, structure: Any, dim: int) -> RadialCells:
+        """The cells of `structure` (an IVF over `dim + 1`-dimensional pool vectors, possibly padded)."""
+        import faiss
+
+        ivf = faiss.extract_index_ivf(structure)
+        vectors = ivf.quantizer.reconstruct_n(0, ivf.nlist)[:, : dim + 1]
+        shell_times, cell_shells = np.unique(vectors[:, dim], return_inverse=True)
+        norms = np.linalg.norm(vectors[:, :dim], axis=1, keepdims=True)
+        directions = np.divide(vectors[:, :dim], norms, out=np.zeros_like(vectors[:, :dim]), where=norms > 0)
+        return cls(shell_times, cell_shells.astype(np.int64).reshape(-1), np.ascontiguousarray(directions))
+
+    def assign(self, pool: np.ndarray) -> np.ndarray:
+        """The cell of each pool vector.
+
+        Args:
+            pool: `(n, D + 1)` float32 pool vectors `[y_s, y_t]`.
+        Returns:
+            `(n,)` int64 cell numbers.
+        """
+        import faiss
+
+        dim = self.directions.shape[1]
+        shells = np.clip(np.searchsorted(self.shell_times, pool[:, dim], side="right") - 1, 0, None)
+        labels = np.empty(pool.shape[0], dtype=np.int64)
+        for shell in np.unique(shells):
+            rows = np.nonzero(shells == shell)[0]
+            if int(shell) not in self._searchers:
+                members = np.nonzero(self.cell_shells == shell)[0]
+                if members.size > ASSIGN_EXACT_CELLS:
+                    directions = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+                    directions.hnsw.efSearch = 64
+                else:
+                    directions = faiss.IndexFlatIP(dim)
+                directions.add(np.ascontiguousarray(self.directions[members]))
+                self._searchers[int(shell)] = (members, directions)
+            members, directions = self._searchers[int(shell)]
+            if members.size == 1:
+                labels[rows] = members[0]
+                continue
+            for start in range(0, rows.size, ASSIGN_CHUNK):
+                part = rows[start : start + ASSIGN_CHUNK]
+                _, best = directions.search(np.ascontiguousarray(pool[part, :dim]), 1)
+                labels[part] = members[best[:, 0]]
+        return labels
+
+
+def _add_assigned(structure: Any, vectors: np.ndarray, labels: np.ndarray) -> None:
+    """Append pool vectors to the given cells of an IVF (through its `IndexPreTransform`, if any); they take the next
+    gallery indices."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(structure)
+    if isinstance(structure, faiss.IndexPreTransform):
+        for position in range(structure.chain.size()):
+            vectors = faiss.downcast_VectorTransform(structure.chain.at(position)).apply(vectors)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    labels = np.ascontiguousarray(labels, dtype=np.int64)
+    ivf.add_core(vectors.shape[0], faiss.swig_ptr(vectors), None, faiss.swig_ptr(labels))
+    structure.ntotal = ivf.ntotal
+
+
+def add_to_structure(
+    structure: Any, embeddings: Tensor, curvature: float | Tensor, cells: str | None = None
+) -> None:
     """Append `(M, D)` space components to a FAISS inner-product structure over the pool vectors, chunk by chunk
-    (they take the next gallery indices)."""
+    (they take the next gallery indices).
+
+    Args:
+        structure: a flat or IVF FAISS structure.
+        embeddings: `(M, D)` space components (a memory-mapped tensor is read chunk by chunk).
+        curvature: positive curvature magnitude `c`.
+        cells: the IVF's cell scheme (`params["cells"]`): `"radial"` files items by :class:`RadialCells`; None or
+            `"direction"` lets FAISS file them by its quantizer.
+    """
+    if cells is not None and cells not in CELL_SCHEMES:
+        raise ValueError(f"cells={cells!r} is not one of {list(CELL_SCHEMES)}")
     c = torch.as_tensor(curvature).detach().to("cpu", torch.float32)
+    layout = RadialCells.of(structure, embeddings.shape[1]) if cells == "radial" else None
     for start in range(0, embeddings.shape[0], STRUCTURE_ADD_CHUNK):
         vectors = mips_pool_vectors(embeddings[start : start + STRUCTURE_ADD_CHUNK].detach().cpu().float(), c)
-        structure.add(np.ascontiguousarray(vectors.numpy(), dtype=np.float32))
+        vectors = np.ascontiguousarray(vectors.numpy(), dtype=np.float32)
+        if layout is None:
+            structure.add(vectors)
+        else:
+            _add_assigned(structure, vectors, layout.assign(vectors))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -359,6 +525,7 @@ def search_safely(
     bound: str = "up_95",
     structure: Any = None,
     nprobe: int | None = None,
+    candidates: int | None = None,
 ) -> dict[str, Tensor]:
     """Safe retrieval on embeddings: the policy, then the search, then the distances to the root.
 
@@ -367,7 +534,7 @@ def search_safely(
 
     Args:
         queries: `(Q, D)` space components (float32 from the model, or float64).
-        embeddings, curvature, k, structure, nprobe: as in :func:`search`.
+        embeddings, curvature, k, structure, nprobe, candidates: as in :func:`search`.
         modality: the gallery's modality.
         policy: `"redirect"` or `"retain"`.
         bounds, offset, method, bound: as in :func:`redirect` (used by `"redirect"` only).
@@ -381,7 +548,7 @@ def search_safely(
         searched, redirected = redirect(queries, modality, bounds, curvature, offset, method, bound)
     else:
         searched, redirected = queries, torch.zeros(queries.shape[0], dtype=torch.bool, device=queries.device)
-    indices, distances = search(searched, embeddings, curvature, k, structure, nprobe)
+    indices, distances = search(searched, embeddings, curvature, k, structure, nprobe, candidates)
     c = curvature.detach() if torch.is_tensor(curvature) else curvature
     return {
         "redirected": redirected,
@@ -725,6 +892,8 @@ def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
         or not isinstance(faiss_info.get("params", {}), dict)
     ):
         raise _corrupt(folder, f"{INDEX_FILE} field 'faiss' = {faiss_info!r} is not {{'type': str, 'params': {{}}}}")
+    if info.get("tuning") is not None and not isinstance(info["tuning"], dict):
+        raise _corrupt(folder, f"{INDEX_FILE} field 'tuning' = {info['tuning']!r} is not an object")
     if info.get("metadata") is not None and (
         not isinstance(info["metadata"], str) or Path(info["metadata"]).name != info["metadata"]
     ):
@@ -769,7 +938,83 @@ def read_metadata(folder: str | os.PathLike, name: str | None, count: int) -> li
     return rows
 
 
-def read_gallery(folder: str | os.PathLike) -> Gallery:
+def _safetensors_header(path: Path) -> tuple[dict[str, Any], int]:
+    """The JSON header of a safetensors file and the offset of its data (raises ValueError on a malformed one)."""
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) != 8:
+            raise ValueError("shorter than a safetensors header")
+        size = int.from_bytes(prefix, "little")
+        if size > 100_000_000:
+            raise ValueError(f"its header claims {size} bytes")
+        raw = handle.read(size)
+    if len(raw) != size:
+        raise ValueError("its header is truncated")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"its header is not JSON ({error})") from None
+    if not isinstance(header, dict):
+        raise ValueError("its header is not a JSON object")
+    return header, 8 + size
+
+
+def memory_map_embeddings(folder: str | os.PathLike, count: int, dim: int) -> Tensor:
+    """The `(count, dim)` float32 embeddings of an index folder, memory-mapped (copy-on-write: the file is never
+    written through it), so that rows are read from disk only when used.
+
+    Checks the file's header and size against `count` and `dim`; not its checksum or values (that reads the whole
+    file: :func:`verify_embeddings`).
+
+    Raises:
+        ValueError: a missing file, or one whose header or size does not match.
+    """
+    folder = Path(folder)
+    path = folder / EMBEDDINGS_FILE
+    if not path.is_file():
+        raise _corrupt(folder, f"{EMBEDDINGS_FILE} is missing")
+    try:
+        header, offset = _safetensors_header(path)
+    except (OSError, ValueError) as error:
+        raise _corrupt(folder, f"{EMBEDDINGS_FILE} is not readable ({error})") from None
+    entry = header.get(EMBEDDINGS_KEY)
+    keys = [key for key in header if key != "__metadata__"]
+    nbytes = count * dim * 4
+    if (
+        keys != [EMBEDDINGS_KEY]
+        or not isinstance(entry, dict)
+        or entry.get("dtype") != "F32"
+        or entry.get("shape") != [count, dim]
+        or entry.get("data_offsets") != [0, nbytes]
+    ):
+        raise _corrupt(
+            folder,
+            f"{EMBEDDINGS_FILE} holds {header if len(str(header)) < 300 else keys}, expected one float32 tensor "
+            f"{EMBEDDINGS_KEY!r} of shape ({count}, {dim})",
+        )
+    if path.stat().st_size != offset + nbytes:
+        raise _corrupt(folder, f"{EMBEDDINGS_FILE} has {path.stat().st_size} bytes, expected {offset + nbytes}")
+    if count == 0:
+        return torch.zeros(0, dim)
+    return torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c", offset=offset, shape=(count, dim)))
+
+
+def verify_embeddings(gallery: Gallery) -> None:
+    """Read a memory-mapped gallery's embeddings once, in chunks: their file's SHA-256 against the one recorded in
+    `index.json`, and finite values (what :func:`read_gallery` checks of the galleries it loads whole).
+
+    Raises:
+        ValueError: saying which check failed.
+    """
+    folder = Path(gallery.source)
+    info = read_index_json(folder)
+    if sha256_file(folder / EMBEDDINGS_FILE) != info["embeddings_sha256"]:
+        raise _corrupt(folder, f"the SHA-256 of {EMBEDDINGS_FILE} differs from the one in {INDEX_FILE}")
+    if not all_finite(gallery.embeddings):
+        raise _corrupt(folder, "the embeddings contain NaN or infinite values")
+
+
+def read_gallery(folder: str | os.PathLike, memory_map: bool | None = None) -> Gallery:
     """Read a gallery index folder (format 1) and check that its parts belong together. Needs no model, no FAISS.
 
     Checks, in order: `index.json` (:func:`read_index_json`), `embeddings.safetensors` present with the SHA-256
@@ -777,6 +1022,13 @@ def read_gallery(folder: str | os.PathLike) -> Gallery:
     finite values, and the metadata file (:func:`read_metadata`). A FAISS file named by `index.json` is not read here
     (:func:`read_structure` reads it).
 
+    Memory-mapped embeddings (the default for the kinds of `MEMORY_MAPPED_KINDS` and for files over
+    `MEMORY_MAP_BYTES`: they may exceed the memory) are checked by their header and size only:
+    :func:`verify_embeddings` reads them whole.
+
+    Args:
+        folder: the index folder.
+        memory_map: memory-map the embeddings (None: by the index's kind and the file's size).
     Returns:
         the :class:`Gallery` (`metadata` None when the folder names no metadata file; `structure` not read yet).
     Raises:
@@ -784,38 +1036,44 @@ def read_gallery(folder: str | os.PathLike) -> Gallery:
     """
     folder = Path(folder)
     info = read_index_json(folder)
-    path = folder / EMBEDDINGS_FILE
-    if not path.is_file():
-        raise _corrupt(folder, f"{EMBEDDINGS_FILE} is missing")
-    if sha256_file(path) != info["embeddings_sha256"]:
-        raise _corrupt(folder, f"the SHA-256 of {EMBEDDINGS_FILE} differs from the one in {INDEX_FILE}")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-            embeddings = handle.get_tensor(EMBEDDINGS_KEY) if keys == [EMBEDDINGS_KEY] else None
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for unreadable files
-        raise _corrupt(folder, f"{EMBEDDINGS_FILE} is not readable ({type(error).__name__}: {error})") from None
-    if embeddings is None:
-        raise _corrupt(folder, f"{EMBEDDINGS_FILE} holds {keys}, expected only {EMBEDDINGS_KEY!r}")
+    faiss_info = info.get("faiss")
+    kind = "flat" if faiss_info is None else faiss_info["type"]
     count, dim = info["count"], info["dim"]
-    if tuple(embeddings.shape) != (count, dim) or embeddings.dtype != torch.float32:
-        raise _corrupt(
-            folder,
-            f"the embeddings are {tuple(embeddings.shape)} {embeddings.dtype}, {INDEX_FILE} says ({count}, {dim}) "
-            "float32",
-        )
+    path = folder / EMBEDDINGS_FILE
+    if memory_map is None:
+        memory_map = kind in MEMORY_MAPPED_KINDS or (path.is_file() and path.stat().st_size > MEMORY_MAP_BYTES)
+    if memory_map:
+        embeddings = memory_map_embeddings(folder, count, dim)
+    else:
+        if not path.is_file():
+            raise _corrupt(folder, f"{EMBEDDINGS_FILE} is missing")
+        if sha256_file(path) != info["embeddings_sha256"]:
+            raise _corrupt(folder, f"the SHA-256 of {EMBEDDINGS_FILE} differs from the one in {INDEX_FILE}")
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+                embeddings = handle.get_tensor(EMBEDDINGS_KEY) if keys == [EMBEDDINGS_KEY] else None
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for unreadable files
+            raise _corrupt(folder, f"{EMBEDDINGS_FILE} is not readable ({type(error).__name__}: {error})") from None
+        if embeddings is None:
+            raise _corrupt(folder, f"{EMBEDDINGS_FILE} holds {keys}, expected only {EMBEDDINGS_KEY!r}")
+        if tuple(embeddings.shape) != (count, dim) or embeddings.dtype != torch.float32:
+            raise _corrupt(
+                folder,
+                f"the embeddings are {tuple(embeddings.shape)} {embeddings.dtype}, {INDEX_FILE} says ({count}, {dim}) "
+                "float32",
+            )
     if count == 0:
         raise ValueError(f"the gallery index {folder} is empty (0 items); rebuild it from at least one item")
-    if not bool(torch.isfinite(embeddings).all()):
+    if not memory_map and not all_finite(embeddings):
         raise _corrupt(folder, "the embeddings contain NaN or infinite values")
     metadata = read_metadata(folder, info.get("metadata"), count)
-    faiss_info = info.get("faiss")
     return Gallery(
         embeddings=embeddings,
         modality=info["modality"],
         curvature=float(info["curvature"]),
         metadata=metadata if info.get("metadata") is not None else None,
-        kind="flat" if faiss_info is None else faiss_info["type"],
+        kind=kind,
         params=dict(faiss_info.get("params", {})) if faiss_info is not None else {},
         model_name=str(info.get("model") or ""),
         model_probe=info.get("model_probe"),
@@ -823,7 +1081,9 @@ def read_gallery(folder: str | os.PathLike) -> Gallery:
         traversal_offset=info.get("traversal_offset"),
         faiss_path=None if faiss_info is None else str(folder / FAISS_FILE),
         faiss_sha256=None if faiss_info is None else faiss_info.get("sha256"),
+        tuning=info.get("tuning"),
         source=str(folder),
+        memory_mapped=memory_map,
     )
 
 
@@ -837,7 +1097,8 @@ def _faiss_file(gallery: Gallery) -> Path:
 def read_structure(gallery: Gallery) -> Any:
     """The gallery's saved FAISS structure (needs faiss), read once (then kept in `gallery.structure`) and checked
     against the folder: the recorded SHA-256, an inner-product structure of `len(gallery)` vectors of dimension
-    `dim + 1` with `params.nlist` cells; its `nprobe` is set from `params.nprobe`.
+    `dim + 1` (the structure's own input dimension: one that pads the vectors wraps its IVF in an
+    `IndexPreTransform`) with `params.nlist` cells; its `nprobe` is set from `params.nprobe`.
 
     Raises:
         ValueError: no FAISS file, faiss missing, or a file that is altered, unreadable or does not fit the index.
@@ -847,7 +1108,7 @@ def read_structure(gallery: Gallery) -> Any:
     if gallery.faiss_path is None:
         raise ValueError(
             f"the gallery {gallery.source} has no FAISS structure (exact indexes store none; exact search is the "
-            "default): build an approximate one with `hysac-index build --kind ivf`, or search exactly"
+            "default): build an approximate one with `hysac-index build --kind ivf` (or ivfpq), or search exactly"
         )
     try:
         import faiss
@@ -861,21 +1122,39 @@ def read_structure(gallery: Gallery) -> Any:
     except RuntimeError as error:
         raise _corrupt(folder, f"{FAISS_FILE} is not readable ({_first_line(error)})") from None
     nlist = gallery.params.get("nlist")
+    ivf = faiss.try_extract_index_ivf(structure)
     if (
         structure.ntotal != len(gallery)
         or structure.d != gallery.dim + 1
         or structure.metric_type != faiss.METRIC_INNER_PRODUCT
-        or getattr(faiss.try_extract_index_ivf(structure), "nlist", None) != nlist
+        or getattr(ivf, "nlist", None) != nlist
     ):
         raise _corrupt(
             folder,
             f"{FAISS_FILE} holds {structure.ntotal} vectors of dimension {structure.d}, expected an inner-product "
             f"index of {len(gallery)} vectors of dimension {gallery.dim + 1} with {nlist} cells",
         )
-    if gallery.params.get("nprobe") is not None and hasattr(structure, "nprobe"):
-        structure.nprobe = int(gallery.params["nprobe"])
+    if gallery.params.get("nprobe") is not None:
+        ivf.nprobe = int(gallery.params["nprobe"])
     gallery.structure = structure
     return structure
+
+
+def save_structure(structure: Any, path: str | os.PathLike) -> None:
+    """Write a FAISS structure to `path` atomically (a `.part` file renamed over it): a resumable build's checkpoint."""
+    import faiss
+
+    part = Path(str(path) + ".part")
+    faiss.write_index(structure, str(part))
+    os.replace(part, path)
+
+
+def load_structure(path: str | os.PathLike) -> Any:
+    """A FAISS structure written by :func:`save_structure` (a checkpoint of the builder's own, not an index folder's
+    file: :func:`read_structure` reads and checks those)."""
+    import faiss
+
+    return faiss.read_index(str(path))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -994,26 +1273,127 @@ def metadata_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def write_gallery(gallery: Gallery, folder: str | os.PathLike) -> None:
+def _embeddings_header(count: int, dim: int) -> bytes:
+    """The safetensors header of one `(count, dim)` float32 tensor `"embeddings"`, as `safetensors` writes it
+    (compact JSON padded with spaces to a multiple of 8 bytes, after its 8-byte little-endian length)."""
+    header = json.dumps(
+        {EMBEDDINGS_KEY: {"dtype": "F32", "shape": [count, dim], "data_offsets": [0, count * dim * 4]}},
+        separators=(",", ":"),
+    ).encode("utf-8")
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header
+
+
+class EmbeddingsWriter:
+    """Writes `embeddings.safetensors` row block by row block, never holding the whole `(N, D)` matrix. The header
+    is reserved first and rewritten by :meth:`finish` with the final row count (its JSON padded with spaces to the
+    reserved length, which the safetensors format allows); until then the file is not a valid safetensors file.
+
+    A writer can resume an unfinished file: `resume_rows` rows already written are kept (the file is cut after
+    them).
+
+    Args:
+        path: the file to write.
+        dim: row length `D`.
+        resume_rows: rows of an unfinished file at `path` to keep (0: start a new file).
+    """
+
+    HEADER_BYTES = 256  # room for the header of any (count, dim) float32 tensor: 8 + 248
+
+    def __init__(self, path: str | os.PathLike, dim: int, resume_rows: int = 0):
+        self.path, self.dim, self.rows = Path(path), int(dim), int(resume_rows)
+        if self.rows:
+            with open(self.path, "r+b") as handle:
+                handle.truncate(self.HEADER_BYTES + self.rows * self.dim * 4)
+        else:
+            with open(self.path, "wb") as handle:
+                handle.write(b"\0" * self.HEADER_BYTES)
+        self._handle = open(self.path, "ab")
+
+    def write(self, rows: Tensor) -> None:
+        """Append `(n, D)` rows (converted to contiguous float32)."""
+        block = rows.detach().to("cpu", torch.float32).contiguous()
+        if block.ndim != 2 or block.shape[1] != self.dim:
+            raise ValueError(f"rows of shape {tuple(block.shape)} do not fit embeddings of dimension {self.dim}")
+        self._handle.write(block.numpy().tobytes())
+        self.rows += block.shape[0]
+
+    def flush(self) -> None:
+        """Push what was written to the disk (a resumable build's checkpoint)."""
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def finish(self) -> str:
+        """Write the final header and return the file's SHA-256."""
+        self._handle.close()
+        header = _embeddings_header(self.rows, self.dim)
+        if len(header) > self.HEADER_BYTES:
+            raise ValueError(f"the header of ({self.rows}, {self.dim}) embeddings does not fit the reserved bytes")
+        length = self.HEADER_BYTES - 8
+        header = length.to_bytes(8, "little") + header[8:] + b" " * (length - len(header) + 8)
+        with open(self.path, "r+b") as handle:
+            handle.write(header)
+        return sha256_file(self.path)
+
+
+def write_embeddings(embeddings: Tensor, path: str | os.PathLike) -> str:
+    """Write `(N, D)` embeddings as `embeddings.safetensors`, byte for byte what `safetensors.torch.save_file` writes,
+    in blocks of `WRITE_CHUNK` rows (a memory-mapped tensor is never loaded whole).
+
+    Returns:
+        the file's SHA-256.
+    """
+    count, dim = embeddings.shape
+    digest = hashlib.sha256()
+    with open(path, "wb") as handle:
+        header = _embeddings_header(count, dim)
+        handle.write(header)
+        digest.update(header)
+        for start in range(0, count, WRITE_CHUNK):
+            block = embeddings[start : start + WRITE_CHUNK].detach().to("cpu", torch.float32).contiguous()
+            data = block.numpy().tobytes()
+            handle.write(data)
+            digest.update(data)
+    return digest.hexdigest()
+
+
+def write_gallery(
+    gallery: Gallery,
+    folder: str | os.PathLike,
+    embeddings_sha256: str | None = None,
+    metadata_file: str | os.PathLike | None = None,
+) -> None:
     """Write `gallery` as a format-1 index folder into `folder` (which should be new and empty; make it atomic by
     writing into a temporary folder and renaming it). An approximate gallery's structure must be built, and is
     saved with its `params["nprobe"]`.
 
+    Args:
+        gallery: what to write.
+        folder: the (new, empty) folder.
+        embeddings_sha256: the SHA-256 of an `embeddings.safetensors` already in `folder` (a streaming build wrote
+            it): it is kept instead of being written again.
+        metadata_file: a file of `len(gallery)` metadata lines already written (a streaming build's), linked into
+            `folder` instead of writing `gallery.metadata`.
     Raises:
         ValueError: metadata that JSON cannot hold, or an approximate gallery without a structure.
     """
     folder = Path(folder)
-    lines = metadata_lines(gallery.metadata if gallery.metadata is not None else [{} for _ in range(len(gallery))])
-    save_file({EMBEDDINGS_KEY: gallery.embeddings.contiguous()}, str(folder / EMBEDDINGS_FILE))
-    with open(folder / METADATA_FILE, "w", encoding="utf-8") as handle:
-        handle.writelines(line + "\n" for line in lines)
+    if metadata_file is None:
+        lines = metadata_lines(gallery.metadata if gallery.metadata is not None else [{} for _ in range(len(gallery))])
+    if embeddings_sha256 is None:
+        embeddings_sha256 = write_embeddings(gallery.embeddings, folder / EMBEDDINGS_FILE)
+    if metadata_file is None:
+        with open(folder / METADATA_FILE, "w", encoding="utf-8") as handle:
+            handle.writelines(line + "\n" for line in lines)
+    else:
+        os.link(metadata_file, folder / METADATA_FILE)
     faiss_info = None
     if gallery.kind != "flat":
         import faiss
 
         if gallery.structure is None:
             raise ValueError(f"the {gallery.kind} gallery has no structure to save; build it first")
-        gallery.structure.nprobe = gallery.params["nprobe"]
+        faiss.extract_index_ivf(gallery.structure).nprobe = gallery.params["nprobe"]
         faiss.write_index(gallery.structure, str(folder / FAISS_FILE))
         faiss_info = {"type": gallery.kind, "params": dict(gallery.params), "sha256": sha256_file(folder / FAISS_FILE)}
     info = {
@@ -1025,15 +1405,18 @@ def write_gallery(gallery: Gallery, folder: str | os.PathLike) -> None:
         "model": gallery.model_name,
         "model_probe": gallery.model_probe,
         "faiss": faiss_info,
-        "embeddings_sha256": sha256_file(folder / EMBEDDINGS_FILE),
+        "embeddings_sha256": embeddings_sha256,
         "metadata": METADATA_FILE,
         "bounds": gallery.bounds,
         "traversal_offset": gallery.traversal_offset,
     }
+    if gallery.tuning is not None:  # written only when there is one: older folders re-save byte for byte
+        info["tuning"] = gallery.tuning
     (folder / INDEX_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
 __all__ = [
+    "CELL_SCHEMES",
     "CURVATURE_TOLERANCE",
     "EMBEDDINGS_FILE",
     "EMBEDDINGS_KEY",
@@ -1042,6 +1425,7 @@ __all__ = [
     "INDEX_FORMAT",
     "INDEX_KINDS",
     "MAX_BLOCK_ELEMENTS",
+    "MEMORY_MAPPED_KINDS",
     "METADATA_FILE",
     "POLICIES",
     "PROBE_DECIMALS",
@@ -1049,14 +1433,19 @@ __all__ = [
     "PROBE_TOLERANCE",
     "RANK_CHUNK",
     "RERANK_MARGIN",
+    "EmbeddingsWriter",
     "Gallery",
+    "RadialCells",
     "RankRequest",
     "add_to_structure",
+    "all_finite",
     "check_gallery_model",
     "describe_results",
     "flat_structure",
     "is_gallery_index",
     "load_gallery_index",
+    "load_structure",
+    "memory_map_embeddings",
     "lorentz_scores",
     "metadata_lines",
     "model_probe",
@@ -1071,11 +1460,14 @@ __all__ = [
     "redirect",
     "rerank",
     "round_probe",
+    "save_structure",
     "search",
     "search_safely",
     "shared_product_ranks",
     "sha256_file",
     "structure_candidates",
     "target_ranks",
+    "verify_embeddings",
+    "write_embeddings",
     "write_gallery",
 ]

@@ -582,6 +582,7 @@ class SafeRetrievalPipeline(_HySACPipeline):
             method=method,
             bound=bound,
             structure=read_structure(gallery) if use_faiss else None,
+            candidates=gallery.params.get("rerank") if use_faiss else None,  # ivfpq: its tuned re-ranking depth
         )
 
     def postprocess(self, model_outputs: dict[str, Tensor], gallery: Gallery) -> dict[str, Any]:

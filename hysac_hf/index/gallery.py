@@ -4,7 +4,8 @@ Build it once from a folder of images, a list of texts, a `datasets.Dataset` col
 through the library's one embedding path (`hysac_hf.encode`); save it as a folder and load it again; search it many
 times. A `GalleryIndex` is the search engine's :class:`~hysac_hf.modeling.gallery_hysac.Gallery` (the folder in
 memory) with what an application needs around it: the sources it is built from, the FAISS structure it builds
-(exact `flat`, or the approximate direction-celled IVF of `ivf.py`), growing, and atomic saves. The folder format, the
+(exact `flat`, or an approximate `ivf`/`ivfpq` tuned for a target recall: `ivf.py`, `tuning.py`), growing, and atomic
+saves that one writer at a time makes (`hysac_hf.files`). The folder format, the
 ranking, the float64 re-rank, the tie rule and the redirect step are the engine's (`modeling/gallery_hysac.py`):
 the `safe-retrieval` pipeline gives the same results on the same folder.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UsageError, require, usage_errors
-from ..files import write_folder_atomically
+from ..files import folder_lock, write_folder_atomically
 from ..modeling.configuration_hysac import BOUND_STATS, MODALITIES, SAFE_KIND, validate_bounds
 from ..modeling.gallery_hysac import (
     CURVATURE_TOLERANCE,
@@ -31,10 +33,12 @@ from ..modeling.gallery_hysac import (
     POLICIES,
     Gallery,
     add_to_structure,
+    all_finite,
     check_gallery_model,
     describe_results,
     flat_structure,
     is_gallery_index,
+    memory_map_embeddings,
     metadata_lines,
     model_probe,
     read_gallery,
@@ -47,14 +51,14 @@ from ..modeling.gallery_hysac import (
 )
 from ..modeling.processing_hysac import input_modality
 from ..modeling.traversal import METHODS, traversal_threshold
-from .ivf import default_nlist, default_nprobe, train_direction_ivf
+from .tuning import DEFAULT_TARGET_RECALL, build_approximate
 
 logger = logging.getLogger(__name__)
 
 HNSW_REFUSAL = (
     "kind='hnsw' is not offered: HNSW graphs on the Lorentz inner-product vectors recall poorly (0.0003 recall@10 "
     "with inner product, 0.68 with the MIPS-to-L2 augmentation at efSearch 128, on 100,000 benchmark points); use "
-    "kind='ivf' (approximate) or kind='flat' (exact)"
+    "kind='ivf' or 'ivfpq' (approximate) or kind='flat' (exact)"
 )
 
 
@@ -98,7 +102,7 @@ def _check_embeddings(embeddings: Any, what: str, dim: int | None = None) -> Ten
             f"{what} have dimension {embeddings.shape[1]}, the index holds {dim}-dimensional embeddings; embed them with the index's model"
         )
     embeddings = embeddings.detach().to("cpu")
-    if embeddings.numel() and not bool(torch.isfinite(embeddings).all()):
+    if embeddings.numel() and not all_finite(embeddings):
         raise UsageError(f"{what} contain NaN or infinite values")
     return embeddings
 
@@ -173,19 +177,28 @@ class GalleryIndex(Gallery):
     reopen it with :meth:`load`. The FAISS structure is built on the first search, :meth:`build` or :meth:`save`
     (so that non-main processes of `accelerate launch` never build one).
 
+    An approximate kind is built for `target_recall` (recall@10 against exact search, measured on held-out gallery
+    items, `tuning.py`): the build chooses the cells, `nprobe` and (`ivfpq`) the re-ranking depth, records what it
+    measured in :attr:`tuning`, and keeps exact search (kind `"flat"`, with a warning) when the target cannot be met
+    at twice the exact speed.
+
     Args:
         embeddings: `(N, D)` float32 space components (kept by reference when already float32 on the CPU).
         modality: `"image"` or `"text"`: what the gallery holds (its safe region for `redirect`: `V` or `S`).
         curvature: curvature magnitude `c` of the model that embedded it.
         metadata: `N` JSON-serialisable dicts (row `i` describes item `i`); default: empty dicts.
-        kind: `"flat"` (exact) or `"ivf"` (approximate, needs faiss).
-        nlist: IVF cells (default :func:`~hysac_hf.index.ivf.default_nlist`).
-        nprobe: IVF cells probed per query (default :func:`~hysac_hf.index.ivf.default_nprobe`).
+        kind: `"flat"` (exact), `"ivf"` (approximate) or `"ivfpq"` (approximate and compressed: product-quantised
+            codes in memory, the embeddings memory-mapped once saved); the approximate kinds need faiss.
+        nlist: IVF cells (default: chosen by the tuning among ~2 and ~4 sqrt(N)).
+        nprobe: IVF cells probed per query (default: the fewest that reach `target_recall`).
+        rerank: `ivfpq` candidates re-ranked exactly per query (default: chosen by the tuning).
+        target_recall: recall@10 an approximate kind must reach, in (0, 1]; None builds with the given settings (or
+            defaults) without measuring or refusing anything.
         model_name: name or path of the embedding model (recorded in `index.json`).
         model_probe: the model's rounded probe embeddings (`gallery_hysac.model_probe`), or None.
         bounds: the model's `config.bounds` (needed by `policy="redirect"`), or None.
         traversal_offset: the model's `config.traversal_offset`.
-        seed: seed of the IVF k-means.
+        seed: seed of the samples and k-means of an approximate kind.
     """
 
     def __init__(
@@ -198,6 +211,8 @@ class GalleryIndex(Gallery):
         kind: str = "flat",
         nlist: int | None = None,
         nprobe: int | None = None,
+        rerank: int | None = None,
+        target_recall: float | None = DEFAULT_TARGET_RECALL,
         model_name: str = "",
         model_probe: list[list[float]] | None = None,
         bounds: dict[str, dict[str, float]] | None = None,
@@ -220,31 +235,39 @@ class GalleryIndex(Gallery):
             bounds = validate_bounds(bounds)
         except ValueError as error:
             raise UsageError(str(error)) from None
-        params: dict[str, Any] = {}
-        if kind == "ivf":
-            require("faiss", purpose="an IVF gallery index (kind='ivf')")
-            params["nlist"] = default_nlist(count) if nlist is None else int(nlist)
-            if not 1 <= params["nlist"] <= count:
+        if kind == "flat":
+            if nlist is not None or nprobe is not None or rerank is not None:
+                raise UsageError("nlist, nprobe and rerank are IVF settings; pass them with kind='ivf' or 'ivfpq'")
+        else:
+            require("faiss", purpose=f"an approximate gallery index (kind={kind!r})")
+            if nlist is not None and not 1 <= int(nlist) <= count:
                 raise UsageError(f"nlist={nlist} must be between 1 and the gallery size {count}")
-            params["nprobe"] = default_nprobe(params["nlist"]) if nprobe is None else int(nprobe)
-            if not 1 <= params["nprobe"] <= params["nlist"]:
-                raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={params['nlist']}")
-            params["cells"] = "direction"
-        elif nlist is not None or nprobe is not None:
-            raise UsageError("nlist and nprobe are IVF settings; pass them with kind='ivf'")
+            limit = int(nlist) if nlist is not None else count
+            if nprobe is not None and not 1 <= int(nprobe) <= limit:
+                raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={limit}")
+            if rerank is not None and (kind != "ivfpq" or int(rerank) < 1):
+                raise UsageError(f"rerank={rerank} applies to kind='ivfpq' and must be >= 1")
+        if target_recall is not None and (isinstance(target_recall, bool) or not 0 < target_recall <= 1):
+            raise UsageError(f"target_recall={target_recall!r} must be a recall in (0, 1], or None to measure nothing")
         super().__init__(
             embeddings=embeddings.float().contiguous(),
             modality=modality,
             curvature=float(curvature),
             metadata=self._check_metadata(metadata, count),
             kind=kind,
-            params=params,
+            params={},
             model_name=model_name,
             model_probe=model_probe,
             bounds=bounds,
             traversal_offset=None if traversal_offset is None else float(traversal_offset),
         )
         self.seed = seed
+        self.requested = {
+            "nlist": None if nlist is None else int(nlist),
+            "nprobe": None if nprobe is None else int(nprobe),
+            "rerank": None if rerank is None else int(rerank),
+            "target_recall": target_recall,
+        }
 
     # --------------------------------------------------------------------------------------------------------
     # Construction
@@ -269,7 +292,7 @@ class GalleryIndex(Gallery):
         case a model loading the index can only check the dimension and curvature.
 
         Args:
-            options: `kind`, `nlist`, `nprobe`, `seed`, `model_name` (see the class).
+            options: `kind`, `nlist`, `nprobe`, `rerank`, `target_recall`, `seed`, `model_name` (see the class).
         """
         if model is not None:
             fields = _model_fields(model, processor)
@@ -314,7 +337,7 @@ class GalleryIndex(Gallery):
             image_root: folder that relative paths in `images` are resolved against.
             batch_size, num_workers, accelerator, show_progress: as in `hysac_hf.encode.encode_images` (under
                 `accelerate launch` every process embeds its share and gets the whole index).
-            options: `kind`, `nlist`, `nprobe`, `seed`.
+            options: `kind`, `nlist`, `nprobe`, `rerank`, `target_recall`, `seed` (see the class).
         """
         from ..encode import encode_images
 
@@ -547,27 +570,34 @@ class GalleryIndex(Gallery):
     def build(self, show_progress: bool = False) -> GalleryIndex:
         """Build the FAISS structure now (else the first search or save does). Returns `self`.
 
-        `ivf`: the direction-celled IVF (`ivf.py`); `flat`: an exact FAISS inner-product structure when faiss is
-        installed (without it, exact search scans the embeddings in float64).
+        `ivf`/`ivfpq`: the radial-celled IVF tuned for the target recall (`tuning.build_approximate`; refused: the
+        index becomes `flat` and :attr:`tuning` says why); `flat`: an exact FAISS inner-product structure when faiss
+        is installed and the embeddings are in memory (otherwise exact search scans them in float64, chunk by chunk).
         """
-        if self.structure is None:
-            if self.kind == "ivf":
-                logger.info(
-                    "Training an IVF index over %d items (%d cells, probing %d)",
-                    len(self),
-                    self.params["nlist"],
-                    self.params["nprobe"],
-                )
-                self.structure = train_direction_ivf(
-                    self.embeddings,
-                    self.curvature,
-                    self.params["nlist"],
-                    self.params["nprobe"],
-                    seed=self.seed,
-                    show_progress=show_progress,
-                )
-            elif _faiss_available():
-                self.structure = flat_structure(self.embeddings, self.curvature)
+        if self.structure is not None:
+            return self
+        if self.kind != "flat":
+            requested = self.requested
+            structure, params, tuning = build_approximate(
+                self.embeddings,
+                self.curvature,
+                self.kind,
+                target=requested["target_recall"],
+                nlist=requested["nlist"],
+                nprobe=requested["nprobe"],
+                rerank_depth=requested["rerank"],
+                seed=self.seed,
+                show_progress=show_progress,
+            )
+            self.tuning = tuning
+            if structure is None:  # refused: exact search, said in a warning and in index.json
+                self.kind, self.params = "flat", {}
+            else:
+                self.structure, self.params = structure, params
+                logger.info("Built a %s index: %s", self.kind, params)
+                return self
+        if _faiss_available() and not self.memory_mapped:  # a memory-mapped gallery is scanned from disk instead
+            self.structure = flat_structure(self.embeddings, self.curvature)
         return self
 
     def knn(self, queries: Tensor, k: int, *, nprobe: int | None = None, exact: bool = False) -> tuple[Tensor, Tensor]:
@@ -577,26 +607,35 @@ class GalleryIndex(Gallery):
             queries: `(Q, D)` space components (embedded by the gallery's model).
             k: results per query, `1 <= k <= len(self)`.
             nprobe: IVF cells probed (default: the index's); ignored by flat indexes.
-            exact: search every item even in an IVF index.
+            exact: search every item even in an approximate index.
         Returns:
             `(distances, indices)`, both `(Q, k)`: float64 distances recomputed from the stored embeddings, and
             int64 gallery indices, nearest first, equal distances in gallery order.
         """
         queries = _check_embeddings(queries, "the queries", self.dim)
         k = self._check_k(k)
-        structure, probes = self._search_structure(nprobe, exact)
-        indices, distances = search(queries, self.embeddings, self.curvature, k, structure, probes)
+        structure, probes, candidates = self._search_structure(nprobe, exact)
+        indices, distances = search(queries, self.embeddings, self.curvature, k, structure, probes, candidates)
         return distances, indices
 
-    def _search_structure(self, nprobe: int | None, exact: bool) -> tuple[Any, int | None]:
-        """The FAISS structure a search uses (None: exact float64 scan) and the cells it probes (IVF only)."""
-        if nprobe is not None and self.kind == "ivf":
-            if isinstance(nprobe, bool) or not 1 <= int(nprobe) <= self.params["nlist"]:
-                raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={self.params['nlist']}")
-        if exact and self.kind == "ivf":
-            return None, None
+    def _search_structure(self, nprobe: int | None, exact: bool) -> tuple[Any, int | None, int | None]:
+        """The FAISS structure a search uses (None: exact float64 scan), the cells it probes and the candidates it
+        re-ranks (approximate kinds only)."""
         self.build()
-        return self.structure, (int(nprobe) if nprobe is not None and self.kind == "ivf" else None)
+        approximate = self.kind != "flat"
+        if (
+            approximate
+            and nprobe is not None
+            and (isinstance(nprobe, bool) or not 1 <= int(nprobe) <= self.params["nlist"])
+        ):
+            raise UsageError(f"nprobe={nprobe} must be between 1 and nlist={self.params['nlist']}")
+        if exact and approximate:
+            return None, None, None
+        return (
+            self.structure,
+            int(nprobe) if nprobe is not None and approximate else None,
+            self.params.get("rerank") if approximate else None,
+        )
 
     def _check_k(self, k: Any) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
@@ -685,7 +724,7 @@ class GalleryIndex(Gallery):
         queries = _check_embeddings(queries, "the queries", self.dim)
         k = self._check_k(k)
         bounds, offset = self._redirect_settings(bound, offset) if policy == "redirect" else (None, None)
-        structure, probes = self._search_structure(nprobe, exact)
+        structure, probes, candidates = self._search_structure(nprobe, exact)
         outputs = search_safely(
             queries,
             self.embeddings,
@@ -699,14 +738,19 @@ class GalleryIndex(Gallery):
             bound=bound,
             structure=structure,
             nprobe=probes,
+            candidates=candidates,
         )
         return describe_results(outputs, self.metadata)
 
     # --------------------------------------------------------------------------------------------------------
     # Growing
     def add(self, embeddings: Tensor, metadata: Sequence[dict[str, Any]] | None = None) -> GalleryIndex:
-        """Append items (embedded by the gallery's model; that is not checkable here). An IVF index keeps its
-        trained cells and files the new items under them; a flat index appends them. Returns `self`.
+        """Append items (embedded by the gallery's model; that is not checkable here: `hysac-index add` checks the
+        model probe). An approximate index keeps its trained cells (and codes) and files the new items under them;
+        a flat index appends them. Returns `self`.
+
+        A memory-mapped gallery (a loaded `ivfpq` index) is read into memory to grow; `hysac-index add` appends to
+        the folder without loading it.
 
         Args:
             embeddings: `(M, D)` space components.
@@ -717,8 +761,9 @@ class GalleryIndex(Gallery):
             return self
         rows = self._check_metadata(metadata, embeddings.shape[0])
         if self.structure is not None:
-            add_to_structure(self.structure, embeddings, self.curvature)
+            add_to_structure(self.structure, embeddings, self.curvature, self.params.get("cells"))
         self.embeddings = torch.cat([self.embeddings, embeddings])
+        self.memory_mapped = False
         self.metadata = self.metadata + rows
         return self
 
@@ -727,25 +772,148 @@ class GalleryIndex(Gallery):
     def save(self, directory: str | os.PathLike) -> Path:
         """Write the index folder (format 1) atomically: a crash leaves the previous index (or none), never a mix.
 
-        An existing gallery index at `directory` is replaced; any other non-empty folder is refused.
+        An existing gallery index at `directory` is replaced; any other non-empty folder is refused. Writers of one
+        folder take turns (`hysac_hf.files.write_folder_atomically`): a second one waits for the first, and removes
+        what a killed writer left beside the folder.
 
         Raises:
-            UsageError: `directory` is a file or a non-empty folder that is not a gallery index.
+            UsageError: `directory` is a file or a non-empty folder that is not a gallery index, or another process
+                kept writing it for longer than the lock's timeout.
         """
         directory = Path(directory).expanduser()
         check_output_folder(directory)
-        self.build()
-        with usage_errors():
-            write_folder_atomically(directory, lambda folder: write_gallery(self, folder))
+        if self.kind != "flat":  # (a flat index saves no structure: none is built for it)
+            self.build()
+        with folder_lock(directory):
+            check_output_folder(directory)  # again, now that no other writer is half-way
+            with usage_errors():
+                write_folder_atomically(directory, lambda folder: write_gallery(self, folder))
+            if self.memory_mapped:  # read rows from the new file (the old one is deleted)
+                self.embeddings = memory_map_embeddings(directory, len(self), self.dim)
+        self.source = str(directory)
         logger.info("Saved a %s gallery index of %d %ss to %s", self.kind, len(self), self.modality, directory)
         return directory
+
+    @classmethod
+    def from_gallery(cls, stored: Gallery) -> GalleryIndex:
+        """A `GalleryIndex` over a gallery read by the engine (`read_gallery`), its checks already done (a
+        memory-mapped gallery is not scanned again)."""
+        if stored.kind not in INDEX_KINDS:
+            raise UsageError(
+                f"the gallery index {stored.source} uses a {stored.kind!r} FAISS index, which this hysac_hf does not "
+                f"read (it reads {list(INDEX_KINDS)}); rebuild it with 'hysac-index build --kind ivf'"
+            )
+        index = cls.__new__(cls)
+        Gallery.__init__(
+            index,
+            embeddings=stored.embeddings,
+            modality=stored.modality,
+            curvature=stored.curvature,
+            metadata=stored.metadata if stored.metadata is not None else [{} for _ in range(len(stored))],
+            kind=stored.kind,
+            params=dict(stored.params),
+            model_name=stored.model_name,
+            model_probe=stored.model_probe,
+            bounds=validate_bounds(stored.bounds),
+            traversal_offset=stored.traversal_offset,
+            faiss_path=stored.faiss_path,
+            faiss_sha256=stored.faiss_sha256,
+            tuning=stored.tuning,
+            source=stored.source,
+            memory_mapped=stored.memory_mapped,
+        )
+        index.seed = 0
+        index.requested = {"nlist": None, "nprobe": None, "rerank": None, "target_recall": None}
+        if index.kind != "flat":
+            with usage_errors():
+                index.structure = read_structure(stored)
+        return index
+
+    @classmethod
+    def extend_folder(
+        cls,
+        directory: str | os.PathLike,
+        embeddings: Tensor,
+        metadata: Sequence[dict[str, Any]] | None = None,
+        model=None,
+        processor=None,
+    ) -> GalleryIndex:
+        """Append items to a saved index folder, atomically, holding its writers' lock from reading to writing (no
+        concurrent writer's items are lost). The model, when given, is checked against the folder's probe (it must be
+        the one that embedded `embeddings`). A memory-mapped gallery (`ivfpq`) is extended without loading it: its
+        embeddings are copied into the new folder block by block, and the new items filed into its structure.
+
+        Args:
+            directory: the index folder.
+            embeddings: `(M, D)` space components of the new items.
+            metadata: `M` dicts (default: empty dicts).
+            model, processor: the index's model (checked against the folder's probe; recommended).
+        Returns:
+            the extended index, loaded from the new folder.
+        Raises:
+            UsageError: no index there, another model, or embeddings or metadata that do not fit it.
+        """
+        from ..modeling.gallery_hysac import EMBEDDINGS_FILE, METADATA_FILE, EmbeddingsWriter
+
+        directory = Path(directory).expanduser()
+        with folder_lock(directory):
+            index = cls.load(directory)  # the stored bounds stay (a model's own would replace them)
+            if model is not None:
+                from ..encode import unwrap_hysac
+
+                if processor is None:
+                    raise UsageError("extend_folder(..., model=) also needs the model's processor= (for the probe)")
+                hysac = unwrap_hysac(model)
+                with usage_errors():
+                    check_gallery_model(index, hysac, lambda: model_probe(hysac, processor.tokenizer))
+            new = _check_embeddings(embeddings, "the added embeddings", index.dim).float().contiguous()
+            rows = index._check_metadata(metadata, new.shape[0])
+            if new.shape[0] == 0:
+                return index
+            if not index.memory_mapped:
+                index.add(new, rows)
+                index.save(directory)
+                return index
+            count = len(index) + new.shape[0]
+            add_to_structure(index.structure, new, index.curvature, index.params.get("cells"))
+            old_metadata = Path(directory) / METADATA_FILE
+
+            def write(folder: Path) -> None:
+                writer = EmbeddingsWriter(folder / EMBEDDINGS_FILE, index.dim)
+                for start in range(0, len(index), 65_536):
+                    writer.write(index.embeddings[start : start + 65_536])
+                writer.write(new)
+                sha256 = writer.finish()
+                part = folder / ".metadata.part"
+                with open(old_metadata, "rb") as source, open(part, "wb") as target:
+                    shutil.copyfileobj(source, target)
+                    target.write("".join(line + "\n" for line in metadata_lines(rows)).encode("utf-8"))
+                grown = Gallery(
+                    embeddings=memory_map_embeddings(folder, count, index.dim),
+                    modality=index.modality,
+                    curvature=index.curvature,
+                    kind=index.kind,
+                    params=index.params,
+                    model_name=index.model_name,
+                    model_probe=index.model_probe,
+                    bounds=index.bounds,
+                    traversal_offset=index.traversal_offset,
+                    structure=index.structure,
+                    tuning=index.tuning,
+                )
+                write_gallery(grown, folder, embeddings_sha256=sha256, metadata_file=part)
+                part.unlink()
+
+            with usage_errors():
+                write_folder_atomically(directory, write)
+            return cls.load(directory)
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model=None, processor=None) -> GalleryIndex:
         """Read an index folder, checking every part (`gallery_hysac.read_gallery`) and, with a model, that it is the
         model that built it (dimension, curvature, probe). The model's own bounds and traversal offset then replace
         the stored ones when it has bounds (a recalibrated model redirects by its new bounds); the stored ones serve
-        otherwise.
+        otherwise. The embeddings of an `ivfpq` index are memory-mapped, not loaded.
 
         Args:
             directory: the folder written by :meth:`save`.
@@ -766,28 +934,7 @@ class GalleryIndex(Gallery):
             hysac = unwrap_hysac(model)
             with usage_errors():
                 check_gallery_model(stored, hysac, lambda: model_probe(hysac, processor.tokenizer))
-        if stored.kind not in INDEX_KINDS:
-            raise UsageError(
-                f"the gallery index {directory} uses a {stored.kind!r} FAISS index, which this hysac_hf does not read "
-                f"(it reads {list(INDEX_KINDS)}); rebuild it with 'hysac-index build --kind ivf'"
-            )
-        index = cls(
-            stored.embeddings,
-            stored.modality,
-            stored.curvature,
-            stored.metadata,
-            kind=stored.kind,
-            nlist=stored.params.get("nlist"),
-            nprobe=stored.params.get("nprobe"),
-            model_name=stored.model_name,
-            model_probe=stored.model_probe,
-            bounds=stored.bounds,
-            traversal_offset=stored.traversal_offset,
-        )
-        index.source = stored.source
-        if index.kind == "ivf":
-            with usage_errors():
-                index.structure = read_structure(stored)
+        index = cls.from_gallery(stored)
         config = None if hysac is None else hysac.config
         if config is not None and config.bounds is not None:  # the model's calibration is the current one
             if config.bounds != index.bounds or float(config.traversal_offset) != index.traversal_offset:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -70,29 +71,112 @@ def test_faiss_paths_equal_the_exact_one_on_100k_points():
 
 
 def test_rerank_searches_exactly_where_a_structure_found_too_few():
-    c = 1.0
+    c, k = 1.0, 3
     pool, queries = random_points(60, 6, 5).float(), random_points(4, 6, 6).float()
-    exact_indices, exact_distances = engine.rank_exact(queries, pool, c, 3)
-    candidates = exact_indices[:, [2, 0, 1]].clone()  # right candidates in the wrong order
-    candidates[1] = -1  # a structure that found nothing for query 1
-    indices, distances = engine.rerank(queries, pool, candidates, c, 3)
-    assert torch.equal(indices, exact_indices) and torch.equal(distances, exact_distances)
-    empty = engine.rerank(queries[:0], pool, candidates[:0], c, 3)
-    assert empty[0].shape == (0, 3) and empty[1].dtype == torch.float64
+    exact_indices, exact_distances = engine.rank_exact(queries, pool, c, k)
+    candidates = torch.cat([exact_indices[:, [2, 0, 1]], torch.full((4, 2), -1)], dim=1)  # right ones, wrong order
+    candidates[1] = -1  # a structure that found nothing for query 1: the whole gallery is ranked
+    candidates[2, 0] = -1  # query 2: two of its candidates left, fewer than k: the whole gallery too
+    indices, distances = engine.rerank(queries, pool, candidates, c, k)
+    assert torch.equal(indices, exact_indices)
+    # batched float64 products: equal to the exact ranking's up to float64 rounding
+    torch.testing.assert_close(distances, exact_distances, rtol=0, atol=1e-12)
+    empty = engine.rerank(queries[:0], pool, candidates[:0], c, k)
+    assert empty[0].shape == (0, k) and empty[1].dtype == torch.float64
 
 
-def test_ivf_probes_set_per_search_equal_probes_set_on_the_structure():
+def test_rerank_keeps_gallery_order_on_ties_and_drops_missing_candidates():
+    c = 1.0
+    pool = random_points(30, 5, 7).float()
+    pool[20] = pool[4]  # an exact tie
+    query = pool[4:5]
+    candidates = torch.tensor([[20, -1, 9, 4, 17, -1, 2]])  # unordered, with holes
+    indices, distances = engine.rerank(query, pool, candidates, c, 5)
+    order, expected = brute_force(query, pool[[2, 4, 9, 17, 20]], c, 5)
+    assert indices.tolist() == [[[2, 4, 9, 17, 20][j] for j in order[0]]]
+    assert indices[0, :2].tolist() == [4, 20]  # equal distances: gallery order
+    torch.testing.assert_close(distances, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=1e-12)
+
+
+def test_radial_cells_file_items_by_shell_then_direction():
+    """The engine's filing rule, recomputed here by hand: the outermost shell whose edge time is <= the item's time
+    component, then the most aligned of that shell's directions."""
     faiss = pytest.importorskip("faiss")
-    from hysac_hf.index.ivf import train_direction_ivf
+    from hysac_hf.index.ivf import empty_structure, radial_quantizer
+
+    c, dim = 1.3, 8
+    items = random_points(3000, dim, 21, scale=0.4, curv=c).float()
+    vectors = radial_quantizer(items[:1500], c, nlist=24, layout="shells")
+    times = sorted(set(vectors[:, dim].tolist()))
+    assert len(times) > 2 and times[0] == pytest.approx(1 / math.sqrt(c))  # several shells, the first at the root
+    structure = empty_structure(vectors, "ivf")
+    engine.add_to_structure(structure, items, c, cells="radial")
+    assert structure.ntotal == 3000
+    filed = {}
+    invlists = structure.invlists
+    for cell in range(structure.nlist):
+        ids = faiss.rev_swig_ptr(invlists.get_ids(cell), invlists.list_size(cell)).copy()
+        filed.update({int(i): cell for i in ids})
+    pool = engine.mips_pool_vectors(items, torch.tensor(c, dtype=torch.float32)).numpy()
+    for i in range(0, 3000, 37):
+        y_t, y_s = pool[i, dim], pool[i, :dim]
+        edge = max(t for t in times if t <= y_t)
+        members = [j for j in range(len(vectors)) if vectors[j, dim] == edge]
+        cosines = {j: float(y_s @ vectors[j, :dim]) / (float((vectors[j, :dim] ** 2).sum()) ** 0.5 or 1.0) for j in members}
+        assert filed[i] == max(cosines, key=cosines.get)
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
+def test_ivf_probes_set_per_search_equal_probes_set_on_the_structure(kind):
+    faiss = pytest.importorskip("faiss")
+    from hysac_hf.index.ivf import empty_structure, radial_quantizer, train_codes
 
     c = 1.0
     pool, queries = random_points(4000, 8, 7).float(), random_points(30, 8, 8).float()
-    structure = train_direction_ivf(pool, c, nlist=64, nprobe=2)
+    structure = empty_structure(radial_quantizer(pool, c, nlist=64), kind)
+    if kind == "ivfpq":
+        train_codes(structure, engine.mips_pool_vectors(pool, torch.tensor(1.0)).numpy())
+    engine.add_to_structure(structure, pool, c, cells="radial")
+    ivf = faiss.extract_index_ivf(structure)
+    ivf.nprobe = 2
     per_search = engine.structure_candidates(structure, queries, c, 12, nprobe=9)
-    assert structure.nprobe == 2  # a per-search setting leaves the structure alone (thread-safe)
-    structure.nprobe = 9
+    assert ivf.nprobe == 2  # a per-search setting leaves the structure alone (thread-safe)
+    ivf.nprobe = 9
     assert torch.equal(per_search, engine.structure_candidates(structure, queries, c, 12))
-    assert isinstance(faiss.extract_index_ivf(structure), faiss.IndexIVF)
+    ivf.nprobe = ivf.nlist
+    # every cell probed, every item a candidate (through the padding IndexPreTransform for ivfpq), re-ranked: exact
+    indices, _ = engine.search(queries, pool, c, 5, structure, candidates=len(pool))
+    assert torch.equal(indices, engine.rank_exact(queries, pool, c, 5)[0])
+
+
+def test_embeddings_files_are_what_safetensors_writes_and_map_back():
+    from safetensors.torch import save_file
+
+    embeddings = random_points(1000, 12, 3).float()
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        save_file({"embeddings": embeddings}, str(folder / "reference.safetensors"))
+        digest = engine.write_embeddings(embeddings, folder / "embeddings.safetensors")
+        data = (folder / "embeddings.safetensors").read_bytes()
+        assert data == (folder / "reference.safetensors").read_bytes() and digest == engine.sha256_file(
+            folder / "embeddings.safetensors"
+        )
+        mapped = engine.memory_map_embeddings(folder, 1000, 12)
+        assert torch.equal(mapped, embeddings) and isinstance(mapped, torch.Tensor)
+        with pytest.raises(ValueError, match=r"expected one float32 tensor 'embeddings' of shape \(999, 12\)"):
+            engine.memory_map_embeddings(folder, 999, 12)
+        # A streaming writer, interrupted after 300 rows and resumed, writes a readable file of the same values.
+        writer = engine.EmbeddingsWriter(folder / "streamed", 12)
+        writer.write(embeddings[:300])
+        writer.write(embeddings[300:350])  # not committed: the resumed writer cuts it
+        writer.flush()
+        writer = engine.EmbeddingsWriter(folder / "streamed", 12, resume_rows=300)
+        writer.write(embeddings[300:])
+        digest = writer.finish()
+        from safetensors.torch import load_file
+
+        assert torch.equal(load_file(str(folder / "streamed"))["embeddings"], embeddings)
+        assert digest == engine.sha256_file(folder / "streamed")
 
 
 # ------------------------------------------------------------------------------------------------------------

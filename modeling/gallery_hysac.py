@@ -47,7 +47,8 @@ index_dir/
                            "embeddings_sha256": ..., "metadata": "metadata.jsonl",
                            "bounds": {"S"|"V"|"U"|"G": {"avg", "up_95", "low_05"}} or null,
                            "traversal_offset": float or null,
-                           "tuning": {...} (optional: what an approximate build measured and chose)}
+                           "tuning": {...} (optional: what an approximate build measured and chose),
+                           "metadata_sha256": ..., "fields_sha256": ...}
   embeddings.safetensors  {"embeddings": (N, D) float32 hyperboloid space components, row i = item i}
   metadata.jsonl          one JSON object per item, row i = item i
   faiss.index             only when "faiss" is not null: faiss.write_index of the search structure over
@@ -65,7 +66,10 @@ at twice the exact speed, `refused` (then `"faiss"` is null: exact search) and `
 `ivfpq` index, or of any file over `MEMORY_MAP_BYTES`, are memory-mapped: read row by row, never loaded whole.
 `"bounds"` and `"traversal_offset"` are the embedding model's `config.bounds` and
 `config.traversal_offset` at build time (what the `redirect` policy needs when no model is at hand); `faiss.sha256`
-guards the FAISS file as `embeddings_sha256` guards the embeddings. `model_probe` fingerprints the embedding model:
+guards the FAISS file as `embeddings_sha256` guards the embeddings and `metadata_sha256` the metadata file;
+`fields_sha256` guards `index.json` itself: the SHA-256 of its other fields as canonical JSON (:func:`fields_digest`),
+so that an edited `modality`, `count` or `model` is refused instead of answering wrongly. Folders written before
+these two fields existed have neither and are read without those checks. `model_probe` fingerprints the embedding model:
 `encode_text` of `PROBE_TEXTS`, rounded to `PROBE_DECIMALS` decimals. A reader holding a model recomputes it and
 refuses an index built with another model (max abs difference above `PROBE_TOLERANCE * (1 + max abs stored value)`)
 or another curvature (relative difference above `CURVATURE_TOLERANCE`).
@@ -834,13 +838,25 @@ def is_gallery_index(folder: str | os.PathLike) -> bool:
     return (Path(folder) / INDEX_FILE).is_file()
 
 
+FIELDS_DIGEST_KEY = "fields_sha256"
+
+
+def fields_digest(info: dict[str, Any]) -> str:
+    """The SHA-256 of an `index.json`'s fields other than `fields_sha256`, as canonical JSON (sorted keys, no spaces):
+    the same for the written dict and the one read back (JSON keeps Python floats exactly)."""
+    fields = {key: value for key, value in info.items() if key != FIELDS_DIGEST_KEY}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
     """`index.json` of a gallery index folder, with its fields checked (types and ranges, not the other files).
 
     Checks: format 1; every field of `REQUIRED_FIELDS`; `modality` one of `MODALITIES`; `count` and `dim`
     non-negative integers; `curvature` finite and positive; `model_probe` null or `(len(PROBE_TEXTS), dim)` finite
     numbers; `faiss` null or `{"type": str, "params": {...}}`; `metadata` null or a plain file name; `bounds`
-    (`validate_bounds`, returned as floats) and `traversal_offset` (a finite number) when present.
+    (`validate_bounds`, returned as floats) and `traversal_offset` (a finite number) when present; then, when the
+    folder records one, that `fields_sha256` is still the digest of the other fields (:func:`fields_digest`).
 
     Raises:
         ValueError: not an index folder, unreadable JSON, another format, or a missing or malformed field.
@@ -858,6 +874,10 @@ def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
         raise _corrupt(folder, f"{INDEX_FILE} is not readable JSON ({error})") from None
     if not isinstance(info, dict):
         raise _corrupt(folder, f"{INDEX_FILE} holds a {type(info).__name__}, not an object")
+    try:
+        digest = fields_digest(info)  # of the fields as read, before the checks below normalise any
+    except ValueError:  # NaN or infinity: the field checks below name it
+        digest = None
     missing = [key for key in REQUIRED_FIELDS if key not in info]
     if "format" not in missing and info["format"] != INDEX_FORMAT:  # another format may have other fields
         raise ValueError(
@@ -902,17 +922,26 @@ def read_index_json(folder: str | os.PathLike) -> dict[str, Any]:
         info["bounds"] = validate_bounds(info.get("bounds"))
     except ValueError as error:
         raise _corrupt(folder, f"its bounds are invalid: {error}") from None
+    if FIELDS_DIGEST_KEY in info and info[FIELDS_DIGEST_KEY] != digest:
+        raise _corrupt(
+            folder,
+            f"{INDEX_FILE} was changed after the index was written (its fields no longer match {FIELDS_DIGEST_KEY}); "
+            "an edited modality, count or model would give wrong answers without an error",
+        )
     if info.get("traversal_offset") is not None:
         info["traversal_offset"] = _finite_number(info["traversal_offset"], "traversal_offset", folder)
     return info
 
 
-def read_metadata(folder: str | os.PathLike, name: str | None, count: int) -> list[dict[str, Any]]:
+def read_metadata(
+    folder: str | os.PathLike, name: str | None, count: int, sha256: str | None = None
+) -> list[dict[str, Any]]:
     """The metadata file `name` of an index folder: exactly `count` lines, each a JSON object (`count` empty
-    objects when `name` is None).
+    objects when `name` is None), with the SHA-256 `sha256` when one is recorded.
 
     Raises:
-        ValueError: a missing or unreadable file, another number of lines, or a line that is not a JSON object.
+        ValueError: a missing or unreadable file, another checksum, another number of lines, or a line that is not a
+            JSON object.
     """
     folder = Path(folder)
     if name is None:
@@ -921,7 +950,10 @@ def read_metadata(folder: str | os.PathLike, name: str | None, count: int) -> li
     if not path.is_file():
         raise _corrupt(folder, f"its metadata file {name} is missing")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        data = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+            raise _corrupt(folder, f"the SHA-256 of {name} differs from the one in {INDEX_FILE} (was it edited?)")
+        lines = data.decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as error:
         raise _corrupt(folder, f"{name} is not readable UTF-8 text ({error})") from None
     if len(lines) != count:
@@ -1067,7 +1099,7 @@ def read_gallery(folder: str | os.PathLike, memory_map: bool | None = None) -> G
         raise ValueError(f"the gallery index {folder} is empty (0 items); rebuild it from at least one item")
     if not memory_map and not all_finite(embeddings):
         raise _corrupt(folder, "the embeddings contain NaN or infinite values")
-    metadata = read_metadata(folder, info.get("metadata"), count)
+    metadata = read_metadata(folder, info.get("metadata"), count, info.get("metadata_sha256"))
     return Gallery(
         embeddings=embeddings,
         modality=info["modality"],
@@ -1410,8 +1442,10 @@ def write_gallery(
         "bounds": gallery.bounds,
         "traversal_offset": gallery.traversal_offset,
     }
-    if gallery.tuning is not None:  # written only when there is one: older folders re-save byte for byte
+    if gallery.tuning is not None:  # written only when there is one
         info["tuning"] = gallery.tuning
+    info["metadata_sha256"] = sha256_file(folder / METADATA_FILE)
+    info[FIELDS_DIGEST_KEY] = fields_digest(info)
     (folder / INDEX_FILE).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8")
 
 
@@ -1421,6 +1455,7 @@ __all__ = [
     "EMBEDDINGS_FILE",
     "EMBEDDINGS_KEY",
     "FAISS_FILE",
+    "FIELDS_DIGEST_KEY",
     "INDEX_FILE",
     "INDEX_FORMAT",
     "INDEX_KINDS",
@@ -1441,6 +1476,7 @@ __all__ = [
     "all_finite",
     "check_gallery_model",
     "describe_results",
+    "fields_digest",
     "flat_structure",
     "is_gallery_index",
     "load_gallery_index",

@@ -316,6 +316,16 @@ def test_a_recalibrated_model_redirects_by_its_own_bounds(hysac, processor, phot
         GalleryIndex.from_embeddings(torch.zeros(2, 32), "image", model=hysac, processor=processor, curvature=1.0)
 
 
+def _resign(folder):
+    """Record the folder's current metadata checksum and fields digest, as a tool that edits index folders
+    consistently would: the deeper checks below must still catch what it broke."""
+    info = json.loads((folder / "index.json").read_text())
+    if (folder / "metadata.jsonl").is_file():
+        info["metadata_sha256"] = engine.sha256_file(folder / "metadata.jsonl")
+    info["fields_sha256"] = engine.fields_digest(info)
+    (folder / "index.json").write_text(json.dumps(info))
+
+
 def _corrupt_cases():
     def flip_embeddings(folder):
         data = bytearray((folder / "embeddings.safetensors").read_bytes())
@@ -327,24 +337,34 @@ def _corrupt_cases():
         info = json.loads((folder / "index.json").read_text())
         info["embeddings_sha256"] = engine.sha256_file(folder / "embeddings.safetensors")
         (folder / "index.json").write_text(json.dumps(info))
+        _resign(folder)
 
-    def edit_json(**changes):
+    def edit_json(resign=True, **changes):
         def edit(folder):
             info = json.loads((folder / "index.json").read_text())
             info.update(changes)
             (folder / "index.json").write_text(json.dumps(info))
+            if resign:
+                _resign(folder)
 
         return edit
 
+    def write_metadata(text, resign=True):
+        def edit(folder):
+            (folder / "metadata.jsonl").write_text(text)
+            if resign:
+                _resign(folder)
+
+        return edit
+
+    changed = "index.json was changed after the index was written"
     return [
         (flip_embeddings, "SHA-256 of embeddings.safetensors differs"),
         (reshape_embeddings, r"embeddings are \(5, 32\)"),
         (lambda f: (f / "metadata.jsonl").unlink(), "metadata file metadata.jsonl is missing"),
-        (lambda f: (f / "metadata.jsonl").write_text('{"path": "a"}\n'), "has 1 lines for 6 items"),
-        (
-            lambda f: (f / "metadata.jsonl").write_text("{}\n" * 5 + "not json\n"),
-            "line 6 of metadata.jsonl is not JSON",
-        ),
+        (write_metadata('{"path": "a"}\n'), "has 1 lines for 6 items"),
+        (write_metadata("{}\n" * 5 + "not json\n"), "line 6 of metadata.jsonl is not JSON"),
+        (write_metadata('{"edited": 1}\n' * 6, resign=False), "SHA-256 of metadata.jsonl differs"),
         (lambda f: (f / "index.json").write_text("{not json"), "index.json is not readable JSON"),
         (lambda f: (f / "index.json").unlink(), "is not a saved gallery index"),
         (lambda f: (f / "embeddings.safetensors").unlink(), "embeddings.safetensors is missing"),
@@ -354,6 +374,9 @@ def _corrupt_cases():
         (edit_json(bounds={"S": {}}), "bounds are invalid"),
         (edit_json(metadata="../metadata.jsonl"), "'metadata' = '../metadata.jsonl' is not a file name"),
         (edit_json(faiss={"type": "hnsw", "params": {}}), "uses a 'hnsw' FAISS index"),
+        (edit_json(resign=False, modality="text"), changed),
+        (edit_json(resign=False, model="someone/else"), changed),
+        (edit_json(resign=False, traversal_offset=0.5), changed),
     ]
 
 
@@ -378,6 +401,7 @@ def test_a_corrupt_faiss_file_is_a_clear_error(tmp_path):
     info = json.loads((tmp_path / "index" / "index.json").read_text())
     info["faiss"]["sha256"] = engine.sha256_file(path)  # a matching checksum over a truncated file
     (tmp_path / "index" / "index.json").write_text(json.dumps(info))
+    _resign(tmp_path / "index")
     with pytest.raises(UsageError, match="faiss.index is not readable"):
         GalleryIndex.load(tmp_path / "index")
 
@@ -825,7 +849,7 @@ def test_cli_search_refusals(model_dir, hysac, processor, photo_list, tmp_path, 
     assert "rebuild the index with this model" in capsys.readouterr().err
     (tmp_path / "index" / "metadata.jsonl").write_text("")
     assert main([*search, "--text", "x"]) == 2
-    assert "is corrupt: metadata.jsonl has 0 lines for 6 items" in capsys.readouterr().err
+    assert "is corrupt: the SHA-256 of metadata.jsonl differs from the one in index.json" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,10 +1,13 @@
 """The search engine (modeling/gallery_hysac.py): every ranking against float64 brute force written out here, the two
 tie rules on hand-made ties, FAISS paths against the exact one, the redirect step against the model's traversal, and
-format-1 folders written by the code before the engine existed (tests/fixtures) read and re-written byte for byte.
+format-1 folders written by the code before the engine existed (tests/fixtures) read and re-written (every file byte for byte,
+index.json with the two checksums added).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import shutil
 import tempfile
@@ -299,7 +302,7 @@ def test_paired_ranks_serve_both_directions_from_one_matrix():
 # ------------------------------------------------------------------------------------------------------------
 # Format-1 folders written before the engine existed (tests/fixtures, by the code of commit b4928df)
 @pytest.mark.parametrize("kind", ["flat", "ivf"])
-def test_a_folder_written_by_the_previous_code_reads_searches_and_rewrites_byte_for_byte(kind, tmp_path):
+def test_a_folder_written_by_the_previous_code_reads_searches_and_rewrites_with_checksums(kind, tmp_path):
     if kind == "ivf":
         pytest.importorskip("faiss")
     from hysac_hf.index import GalleryIndex
@@ -319,8 +322,48 @@ def test_a_folder_written_by_the_previous_code_reads_searches_and_rewrites_byte_
     index = GalleryIndex.load(folder)
     index.save(tmp_path / "again")
     for path in sorted(folder.iterdir()):
-        assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
+        if path.name != "index.json":
+            assert (tmp_path / "again" / path.name).read_bytes() == path.read_bytes(), path.name
     assert sorted(p.name for p in (tmp_path / "again").iterdir()) == sorted(p.name for p in folder.iterdir())
+    # index.json keeps every field and gains the two checksums that guard it and the metadata
+    old, new = (json.loads((f / "index.json").read_text()) for f in (folder, tmp_path / "again"))
+    assert "fields_sha256" not in old and {key: new.pop(key) for key in old} == old
+    assert new == {
+        "metadata_sha256": hashlib.sha256((folder / "metadata.jsonl").read_bytes()).hexdigest(),
+        "fields_sha256": hashlib.sha256(
+            json.dumps({**old, "metadata_sha256": new["metadata_sha256"]}, sort_keys=True, separators=(",", ":"),
+                       ensure_ascii=False).encode()
+        ).hexdigest(),
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda info, meta: info.update(modality="text"), "was changed after the index was written"),
+        (lambda info, meta: info.update(model="another-model"), "was changed after the index was written"),
+        (lambda info, meta: info.update(count=47), "was changed after the index was written"),
+        (lambda info, meta: meta.__setitem__(5, {"caption": "safe"}), "SHA-256 of metadata.jsonl differs"),
+    ],
+)
+def test_an_edited_index_json_or_metadata_line_is_refused(edit, message, tmp_path):
+    """The checksums written since format 1's second release cover index.json's own fields and the metadata file,
+    so that a hand edit (a wrong modality, another model name, one metadata line) is an error, not a wrong answer."""
+    from hysac_hf.index import GalleryIndex
+
+    GalleryIndex.load(FIXTURES / "format1_flat").save(tmp_path / "index")
+    folder = tmp_path / "index"
+    engine.read_gallery(folder)  # intact: reads
+    info = json.loads((folder / "index.json").read_text())
+    meta = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
+    before = (dict(info), list(meta))
+    edit(info, meta)
+    if info != before[0]:
+        (folder / "index.json").write_text(json.dumps(info, indent=1) + "\n")
+    if meta != before[1]:
+        (folder / "metadata.jsonl").write_text("".join(json.dumps(row) + "\n" for row in meta))
+    with pytest.raises(ValueError, match=message):
+        engine.read_gallery(folder)
 
 
 def test_reader_refusals_name_the_problem(tmp_path):

@@ -51,6 +51,7 @@ from hysac_hf.training import (
     build_accelerator,
     build_module,
     check_config,
+    contrastive_loss_of,
     discard_run_on_failure,
     export_from_state,
     list_checkpoints,
@@ -136,12 +137,15 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
         )
         module, optimizer, train_loader, scheduler = accelerator.prepare(module, optimizer, train_loader, scheduler)
 
-        # Losses: negatives gathered from every process for training, the whole chunk for validation
+        # Losses: negatives gathered from every process for training, the whole chunk for validation; softmax
+        # (CLIP's) or sigmoid (SigLIP's, with the model's logit bias), by --contrastive or the model's own
+        hysac = accelerator.unwrap_model(module).hysac
         loss_kwargs = {
             "entailment_weight": config.entailment_weight,
             "aperture_scale": config.aperture_scale,
-            "min_radius": accelerator.unwrap_model(module).hysac.config.min_radius,
+            "min_radius": hysac.config.min_radius,
             "weighting": config.loss_weighting,
+            "contrastive": contrastive_loss_of(hysac, config.contrastive),
         }
         loss_fn = HySACLoss(
             **loss_kwargs,
@@ -180,7 +184,9 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
             optimizer,
             scheduler,
             accelerator,
-            loss_fn=lambda out: loss_fn(out, curvature=out["curvature"], logit_scale=out["logit_scale"]),
+            loss_fn=lambda out: loss_fn(
+                out, curvature=out["curvature"], logit_scale=out["logit_scale"], logit_bias=out.get("logit_bias")
+            ),
             clamp=lambda: accelerator.unwrap_model(module).hysac.clamp_parameters(),
             seed=config.seed,
             max_grad_norm=config.max_grad_norm,

@@ -280,6 +280,19 @@ class HySACModel(HySACPreTrainedModel):
             return (self.visual_projection, self.text_projection)
         return (self.text_model.head,)
 
+    def add_logit_bias(self, value: float = SIGLIP_LOGIT_BIAS_INIT) -> None:
+        """Give a model without one a learned `logit_bias` (to train it with SigLIP's sigmoid loss), set to `value`
+        and recorded as `config.logit_bias_init_value`, so that the saved folder has it too.
+
+        Raises:
+            ValueError: the model has a bias already.
+        """
+        if self.has_logit_bias:
+            raise ValueError(f"this model has a logit_bias already ({float(self.logit_bias.detach()):.4f})")
+        self.config.logit_bias_init_value = float(value)
+        self.logit_bias = nn.Parameter(torch.tensor(float(value), dtype=torch.float32, device=self.logit_scale.device))
+        self._keep_in_fp32_modules_strict = [*SCALAR_PARAMETERS, LOGIT_BIAS]
+
     @property
     def lora_target_modules(self) -> tuple[str, ...]:
         """The family's LoRA targets (`BASE_FAMILIES[...].lora_target_modules`; CLIP's: `LORA_TARGET_MODULES`)."""

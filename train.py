@@ -129,11 +129,14 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
         steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
         total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
         num_epochs = math.ceil(total_steps / steps_per_epoch)
+        # Accelerate steps a prepared scheduler once per process at every optimiser step (it assumes the schedule
+        # counts per-process batches), so the lengths are given in those units: the learning rate at optimiser step k
+        # is then the same for any number of processes.
         scheduler = get_scheduler(
             config.lr_scheduler_type,
             optimizer,
-            num_warmup_steps=config.num_warmup_steps,
-            num_training_steps=config.schedule_steps or total_steps,
+            num_warmup_steps=config.num_warmup_steps * accelerator.num_processes,
+            num_training_steps=(config.schedule_steps or total_steps) * accelerator.num_processes,
         )
         module, optimizer, train_loader, scheduler = accelerator.prepare(module, optimizer, train_loader, scheduler)
 

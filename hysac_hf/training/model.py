@@ -188,7 +188,8 @@ def hold_frozen_weights_in(model: HySACModel, dtype: torch.dtype) -> HySACModel:
     """Store the (frozen) towers and projections in `dtype` (bf16/fp16 under mixed precision with LoRA), so that no
     step re-casts them; the HySAC scalars stay float32. Call before `configure_trainable`: peft then creates the LoRA
     weights in float32 (`autocast_adapter_dtype`)."""
-    for part in (model.vision_model, model.text_model, *model.projections):
+    projections = [getattr(model, name) for name in ("visual_projection", "text_projection") if hasattr(model, name)]
+    for part in (model.vision_model, model.text_model, *projections):  # SigLIP's heads are inside the towers
         part.to(dtype)
     return model
 

@@ -198,7 +198,6 @@ def bench_family(family: str, args: argparse.Namespace) -> dict[str, Any]:
                 "ratio_paired": statistics.median(t / o for t, o in zip(theirs, ours)),
             }
         )
-    del base, hysac
     return {"rows": rows}
 
 

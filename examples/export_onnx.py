@@ -7,8 +7,9 @@ Writes `image_encoder.onnx` (input `pixel_values` `(batch, 3, H, W)`; SigLIP 2 N
 `image_embeds` `(batch, D)`) and `text_encoder.onnx` (inputs `input_ids` and, where the tokenizer makes one,
 `attention_mask`, `(batch, sequence)`; SigLIP families: `sequence` is fixed at 64; output `text_embeds` `(batch, D)`):
 the float32 space components of the hyperboloid embeddings that `model.encode_image` / `model.encode_text`
-return, for any base family (CLIP, SigLIP, SigLIP 2, MetaCLIP 2). The curvature `c` the distances need (`d(x, y) = acosh(c (x_t y_t - x.y)) / sqrt(c)`,
-`x_t = sqrt(1/c + |x|^2)`) is written to `hysac_onnx.json` beside them.
+return, for any base family (CLIP, SigLIP, SigLIP 2, MetaCLIP 2). The curvature `c` the distances need
+(`d(x, y) = acosh(c (x_t y_t - x.y)) / sqrt(c)`, `x_t = sqrt(1/c + |x|^2)`) is written to `hysac_onnx.json` beside
+them.
 
 Each encoder is then run with onnxruntime at two batch sizes (and, for text, two sequence lengths) on inputs made
 by the model's own processor, and compared with torch; the script exits 1 if any output differs by more than

@@ -148,7 +148,7 @@ def make_tiny_clip(directory: str | Path, seed: int = 0, projection_dim: int = 3
 
 # The dual-encoder families HySAC lifts (`configuration_hysac.BASE_FAMILIES`), in a stable order for tests.
 BASE_FAMILY_TYPES = ("clip", "siglip", "siglip2", "metaclip_2")
-TINY_WORD_VOCAB = 512  # the size of the tokenizers trained by `build_word_tokenizer` (at most) and of their towers' vocabularies
+TINY_WORD_VOCAB = 512  # the vocabulary of `build_word_tokenizer` (at most) and of the tiny towers it feeds
 TINY_IMAGE_SIZE = 64  # the fixed-resolution towers' input; 16-px patches: a 4 x 4 grid
 TINY_PATCH_SIZE = 16
 TINY_NAFLEX_PATCHES = 16  # SigLIP 2 NaFlex: at most 16 patches per image
@@ -257,7 +257,8 @@ def tiny_dual_encoder_config(family: str, projection_dim: int = 32):
         text.update(max_position_embeddings=64, projection_size=projection_dim)
         if family == "siglip":
             return transformers.SiglipConfig(text_config=text, vision_config={**vision, "image_size": TINY_IMAGE_SIZE})
-        return transformers.Siglip2Config(text_config=text, vision_config={**vision, "num_patches": TINY_NAFLEX_PATCHES})
+        naflex = {**vision, "num_patches": TINY_NAFLEX_PATCHES}
+        return transformers.Siglip2Config(text_config=text, vision_config=naflex)
     if family == "metaclip_2":
         text.update(max_position_embeddings=77)
         return transformers.MetaClip2Config(

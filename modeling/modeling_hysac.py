@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import transformers
 from torch import Tensor, nn
-from transformers import CLIPModel, CLIPTextModel, CLIPVisionModel
+from transformers import CLIPModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.clip.modeling_clip import CLIPPreTrainedModel
 from transformers.utils import ModelOutput, logging
@@ -61,7 +61,8 @@ logger = logging.get_logger(__name__)
 TRAVERSAL_TARGETS = {**{modality: kind.key for modality, kind in SAFE_KIND.items()}, **{k: k for k in BOUND_KEYS}}
 # The learned scalars: log contrastive scale, log curvature, log feature scales. Always float32.
 SCALAR_PARAMETERS = ("logit_scale", "curv", "visual_alpha", "textual_alpha")
-# The bias of the logits, a fifth float32 scalar of models trained with SigLIP's sigmoid loss (`config.logit_bias_init_value`).
+# The bias of the logits, a fifth float32 scalar of models trained with SigLIP's sigmoid loss
+# (`config.logit_bias_init_value`).
 LOGIT_BIAS = "logit_bias"
 # The tower modules HySAC's LoRA adapts on CLIP (the published setting: attention keys/values/outputs, MLPs, patch
 # embedding); other families have their own (`BASE_FAMILIES[...].lora_target_modules`).
@@ -428,7 +429,8 @@ class HySACModel(HySACPreTrainedModel):
         if pixel_values.shape[0] == 0:
             raise ValueError("pixel_values is an empty batch (batch size 0); pass at least one image")
         if pixel_attention_mask is None or spatial_shapes is None:
-            missing = [n for n, v in (("pixel_attention_mask", pixel_attention_mask), ("spatial_shapes", spatial_shapes)) if v is None]
+            given = {"pixel_attention_mask": pixel_attention_mask, "spatial_shapes": spatial_shapes}
+            missing = [name for name, value in given.items() if value is None]
             raise ValueError(
                 f"a SigLIP 2 NaFlex tower needs pixel_values, pixel_attention_mask and spatial_shapes; {missing} "
                 "missing: pass every output of HySACProcessor(images=...), e.g. model.encode_image(**inputs)"
@@ -463,10 +465,11 @@ class HySACModel(HySACPreTrainedModel):
         fixed = self.config.fixed_text_length
         if fixed is not None and input_ids.shape[1] != fixed:
             raise ValueError(
-                f"input_ids has {input_ids.shape[1]} tokens, but this {self.base_family.name} text tower pools its last "
-                f"position, so every text must be padded to exactly {fixed} tokens (a shorter padding silently changes "
-                f"the embeddings); tokenize with padding='max_length', max_length={fixed} (HySACProcessor does; transformers' "
-                f"zero-shot pipeline: pass tokenizer_kwargs={{'padding': 'max_length', 'max_length': {fixed}}})"
+                f"input_ids has {input_ids.shape[1]} tokens, but this {self.base_family.name} text tower pools its "
+                f"last position, so every text must be padded to exactly {fixed} tokens (a shorter padding silently "
+                f"changes the embeddings); tokenize with padding='max_length', max_length={fixed} (HySACProcessor "
+                f"does; transformers' zero-shot pipeline: pass tokenizer_kwargs={{'padding': 'max_length', "
+                f"'max_length': {fixed}}})"
             )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
@@ -723,7 +726,8 @@ class HySACModel(HySACPreTrainedModel):
                     f"return_loss=True needs paired inputs; got {text_embeds.shape[0]} texts and "
                     f"{image_embeds.shape[0]} images"
                 )
-            loss = sigmoid_contrastive_loss(logits_per_text) if self.has_logit_bias else contrastive_loss(logits_per_text)
+            loss_of = sigmoid_contrastive_loss if self.has_logit_bias else contrastive_loss
+            loss = loss_of(logits_per_text)
 
         output = HySACOutput(
             loss=loss,
@@ -929,7 +933,8 @@ class HySACModel(HySACPreTrainedModel):
             projection_dim = base_config.projection_dim
         else:
             projection_dim = base_config.vision_config.hidden_size
-            text_width = getattr(base_config.text_config, "projection_size", None) or base_config.text_config.hidden_size
+            text_config = base_config.text_config
+            text_width = getattr(text_config, "projection_size", None) or text_config.hidden_size
             if text_width != projection_dim:
                 raise ValueError(
                     f"the {family.name} text head outputs {text_width} features and the vision tower {projection_dim}; "

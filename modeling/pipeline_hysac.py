@@ -263,7 +263,8 @@ class _HySACPipeline(Pipeline):
     def _encode(self, model_inputs: dict[str, Tensor]) -> Tensor:
         """Model inputs -> `(B, D)` float32 hyperboloid embeddings, with the model's own encoders."""
         if "pixel_values" in model_inputs:
-            return self.model.encode_image(**{name: model_inputs[name] for name in IMAGE_INPUT_NAMES if name in model_inputs})
+            image_inputs = {name: model_inputs[name] for name in IMAGE_INPUT_NAMES if name in model_inputs}
+            return self.model.encode_image(**image_inputs)
         return self.model.encode_text(model_inputs["input_ids"], model_inputs.get("attention_mask"))
 
     def embed(self, items: list, modality: str, batch_size: int = DEFAULT_GALLERY_BATCH_SIZE) -> Tensor:

@@ -203,7 +203,12 @@ class HySACProcessor(ProcessorMixin):
         tokenizer_class = "AutoTokenizer"
 
     def __init__(
-        self, image_processor=None, tokenizer=None, text_padding: str = "longest", text_max_length: int | None = None, **kwargs
+        self,
+        image_processor=None,
+        tokenizer=None,
+        text_padding: str = "longest",
+        text_max_length: int | None = None,
+        **kwargs,
     ):
         if image_processor is None:
             raise ValueError("HySACProcessor needs an image_processor (the base model's, e.g. a CLIPImageProcessor)")

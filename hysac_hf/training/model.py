@@ -195,8 +195,9 @@ def hold_frozen_weights_in(model: HySACModel, dtype: torch.dtype) -> HySACModel:
 
 
 def make_scalars_shardable(model: HySACModel) -> HySACModel:
-    """Give the scalar parameters (four, five with a logit bias) shape `(1,)`: FSDP refuses 0-dim parameters. The maths broadcasts unchanged;
-    :func:`export_from_state` restores shape `()`, so checkpoints of the exported model keep the usual layout."""
+    """Give the scalar parameters (four, five with a logit bias) shape `(1,)`: FSDP refuses 0-dim parameters. The
+    maths broadcasts unchanged; :func:`export_from_state` restores shape `()`, so checkpoints of the exported model
+    keep the usual layout."""
     for name in model.scalar_parameter_names:
         param = getattr(model, name)
         if param.ndim == 0:

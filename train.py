@@ -53,6 +53,7 @@ from hysac_hf.training import (
     build_module,
     check_config,
     check_resumable,
+    contrastive_loss_of,
     discard_run_on_failure,
     export_from_state,
     list_checkpoints,
@@ -158,20 +159,26 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
         steps_per_epoch = math.ceil(batches_per_process / config.gradient_accumulation_steps)
         total_steps = config.max_train_steps or config.num_train_epochs * steps_per_epoch
         num_epochs = math.ceil(total_steps / steps_per_epoch)
+        # Accelerate steps a prepared scheduler once per process at every optimiser step (it assumes the schedule
+        # counts per-process batches), so the lengths are given in those units: the learning rate at optimiser step k
+        # is then the same for any number of processes.
         scheduler = get_scheduler(
             config.lr_scheduler_type,
             optimizer,
-            num_warmup_steps=config.num_warmup_steps,
-            num_training_steps=config.schedule_steps or total_steps,
+            num_warmup_steps=config.num_warmup_steps * accelerator.num_processes,
+            num_training_steps=(config.schedule_steps or total_steps) * accelerator.num_processes,
         )
         module, optimizer, train_loader, scheduler = accelerator.prepare(module, optimizer, train_loader, scheduler)
 
-        # Losses: negatives gathered from every process for training, the whole chunk for validation
+        # Losses: negatives gathered from every process for training, the whole chunk for validation; softmax
+        # (CLIP's) or sigmoid (SigLIP's, with the model's logit bias), by --contrastive or the model's own
+        hysac = accelerator.unwrap_model(module).hysac
         loss_kwargs = {
             "entailment_weight": config.entailment_weight,
             "aperture_scale": config.aperture_scale,
-            "min_radius": accelerator.unwrap_model(module).hysac.config.min_radius,
+            "min_radius": hysac.config.min_radius,
             "weighting": config.loss_weighting,
+            "contrastive": contrastive_loss_of(hysac, config.contrastive),
         }
         loss_fn = HySACLoss(
             **loss_kwargs,
@@ -202,7 +209,9 @@ def main(config: TrainingConfig, accelerator: Accelerator | None = None) -> dict
             optimizer,
             scheduler,
             accelerator,
-            loss_fn=lambda out: loss_fn(out, curvature=out["curvature"], logit_scale=out["logit_scale"]),
+            loss_fn=lambda out: loss_fn(
+                out, curvature=out["curvature"], logit_scale=out["logit_scale"], logit_bias=out.get("logit_bias")
+            ),
             clamp=lambda: accelerator.unwrap_model(module).hysac.clamp_parameters(),
             seed=config.seed,
             max_grad_norm=config.max_grad_norm,

@@ -194,6 +194,7 @@ def build_module(model_name: str, mode: str, source, config, device: str) -> nn.
 
     from hysac_hf import HySACModel
     from hysac_hf.encode import QuadrupletEncoder
+    from hysac_hf.modeling.modeling_hysac import LORA_TARGET_MODULES
     from hysac_hf.training import configure_trainable, hold_frozen_weights_in, trainable_kwargs
 
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(config.mixed_precision))
@@ -216,7 +217,7 @@ def build_module(model_name: str, mode: str, source, config, device: str) -> nn.
             lora_alpha=config.lora_alpha,
             lora_dropout=config.lora_dropout,
             bias="none",
-            target_modules=list(config.lora_target_modules),
+            target_modules=list(config.lora_target_modules or LORA_TARGET_MODULES),  # None: CLIP's, as HySAC's
         )
         module = CLIPLoRAEncoder(get_peft_model(clip, lora))
         clip.logit_scale.requires_grad_(True)

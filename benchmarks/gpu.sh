@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Both benchmarks on one GPU in under 10 minutes: the training step (ViT-L/14, bf16, LoRA, 32 and 64 quadruplets,
-# HySAC vs CLIP, eager vs compiled; under 5 minutes) and inference (images/s, texts/s, MFU, text padded to the
-# longest caption vs 77 tokens; about a minute). Results (tables, JSON, versions) go to $OUT, else
+# The benchmarks on one GPU in under 10 minutes: the training step (ViT-L/14, bf16, LoRA, 32 and 64 quadruplets,
+# HySAC vs CLIP, eager vs compiled; under 5 minutes), inference (images/s, texts/s, MFU, text padded to the
+# longest caption vs 77 tokens; about a minute) and HySAC on every base family vs the base itself
+# (bench_families.py: CLIP, SigLIP, SigLIP 2 NaFlex, MetaCLIP 2; about a minute). Results (tables, JSON, versions) go to $OUT, else
 # outputs/gpu-benchmarks/ (ignored by git).
 #
 # Run from anywhere, on a machine with CUDA torch, transformers, accelerate and peft (datasets, evaluate and faiss
@@ -14,7 +15,7 @@
 #
 # Overrides, for a CPU check of this script's logic:
 #     DEVICE=cpu SIZE=tiny DTYPE=fp32 TRAIN_ARGS="--batch_sizes 2 --rounds 1 --compile_backend eager" \
-#         INFERENCE_ARGS="--rounds 1" bash benchmarks/gpu.sh
+#         INFERENCE_ARGS="--rounds 1" FAMILIES_ARGS="--rounds 1" bash benchmarks/gpu.sh
 set -uo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,6 +28,7 @@ DTYPE="${DTYPE:-bf16}"
 OUT_DIR="${OUT:-$ROOT/outputs/gpu-benchmarks}"
 TRAIN_TIMEOUT="${TRAIN_TIMEOUT:-330}"          # seconds; the target is < 300 including compilation
 INFERENCE_TIMEOUT="${INFERENCE_TIMEOUT:-180}"
+FAMILIES_TIMEOUT="${FAMILIES_TIMEOUT:-120}"
 mkdir -p "$OUT_DIR"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
 START=$SECONDS
@@ -86,5 +88,13 @@ INFERENCE_STATUS=${PIPESTATUS[0]}
 say "bench_inference exit $INFERENCE_STATUS after $((SECONDS - START)) s"
 [ $INFERENCE_STATUS -eq 0 ] || tail -n 40 "$OUT_DIR/bench_inference.log" >&2
 
+# shellcheck disable=SC2086
+timeout "$FAMILIES_TIMEOUT" "$PY" benchmarks/bench_families.py --device "$DEVICE" --size "$SIZE" --dtype "$DTYPE" \
+  --json "$OUT_DIR/bench_families.json" ${FAMILIES_ARGS:-} 2>"$OUT_DIR/bench_families.log" \
+  | tee "$OUT_DIR/bench_families.txt"
+FAMILIES_STATUS=${PIPESTATUS[0]}
+say "bench_families exit $FAMILIES_STATUS after $((SECONDS - START)) s"
+[ $FAMILIES_STATUS -eq 0 ] || tail -n 40 "$OUT_DIR/bench_families.log" >&2
+
 say "done in $((SECONDS - START)) s; results in $OUT_DIR"
-[ $TRAIN_STATUS -eq 0 ] && [ $INFERENCE_STATUS -eq 0 ]
+[ $TRAIN_STATUS -eq 0 ] && [ $INFERENCE_STATUS -eq 0 ] && [ $FAMILIES_STATUS -eq 0 ]

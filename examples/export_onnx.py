@@ -2,16 +2,20 @@
 
     python examples/export_onnx.py --model path/to/hysac --output onnx/ [--opset 18] [--exporter dynamo]
 
-Writes `image_encoder.onnx` (input `pixel_values` `(batch, 3, H, W)`, output `image_embeds` `(batch, D)`) and
-`text_encoder.onnx` (inputs `input_ids`, `attention_mask` `(batch, sequence)`, output `text_embeds` `(batch, D)`):
+Writes `image_encoder.onnx` (input `pixel_values` `(batch, 3, H, W)`; SigLIP 2 NaFlex: `pixel_values`
+`(batch, patches, 3 * p * p)`, `pixel_attention_mask` `(batch, patches)`, `spatial_shapes` `(batch, 2)`; output
+`image_embeds` `(batch, D)`) and `text_encoder.onnx` (inputs `input_ids` and, where the tokenizer makes one,
+`attention_mask`, `(batch, sequence)`; SigLIP families: `sequence` is fixed at 64; output `text_embeds` `(batch, D)`):
 the float32 space components of the hyperboloid embeddings that `model.encode_image` / `model.encode_text`
-return. The curvature `c` the distances need (`d(x, y) = acosh(c (x_t y_t - x.y)) / sqrt(c)`,
-`x_t = sqrt(1/c + |x|^2)`) is written to `hysac_onnx.json` beside them.
+return, for any base family (CLIP, SigLIP, SigLIP 2, MetaCLIP 2). The curvature `c` the distances need
+(`d(x, y) = acosh(c (x_t y_t - x.y)) / sqrt(c)`, `x_t = sqrt(1/c + |x|^2)`) is written to `hysac_onnx.json` beside
+them.
 
 Each encoder is then run with onnxruntime at two batch sizes (and, for text, two sequence lengths) on inputs made
 by the model's own processor, and compared with torch; the script exits 1 if any output differs by more than
 `--atol`. The default exporter is the dynamo one (`torch.onnx.export(..., dynamo=True)`); `--exporter legacy`
-uses the TorchScript exporter, for which the model computes sinh/acosh from exp/log while it traces.
+uses the TorchScript exporter, for which the model computes sinh/acosh from exp/log while it traces. SigLIP 2 NaFlex
+exports with the TorchScript exporter only (its default), on transformers 5 only (`naflex_export_problem`).
 
 Needs `pip install onnx onnxruntime onnxscript` (all three are in the `test` extra).
 """
@@ -46,6 +50,17 @@ class ImageEncoder(nn.Module):
         return self.model.encode_image(pixel_values)
 
 
+class NaFlexImageEncoder(ImageEncoder):
+    """SigLIP 2 NaFlex: `(pixel_values, pixel_attention_mask, spatial_shapes) -> model.encode_image(...)`."""
+
+    def forward(
+        self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor, spatial_shapes: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model.encode_image(
+            pixel_values, pixel_attention_mask=pixel_attention_mask, spatial_shapes=spatial_shapes
+        )
+
+
 class TextEncoder(nn.Module):
     """`(input_ids, attention_mask) -> model.encode_text(input_ids, attention_mask)`."""
 
@@ -57,6 +72,13 @@ class TextEncoder(nn.Module):
         return self.model.encode_text(input_ids, attention_mask)
 
 
+class IdsTextEncoder(TextEncoder):
+    """`input_ids -> model.encode_text(input_ids)`, for tokenizers that make no attention mask (SigLIP's)."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.encode_text(input_ids)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="HySAC model folder (or Hub id) with its processor")
@@ -65,8 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--exporter",
         choices=("dynamo", "legacy"),
-        default="dynamo",
-        help="torch.onnx.export(dynamo=True) (default) or the TorchScript-based exporter",
+        default=None,
+        help="torch.onnx.export(dynamo=True) (the default) or the TorchScript-based exporter (the default, and the "
+        "only one that works, for SigLIP 2 NaFlex)",
     )
     parser.add_argument(
         "--atol", type=float, default=1e-4, help="largest accepted |onnxruntime - torch| (default: 1e-4)"
@@ -79,8 +102,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+IMAGE_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
+TEXT_INPUTS = ("input_ids", "attention_mask")
+
+
+def _is_naflex(model: nn.Module) -> bool:
+    family = getattr(model.config, "base_family", None)
+    return bool(getattr(family, "is_naflex", False))
+
+
+def naflex_export_problem(model: nn.Module, exporter: str | None) -> str | None:
+    """Why a SigLIP 2 NaFlex model cannot be exported as asked, or None.
+
+    Its vision embeddings resize the position embeddings to each image's patch grid. transformers 5 does it with
+    traceable tensor ops, which the TorchScript exporter follows for any grid, but guards it with a check
+    (`aten._is_all_true`) that the dynamo exporter has no ONNX function for; transformers 4 calls an antialiased
+    bilinear interpolation per image, which neither exporter can express.
+    """
+    if not _is_naflex(model):
+        return None
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return (
+            f"SigLIP 2 NaFlex cannot be exported to ONNX with transformers {transformers.__version__}: its vision "
+            "embeddings resize the position embeddings per image with an antialiased interpolation ONNX has no "
+            "operator for; export with transformers >= 5 (pip install -U 'transformers>=5')"
+        )
+    if exporter == "dynamo":
+        return (
+            "SigLIP 2 NaFlex exports with --exporter legacy only (the default for it): transformers' check of the "
+            "patch grid (aten._is_all_true) has no ONNX function in the dynamo exporter"
+        )
+    return None
+
+
 def sample_inputs(processor, image_size: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Images and texts made by the model's processor: 3 random pictures, 3 captions padded to the longest."""
+    """Images and texts made by the model's processor: 3 random pictures, 3 captions padded to the longest (SigLIP
+    families: to their fixed length, as their processor always pads)."""
     from PIL import Image
 
     rng = np.random.default_rng(0)
@@ -90,7 +149,7 @@ def sample_inputs(processor, image_size: int) -> tuple[dict[str, torch.Tensor], 
     captions = ["a photo of a cat", "a rocket on a launch pad at night", "a cup of coffee"]
     images = processor(images=pictures, return_tensors="pt")
     texts = processor(text=captions, padding="longest", return_tensors="pt")
-    return {"pixel_values": images["pixel_values"]}, {k: texts[k] for k in ("input_ids", "attention_mask")}
+    return {k: images[k] for k in IMAGE_INPUTS if k in images}, {k: texts[k] for k in TEXT_INPUTS if k in texts}
 
 
 def export(module: nn.Module, inputs: dict[str, torch.Tensor], path: Path, args, dynamic: dict[str, dict]) -> None:
@@ -165,23 +224,35 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {args.model} holds a {type(model).__name__}, not a HySAC model", file=sys.stderr)
         return 2
     model.float()  # ONNX Runtime's CPU kernels and the comparison are float32
+    problem = naflex_export_problem(model, args.exporter)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
+    if args.exporter is None:
+        args.exporter = "legacy" if _is_naflex(model) else "dynamo"
 
-    images, texts = sample_inputs(processor, model.config.vision_config.image_size)
+    image_size = getattr(model.config.vision_config, "image_size", 224)  # NaFlex towers take any size
+    images, texts = sample_inputs(processor, image_size)
+    fixed_length = getattr(model.config, "fixed_text_length", None)  # SigLIP: every text has exactly 64 tokens
+    text_axes = {0: "batch"} if fixed_length else {0: "batch", 1: "sequence"}
+    text_batches = [{k: v[:2] for k, v in texts.items()}, texts]
+    if not fixed_length:
+        text_batches.append({k: v[:1, :-1] for k, v in texts.items()})  # another sequence length
     output.mkdir(parents=True, exist_ok=True)
     jobs = [
         (
             "image_encoder.onnx",
-            ImageEncoder(model).eval(),
+            (NaFlexImageEncoder if "spatial_shapes" in images else ImageEncoder)(model).eval(),
             images,
-            {"pixel_values": {0: "batch"}},
+            {name: {0: "batch"} for name in images},
             [{k: v[:2] for k, v in images.items()}, images],
         ),
         (
             "text_encoder.onnx",
-            TextEncoder(model).eval(),
+            (TextEncoder if "attention_mask" in texts else IdsTextEncoder)(model).eval(),
             texts,
-            {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"}},
-            [{k: v[:2] for k, v in texts.items()}, texts, {k: v[:1, :-1] for k, v in texts.items()}],
+            {name: dict(text_axes) for name in texts},
+            text_batches,
         ),
     ]
     results = {}
@@ -197,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
                 "curvature": float(model.curvature.detach()),
                 "logit_scale": float(model.logit_scale.detach().exp()),
                 "embedding_dim": model.config.projection_dim,
-                "image_size": model.config.vision_config.image_size,
+                "base_model_type": getattr(model.config, "base_model_type", "clip"),
+                "image_size": getattr(model.config.vision_config, "image_size", None),
+                "image_inputs": list(images),
+                "text_inputs": list(texts),
                 "max_text_length": model.config.text_config.max_position_embeddings,
                 "files": sorted(results),
             },

@@ -60,6 +60,7 @@ class EmbeddingCache:
         tags: `N` category tags, or None.
         source: free-form description (model, dataset, split).
         logit_scale: the model's log contrastive scale (for losses on the cached embeddings), if known.
+        logit_bias: the model's logit bias (SigLIP's sigmoid loss), if it has one.
     """
 
     embeds: dict[str, Tensor]
@@ -70,6 +71,7 @@ class EmbeddingCache:
     tags: list[str] | None = None
     source: dict[str, Any] = field(default_factory=dict)
     logit_scale: float | None = None
+    logit_bias: float | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.embeds) - set(CONTENT))
@@ -121,6 +123,7 @@ class EmbeddingCache:
                 "unsafe_thresholds": self.unsafe_thresholds,
                 "tags": self.tags,
                 "logit_scale": self.logit_scale,
+                "logit_bias": self.logit_bias,
                 "num_rows": self.num_rows,
                 "dim": self.dim,
                 "kinds": sorted(tensors),
@@ -184,6 +187,7 @@ class EmbeddingCache:
                 tags=meta.get("tags"),
                 source=meta.get("source", {}),
                 logit_scale=meta.get("logit_scale"),
+                logit_bias=meta.get("logit_bias"),
             )
         except (KeyError, ValueError) as error:
             raise UsageError(f"{directory} is not a valid embedding cache: {error}") from None
@@ -215,24 +219,38 @@ class QuadrupletEncoder(nn.Module):
         image_kinds: Sequence[str] = ("V", "G"),
         text_kinds: Sequence[str] = ("S", "U"),
         check_inputs: bool = False,
+        pixel_attention_mask: Tensor | None = None,
+        spatial_shapes: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Encode `(k*B, 3, H, W)` images and `(m*B, L)` texts, stacked by kind (see `QuadrupletCollator`).
 
+        SigLIP 2 NaFlex images come as `(k*B, N, 3 * p * p)` patches with their `pixel_attention_mask` and
+        `spatial_shapes`, passed through.
+
         Returns:
             `{key: (B, D) float32}` for every key of `image_kinds` and `text_kinds`, plus the `()` tensors
-            `curvature` (`c`, not its log) and `logit_scale` (log), so that their gradients flow through `forward`.
+            `curvature` (`c`, not its log), `logit_scale` (log) and, where the model has one, `logit_bias`, so that
+            their gradients flow through `forward`.
         """
         hysac = self.hysac
         out: dict[str, Tensor] = {}
         if pixel_values is not None and image_kinds:
-            dtype = hysac.vision_model.embeddings.class_embedding.dtype
-            image = hysac.encode_image(pixel_values.to(dtype), check_inputs=check_inputs)
+            embeddings = hysac.vision_model.embeddings  # CLIP's class embedding; SigLIP has none
+            dtype = getattr(embeddings, "class_embedding", embeddings.patch_embedding.weight).dtype
+            image = hysac.encode_image(
+                pixel_values.to(dtype),
+                pixel_attention_mask=pixel_attention_mask,
+                spatial_shapes=spatial_shapes,
+                check_inputs=check_inputs,
+            )
             out.update(zip(image_kinds, image.chunk(len(image_kinds))))
         if input_ids is not None and text_kinds:
             text = hysac.encode_text(input_ids, attention_mask, check_inputs=check_inputs)
             out.update(zip(text_kinds, text.chunk(len(text_kinds))))
         out["curvature"] = hysac.curv.float().exp()
         out["logit_scale"] = hysac.logit_scale.float()
+        if hysac.has_logit_bias:
+            out["logit_bias"] = hysac.logit_bias.float()
         return out
 
 
@@ -298,7 +316,8 @@ def _run(
     gathered result equals a one-process run bit for bit; no row is duplicated or dropped.
 
     Returns:
-        `({key: (N, D)}, {"curvature": c, "logit_scale": log scale})`, the scalars as the forward passes used them.
+        `({key: (N, D)}, {"curvature": c, "logit_scale": log scale[, "logit_bias": b]})`, the scalars as the forward
+        passes used them.
     """
     from tqdm.auto import tqdm
 
@@ -327,7 +346,8 @@ def _run(
                 for key in keys:
                     parts[key].append(out[key].float())
             if not scalars:  # the values the forward pass used (whole, even when parameters are sharded)
-                scalars = {name: float(out[name].detach().reshape(-1)[0]) for name in ("curvature", "logit_scale")}
+                names = [name for name in ("curvature", "logit_scale", "logit_bias") if name in out]
+                scalars = {name: float(out[name].detach().reshape(-1)[0]) for name in names}
     dim = hysac.config.projection_dim
     local = {key: torch.cat(v) if v else torch.zeros(0, dim, device=device) for key, v in parts.items()}
     if world > 1:
@@ -429,6 +449,7 @@ def encode_quadruplets(
         embeds=embeds,
         curvature=scalars["curvature"],
         logit_scale=scalars["logit_scale"],
+        logit_bias=scalars.get("logit_bias"),
         bounds=config.bounds,
         traversal_offset=float(config.traversal_offset),
         unsafe_thresholds=config.unsafe_thresholds,

@@ -253,6 +253,7 @@ RUN_SETTINGS = (
     "aperture_scale",
     "loss_weighting",
     "local_negatives",
+    "contrastive",
     "full_finetune",
     "lora_r",
     "lora_alpha",
@@ -275,6 +276,10 @@ def render_training_card(
     template_path: str | Path | None = None,
     load_from: str | None = None,
     embed_dim: int | None = None,
+    base_family: str = "CLIP",
+    base_checkpoint: str | None = None,
+    fixed_text_length: int | None = None,
+    contrastive: str = "softmax",
 ):
     """Render the card of a model trained with `train.py`: base model, data, settings, bounds, validation metrics,
     and how well the calibrated unsafe thresholds separate the validation rows.
@@ -284,6 +289,14 @@ def render_training_card(
         load_from: what the usage snippets load (the Hub repo, or the exported folder); default `repo_id`.
         embed_dim: the embedding dimension the snippets show.
         base_model: `--model_name_or_path` of the run.
+        base_family: the display name of the dual-encoder family of the towers (`BaseFamily.name`: "CLIP", "SigLIP",
+            ...), in the title, the description and the tags.
+        base_checkpoint: the dual encoder the towers came from (`config.base_model_name_or_path`), named when it is not
+            `base_model` (a run that continued a HySAC checkpoint); the card's `base_model` metadata when
+            `base_model` is not a Hub id.
+        fixed_text_length: the SigLIP families' text length (`config.fixed_text_length`): the zero-shot snippet pads
+            to it.
+        contrastive: the run's contrastive loss, `"softmax"` or `"sigmoid"`.
         dataset: `--dataset` of the run.
         settings: the run's settings (`TrainingConfig` as a dict).
         summary: the run summary (`global_step`, `history` of validation metrics, `best_epoch`, `data` (where the
@@ -317,13 +330,15 @@ def render_training_card(
         for key, label in RUN_METRICS.items()
         if chosen is not None and key in chosen
     ]
+    hub_base = base_model if on_hub(base_model) else base_checkpoint if on_hub(base_checkpoint) else None
+    family_tag = base_family.split(" (")[0].lower().replace(" ", "")  # "SigLIP 2 (NaFlex)" -> "siglip2"
     data = ModelCardData(
         model_name=Path(repo_id).name,
-        base_model=base_model if on_hub(base_model) else None,
+        base_model=hub_base,
         datasets=[dataset] if on_hub(dataset) else None,
         library_name="transformers",
         pipeline_tag="zero-shot-image-classification",
-        tags=list(TAGS),
+        tags=[family_tag if tag == "clip" else tag for tag in TAGS],
         eval_results=results or None,
     )
     template_path = Path(template_path or TEMPLATE_PATH)
@@ -337,6 +352,10 @@ def render_training_card(
         data=summary.get("data") or {},
         threshold_quality=summary.get("unsafe_threshold_quality"),
         base_model=base_model,
+        base_family=base_family,
+        base_checkpoint=base_checkpoint,
+        fixed_text_length=fixed_text_length,
+        contrastive=contrastive,
         dataset=dataset,
         settings=settings,
         setting_keys=[k for k in RUN_SETTINGS if k in settings],

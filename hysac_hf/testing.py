@@ -1,4 +1,5 @@
-"""Offline building blocks for tests, the demo and benchmarks: a real CLIP tokenizer, tiny random CLIPs, photos.
+"""Offline building blocks for tests, the demo and benchmarks: a real CLIP tokenizer, tiny random CLIPs (and tiny
+random SigLIP, SigLIP 2 NaFlex and MetaCLIP 2 dual encoders with small tokenizers trained on the spot), photos.
 
 Nothing here downloads anything. The CLIP BPE vocabulary comes from the ``open-clip-torch`` wheel (install it
 with ``pip install --no-deps open-clip-torch``: its own dependencies pull torchvision and CUDA torch), or from
@@ -145,6 +146,169 @@ def make_tiny_clip(directory: str | Path, seed: int = 0, projection_dim: int = 3
     return directory
 
 
+# The dual-encoder families HySAC lifts (`configuration_hysac.BASE_FAMILIES`), in a stable order for tests.
+BASE_FAMILY_TYPES = ("clip", "siglip", "siglip2", "metaclip_2")
+TINY_WORD_VOCAB = 512  # the vocabulary of `build_word_tokenizer` (at most) and of the tiny towers it feeds
+TINY_IMAGE_SIZE = 64  # the fixed-resolution towers' input; 16-px patches: a 4 x 4 grid
+TINY_PATCH_SIZE = 16
+TINY_NAFLEX_PATCHES = 16  # SigLIP 2 NaFlex: at most 16 patches per image
+TINY_FAMILY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+TINY_FAMILY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+# The special tokens of `build_word_tokenizer` (its WordPiece styles), first in its vocabulary: ids 0, 1, 2, 3 (the
+# Gemma style's `<pad>`, `<eos>`, `<bos>`, `<unk>` have the same ids).
+WORD_SPECIAL_TOKENS = {"pad_token": "<pad>", "eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
+
+
+def _tokenizer_corpus() -> list[str]:
+    """The sentences the tiny tokenizers learn from: the sample captions and every mini-ViSU caption."""
+    corpus = list(SAMPLE_CAPTIONS.values())
+    path = REPO_ROOT / "hysac_hf" / "data" / "mini_visu" / "mini_visu.jsonl"
+    if not path.is_file():  # an installed wheel
+        path = Path(__file__).parent / "data" / "mini_visu" / "mini_visu.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        corpus += [row["safe"], row["nsfw"]]
+    return corpus
+
+
+def build_word_tokenizer(directory: str | Path, model_max_length: int, style: str = "wordpiece"):
+    """A small tokenizer trained on the spot on mini-ViSU's captions, saved into `directory`.
+
+    Lower-cased, at most `TINY_WORD_VOCAB` tokens, right padding, every text ending with an end-of-sequence token (as
+    SigLIP's and XLM-R's tokenizers end it; MetaCLIP 2's tower pools at its first one). It stands in for the families'
+    own tokenizers (SigLIP's SentencePiece, Gemma's, XLM-R's), which cannot be downloaded in tests: the HySAC code only
+    sees ids, a padding side and a length. Styles:
+
+    - `"wordpiece"` (SigLIP): WordPiece, specials `<pad>` (id 0), `</s>` (1), `<s>` (2), `<unk>` (3), `$A </s>`;
+    - `"xlmr"` (MetaCLIP 2): the same, `<s> $A </s>` as XLM-R frames a text;
+    - `"gemma"` (SigLIP 2): a BPE over `▁`-joined lower-cased text with Gemma's specials `<pad>` (0), `<eos>` (1),
+      `<bos>` (2), `<unk>` (3), `<mask>` (4): what transformers 5's `Siglip2Tokenizer`, which it imposes on every
+      `siglip2` checkpoint, rebuilds from the vocabulary and merges the same way.
+
+    Returns:
+        the `PreTrainedTokenizerFast`, loadable from `directory` with `AutoTokenizer` on both transformers lines.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if style not in ("wordpiece", "xlmr", "gemma"):
+        raise ValueError(f"style must be 'wordpiece', 'xlmr' or 'gemma', got {style!r}")
+    if style == "gemma":
+        names = {"pad_token": "<pad>", "eos_token": "<eos>", "bos_token": "<bos>", "unk_token": "<unk>"}
+        specials = [*names.values(), "<mask>"]
+        tokenizer = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Replace(" ", "▁")])
+        tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+        trainer = trainers.BpeTrainer(vocab_size=TINY_WORD_VOCAB, special_tokens=specials, show_progress=False)
+        single = "$A <eos>"
+    else:
+        names = dict(WORD_SPECIAL_TOKENS)
+        specials = list(names.values())
+        tokenizer = Tokenizer(models.WordPiece(unk_token=names["unk_token"]))
+        tokenizer.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        trainer = trainers.WordPieceTrainer(vocab_size=TINY_WORD_VOCAB, special_tokens=specials, show_progress=False)
+        single = "<s> $A </s>" if style == "xlmr" else "$A </s>"
+    tokenizer.train_from_iterator(_tokenizer_corpus(), trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=single, special_tokens=[(token, specials.index(token)) for token in specials if token in single]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=model_max_length,
+        padding_side="right",
+        model_input_names=["input_ids", "attention_mask"],
+        **names,
+    )
+    fast.save_pretrained(str(directory))
+    make_tokenizer_portable(directory)
+    return fast
+
+
+def make_tokenizer_portable(folder: str | Path) -> None:
+    """Let both transformers lines load the generic fast tokenizer saved in `folder` (by :func:`build_word_tokenizer`).
+
+    transformers 5 saves a generic fast tokenizer as `TokenizersBackend`, and the SigLIP 2 one as `Siglip2Tokenizer`,
+    classes transformers 4 lacks; both lines read `PreTrainedTokenizerFast` (5 as an alias), which loads
+    `tokenizer.json` exactly as saved. (A real SigLIP 2 HySAC folder saved with transformers 5 names its tokenizer
+    `Siglip2Tokenizer` too, and so loads on transformers 5 only; SigLIP's and XLM-R's have names both lines know.)
+    """
+    path = Path(folder) / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    if config.get("tokenizer_class") in ("TokenizersBackend", "Siglip2Tokenizer"):
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def tiny_dual_encoder_config(family: str, projection_dim: int = 32):
+    """The config of a tiny random dual encoder of `family` (`BASE_FAMILY_TYPES`): 2 layers, width 32, 64-px
+    images in 16-px patches (SigLIP 2 NaFlex: at most 16 patches), the vocabulary of `build_word_tokenizer` (CLIP: the
+    real CLIP vocabulary, :func:`tiny_clip_config`)."""
+    import transformers
+
+    if family == "clip":
+        return tiny_clip_config(projection_dim=projection_dim)
+    specials = {"pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2}
+    text = {**TINY_FAMILY_TEXT, "vocab_size": TINY_WORD_VOCAB, **specials}
+    vision = {**TINY_FAMILY_VISION, "patch_size": TINY_PATCH_SIZE}
+    if family in ("siglip", "siglip2"):
+        if projection_dim != TINY_FAMILY_VISION["hidden_size"]:
+            raise ValueError(f"a SigLIP's features are its vision width ({TINY_FAMILY_VISION['hidden_size']})")
+        text.update(max_position_embeddings=64, projection_size=projection_dim)
+        if family == "siglip":
+            return transformers.SiglipConfig(text_config=text, vision_config={**vision, "image_size": TINY_IMAGE_SIZE})
+        naflex = {**vision, "num_patches": TINY_NAFLEX_PATCHES}
+        return transformers.Siglip2Config(text_config=text, vision_config=naflex)
+    if family == "metaclip_2":
+        text.update(max_position_embeddings=77)
+        return transformers.MetaClip2Config(
+            text_config=text, vision_config={**vision, "image_size": TINY_IMAGE_SIZE}, projection_dim=projection_dim
+        )
+    raise ValueError(f"unknown family {family!r}; expected one of {BASE_FAMILY_TYPES}")
+
+
+def tiny_image_processor(family: str):
+    """The family's own image processor at the tiny towers' size, without torchvision (the PIL backend on
+    transformers 5)."""
+    import transformers
+
+    if family in ("clip", "metaclip_2"):
+        return clip_image_processor(224 if family == "clip" else TINY_IMAGE_SIZE)
+    name = "SiglipImageProcessor" if family == "siglip" else "Siglip2ImageProcessor"
+    processor_class = getattr(transformers, f"{name}Pil", None) or getattr(transformers, name)
+    if family == "siglip":
+        return processor_class(size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE})
+    return processor_class(patch_size=TINY_PATCH_SIZE, max_num_patches=TINY_NAFLEX_PATCHES)
+
+
+def make_tiny_dual_encoder(directory: str | Path, family: str, seed: int = 0):
+    """Save a tiny random dual encoder of `family` with its image processor and a tokenizer to `directory`.
+
+    CLIP is :func:`make_tiny_clip`; SigLIP, SigLIP 2 NaFlex and MetaCLIP 2 get :func:`tiny_dual_encoder_config`,
+    the family's image processor and :func:`build_word_tokenizer` (SigLIP: 64 tokens, WordPiece; SigLIP 2: 64, a
+    Gemma-style BPE; MetaCLIP 2: 77, framed as XLM-R frames a text).
+
+    Returns:
+        the directory, loadable with the family's model class, `AutoImageProcessor` and `AutoTokenizer` offline.
+    """
+    import torch
+    import transformers
+
+    from .modeling.configuration_hysac import base_family
+
+    if family == "clip":
+        return make_tiny_clip(directory, seed=seed)
+    directory = Path(directory)
+    torch.manual_seed(seed)
+    config = tiny_dual_encoder_config(family)
+    model = getattr(transformers, base_family(family).model_class)(config).eval()
+    model.save_pretrained(directory)
+    tiny_image_processor(family).save_pretrained(directory)
+    style = {"siglip": "wordpiece", "siglip2": "gemma", "metaclip_2": "xlmr"}[family]
+    build_word_tokenizer(directory, config.text_config.max_position_embeddings, style)
+    return directory
+
+
 @lru_cache(maxsize=1)
 def _sample_arrays() -> dict[str, np.ndarray]:
     from skimage import data
@@ -221,8 +385,9 @@ def run_without_hysac_hf(
 
 
 def tiny_hysac(clip_dir: str | Path, bounds: dict | None = None):
-    """A HySAC built from a tiny CLIP folder (:func:`make_tiny_clip`) with non-default scalars, so that each of them
-    matters in a check: curvature c = 1.7, feature scales 0.3 (images) and 0.25 (texts), logit scale 20.
+    """A HySAC built from a tiny dual-encoder folder (:func:`make_tiny_clip`, :func:`make_tiny_dual_encoder`) with
+    non-default scalars, so that each of them matters in a check: curvature c = 1.7, feature scales 0.3 (images) and
+    0.25 (texts), logit scale 20, and logit bias -3.5 where the model has one (SigLIP families).
 
     Args:
         bounds: the model's `config.bounds` (default :data:`TINY_BOUNDS`).
@@ -235,12 +400,14 @@ def tiny_hysac(clip_dir: str | Path, bounds: dict | None = None):
 
     from .modeling.modeling_hysac import HySACModel
 
-    model = HySACModel.from_clip(clip_dir, bounds=TINY_BOUNDS if bounds is None else bounds)
+    model = HySACModel.from_dual_encoder(clip_dir, bounds=TINY_BOUNDS if bounds is None else bounds)
     with torch.no_grad():
         model.curv.fill_(math.log(1.7))
         model.visual_alpha.fill_(math.log(0.3))
         model.textual_alpha.fill_(math.log(0.25))
         model.logit_scale.fill_(math.log(20.0))
+        if model.has_logit_bias:
+            model.logit_bias.fill_(-3.5)
     return model.eval()
 
 

@@ -7,6 +7,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+import transformers
 from transformers import CLIPTextConfig, CLIPVisionConfig
 
 try:  # transformers >= 5
@@ -63,6 +64,140 @@ THRESHOLD_KEYS = MODALITIES
 # Upper clamp of the log contrastive scale: the authors' (and MERU's) literal, a hair above log(100) = 4.6051702.
 # Kept as written so that training from the released checkpoint follows the released code.
 MAX_LOGIT_SCALE = 4.6052
+
+# The initial SigLIP bias `b` of the pairwise sigmoid loss (Zhai et al., 2023, "Sigmoid Loss for Language Image
+# Pre-Training", §3.3: t' = log 10, b = -10): very negative, because almost every pair in a batch is a negative one.
+SIGLIP_LOGIT_BIAS_INIT = -10.0
+
+
+@dataclass(frozen=True)
+class BaseFamily:
+    """A family of transformers dual encoders that HySAC lifts onto the hyperboloid.
+
+    Attributes:
+        model_type: transformers' `model_type` of the base checkpoint (`config.json`) and `config.base_model_type`.
+        name: display name.
+        model_class: the transformers dual encoder (`CLIPModel`, ...), whose weight names HySAC keeps.
+        text_config_class, vision_config_class: the towers' config classes.
+        text_model_class, vision_model_class: the towers, built from transformers' own classes.
+        has_projections: the features are the towers' pooled outputs through `text_projection`/`visual_projection`
+            (CLIP, MetaCLIP 2); otherwise the towers end in their own heads (SigLIP: last-token pooling and a linear
+            head for text, an attention-pooling head for images) and there is no projection.
+        fixed_text_length: texts must be padded to the text tower's full length (`max_position_embeddings`, 64 for
+            SigLIP): the tower pools the last position, so padding to the longest text of a batch changes every
+            embedding. CLIP and MetaCLIP 2 pool at the end-of-text token under a causal mask, so any padding after it
+            is irrelevant.
+        is_naflex: images arrive as patch sequences with `pixel_attention_mask` and `spatial_shapes` (SigLIP 2
+            NaFlex) instead of `(B, 3, H, W)` pixels.
+        default_contrastive: the contrastive loss the family was trained with, the default of `train.py`
+            (`"softmax"`: CLIP's InfoNCE; `"sigmoid"`: SigLIP's pairwise loss, with a learned `logit_bias`).
+        since: the first transformers release that has the family (for the refusal on older releases).
+        no_split_modules: modules `device_map` must not split.
+        lora_target_modules: the modules HySAC's LoRA adapts in both towers (peft suffix matching).
+    """
+
+    model_type: str
+    name: str
+    model_class: str
+    text_config_class: str
+    vision_config_class: str
+    text_model_class: str
+    vision_model_class: str
+    has_projections: bool
+    fixed_text_length: bool
+    is_naflex: bool
+    default_contrastive: str
+    since: str
+    no_split_modules: tuple[str, ...]
+    lora_target_modules: tuple[str, ...]
+
+
+# CLIP's LoRA targets: the published setting (attention keys/values/outputs, MLPs, patch embedding).
+CLIP_LORA_TARGET_MODULES = ("k_proj", "v_proj", "out_proj", "fc1", "fc2", "patch_embedding")
+# SigLIP's: the same layers, named with their parents so that the attention-pooling head's `nn.MultiheadAttention`
+# is left out: its forward reads `out_proj.weight` directly, so a LoRA wrapped around `out_proj` would be ignored in
+# training and then merged into the export, which would no longer be the model that was trained. The head's MLP
+# (`head.mlp.fc1`/`fc2`) is adapted like every other MLP.
+SIGLIP_LORA_TARGET_MODULES = (
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.out_proj",
+    "mlp.fc1",
+    "mlp.fc2",
+    "patch_embedding",
+)
+
+BASE_FAMILIES: dict[str, BaseFamily] = {
+    family.model_type: family
+    for family in (
+        BaseFamily(
+            "clip", "CLIP", "CLIPModel", "CLIPTextConfig", "CLIPVisionConfig", "CLIPTextModel", "CLIPVisionModel",
+            has_projections=True, fixed_text_length=False, is_naflex=False, default_contrastive="softmax",
+            since="4.0", no_split_modules=("CLIPTextEmbeddings", "CLIPEncoderLayer", "CLIPVisionEmbeddings"),
+            lora_target_modules=CLIP_LORA_TARGET_MODULES,
+        ),
+        BaseFamily(
+            "siglip", "SigLIP", "SiglipModel", "SiglipTextConfig", "SiglipVisionConfig", "SiglipTextModel",
+            "SiglipVisionModel", has_projections=False, fixed_text_length=True, is_naflex=False,
+            default_contrastive="sigmoid", since="4.37",
+            no_split_modules=(
+                "SiglipTextEmbeddings", "SiglipEncoderLayer", "SiglipVisionEmbeddings",
+                "SiglipMultiheadAttentionPoolingHead",
+            ),
+            lora_target_modules=SIGLIP_LORA_TARGET_MODULES,
+        ),
+        BaseFamily(
+            "siglip2", "SigLIP 2 (NaFlex)", "Siglip2Model", "Siglip2TextConfig", "Siglip2VisionConfig",
+            "Siglip2TextModel", "Siglip2VisionModel", has_projections=False, fixed_text_length=True, is_naflex=True,
+            default_contrastive="sigmoid", since="4.49",
+            no_split_modules=(
+                "Siglip2TextEmbeddings", "Siglip2EncoderLayer", "Siglip2VisionEmbeddings",
+                "Siglip2MultiheadAttentionPoolingHead",
+            ),
+            lora_target_modules=SIGLIP_LORA_TARGET_MODULES,
+        ),
+        BaseFamily(
+            "metaclip_2", "MetaCLIP 2", "MetaClip2Model", "MetaClip2TextConfig", "MetaClip2VisionConfig",
+            "MetaClip2TextModel", "MetaClip2VisionModel", has_projections=True, fixed_text_length=False,
+            is_naflex=False, default_contrastive="softmax", since="4.56",
+            no_split_modules=("MetaClip2TextEmbeddings", "MetaClip2EncoderLayer", "MetaClip2VisionEmbeddings"),
+            lora_target_modules=CLIP_LORA_TARGET_MODULES,
+        ),
+    )
+}
+
+
+def base_family(model_type: str | None) -> BaseFamily:
+    """The family of a base `model_type` (`None`: CLIP, what folders saved before families existed hold).
+
+    Raises:
+        ValueError: naming the supported families.
+    """
+    family = BASE_FAMILIES.get("clip" if model_type is None else model_type)
+    if family is None:
+        raise ValueError(
+            f"HySAC has no base family {model_type!r}; it lifts "
+            + ", ".join(f"{f.name} ({f.model_type!r}, {f.model_class})" for f in BASE_FAMILIES.values())
+        )
+    return family
+
+
+def family_class(family: BaseFamily, attribute: str) -> type:
+    """The transformers class named by `family.<attribute>` (for example `"text_model_class"`).
+
+    Raises:
+        ImportError: when the installed transformers lacks it, naming the release that has it.
+    """
+    name = getattr(family, attribute)
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        raise ImportError(
+            f"HySAC on {family.name} builds its towers from transformers' {name}, which transformers "
+            f"{transformers.__version__} does not have ({family.model_class} arrived in transformers {family.since}). "
+            f"Upgrade: pip install -U 'transformers>={family.since}'"
+        )
+    return cls
+
 
 # Config keys renamed after folders were published; old folders and old keyword arguments still load.
 RENAMED_CONFIG_KEYS = {"alpha_init": "feature_scale_init", "traversal_alpha": "traversal_offset"}
@@ -162,12 +297,19 @@ def _renamed_value(old: str, old_value: Any, new_value: Any, default: Any) -> An
 
 
 class HySACConfig(_BaseConfig):
-    r"""Configuration of a [`HySACModel`]: two CLIP towers plus the hyperbolic (Lorentz) head.
+    r"""Configuration of a [`HySACModel`]: the two towers of a dual encoder plus the hyperbolic (Lorentz) head.
 
     Args:
-        text_config (`dict` or `CLIPTextConfig`, *optional*): the CLIP text tower.
-        vision_config (`dict` or `CLIPVisionConfig`, *optional*): the CLIP vision tower.
-        projection_dim (`int`, defaults to 768): output size of both projections = hyperbolic dimension.
+        text_config (`dict` or the family's text config, *optional*): the text tower (`CLIPTextConfig` for CLIP,
+            `SiglipTextConfig`, `Siglip2TextConfig`, `MetaClip2TextConfig`).
+        vision_config (`dict` or the family's vision config, *optional*): the vision tower.
+        base_model_type (`str`, defaults to `"clip"`): the family of the dual encoder the towers come from:
+            `"clip"`, `"siglip"` (SigLIP and the fixed-resolution SigLIP 2), `"siglip2"` (SigLIP 2 NaFlex) or
+            `"metaclip_2"` (see `BASE_FAMILIES`). Folders saved before families existed have no key: CLIP.
+        base_model_name_or_path (`str`, *optional*): the checkpoint the towers were copied from (the model card's
+            base model), as given to `HySACModel.from_dual_encoder`.
+        projection_dim (`int`, defaults to 768): size of the features = hyperbolic dimension (CLIP: the projections'
+            output; SigLIP: the heads' output, the towers' width).
         curv_init (`float`, defaults to 1.0): initial curvature magnitude `c` (the space has curvature -c).
         learn_curv (`bool`, defaults to True): whether the curvature is trained.
         curv_clamp_factor (`float`, defaults to 10.0): training clamps `c` to `[curv_init / f, curv_init * f]`.
@@ -186,6 +328,10 @@ class HySACConfig(_BaseConfig):
             `None` until calibrated; the safety traversal needs it.
         unsafe_thresholds (`dict`, *optional*): `{"image": t, "text": t}` distances to the root above which
             content is classified unsafe. `None` until calibrated.
+        logit_bias_init_value (`float`, *optional*): the initial `logit_bias` `b` of the logits
+            `-exp(logit_scale) * d_L + b`, which SigLIP's pairwise sigmoid loss learns. `None` (CLIP's default): the
+            model has no bias. `HySACModel.from_dual_encoder` gives SigLIP families `SIGLIP_LOGIT_BIAS_INIT` (-10,
+            SigLIP's initialisation).
     """
 
     model_type = "hysac"
@@ -194,8 +340,8 @@ class HySACConfig(_BaseConfig):
 
     def __init__(
         self,
-        text_config: dict | CLIPTextConfig | None = None,
-        vision_config: dict | CLIPVisionConfig | None = None,
+        text_config: dict | _BaseConfig | None = None,
+        vision_config: dict | _BaseConfig | None = None,
         projection_dim: int = 768,
         curv_init: float = 1.0,
         learn_curv: bool = True,
@@ -208,6 +354,9 @@ class HySACConfig(_BaseConfig):
         bounds: dict | None = None,
         unsafe_thresholds: dict | None = None,
         initializer_factor: float = 1.0,
+        base_model_type: str = "clip",
+        base_model_name_or_path: str | None = None,
+        logit_bias_init_value: float | None = None,
         **kwargs,
     ):
         renamed = {old: kwargs.pop(old) for old in RENAMED_CONFIG_KEYS if old in kwargs}
@@ -215,16 +364,30 @@ class HySACConfig(_BaseConfig):
             feature_scale_init = _renamed_value("alpha_init", renamed["alpha_init"], feature_scale_init, None)
         if "traversal_alpha" in renamed:
             traversal_offset = _renamed_value("traversal_alpha", renamed["traversal_alpha"], traversal_offset, 0.8)
+        family = base_family(base_model_type)
+        text_config_class = family_class(family, "text_config_class")
+        vision_config_class = family_class(family, "vision_config_class")
         if text_config is None:
-            text_config = CLIPTextConfig()
-            logger.debug("text_config is None; using the default CLIPTextConfig.")
+            text_config = text_config_class()
+            logger.debug(f"text_config is None; using the default {text_config_class.__name__}.")
         elif isinstance(text_config, dict):
-            text_config = CLIPTextConfig(**text_config)
+            text_config = text_config_class(**text_config)
         if vision_config is None:
-            vision_config = CLIPVisionConfig()
-            logger.debug("vision_config is None; using the default CLIPVisionConfig.")
+            vision_config = vision_config_class()
+            logger.debug(f"vision_config is None; using the default {vision_config_class.__name__}.")
         elif isinstance(vision_config, dict):
-            vision_config = CLIPVisionConfig(**vision_config)
+            vision_config = vision_config_class(**vision_config)
+        for key, value, expected in (
+            ("text_config", text_config, text_config_class),
+            ("vision_config", vision_config, vision_config_class),
+        ):
+            if not isinstance(value, expected):
+                raise ValueError(
+                    f"{key} is a {type(value).__name__}, but base_model_type={family.model_type!r} ({family.name}) "
+                    f"takes a {expected.__name__} (or a dict of one); pass the family's tower configs"
+                )
+        if logit_bias_init_value is not None and not math.isfinite(logit_bias_init_value):
+            raise ValueError(f"logit_bias_init_value ({logit_bias_init_value}) must be a finite number or None")
         if curv_init <= 0:
             raise ValueError(f"curv_init ({curv_init}) must be > 0: the space has curvature -curv_init")
         if curv_clamp_factor < 1:
@@ -250,13 +413,28 @@ class HySACConfig(_BaseConfig):
         self.bounds = validate_bounds(bounds)
         self.unsafe_thresholds = validate_thresholds(unsafe_thresholds)
         self.initializer_factor = initializer_factor
+        self.base_model_type = family.model_type
+        self.base_model_name_or_path = base_model_name_or_path
+        self.logit_bias_init_value = None if logit_bias_init_value is None else float(logit_bias_init_value)
         super().__init__(**kwargs)
 
+    @property
+    def base_family(self) -> BaseFamily:
+        """The family of the dual encoder the towers come from (`BASE_FAMILIES[base_model_type]`)."""
+        return base_family(getattr(self, "base_model_type", None))
+
+    @property
+    def fixed_text_length(self) -> int | None:
+        """The one text length the text tower accepts (SigLIP families: `max_position_embeddings`, 64), or None
+        when texts may be padded to any length (CLIP, MetaCLIP 2)."""
+        if not self.base_family.fixed_text_length:
+            return None
+        return int(self.text_config.max_position_embeddings)
+
     @classmethod
-    def from_text_vision_configs(
-        cls, text_config: CLIPTextConfig, vision_config: CLIPVisionConfig, **kwargs
-    ) -> HySACConfig:
-        """Build a config from two CLIP tower configs (as `CLIPConfig.from_text_vision_configs`)."""
+    def from_text_vision_configs(cls, text_config: _BaseConfig, vision_config: _BaseConfig, **kwargs) -> HySACConfig:
+        """Build a config from two tower configs (as `CLIPConfig.from_text_vision_configs`); pass `base_model_type=`
+        for towers of another family than CLIP."""
         return cls(text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
@@ -269,8 +447,11 @@ class HySACConfig(_BaseConfig):
 
 
 __all__ = [
+    "BASE_FAMILIES",
     "BOUND_KEYS",
     "BOUND_STATS",
+    "BaseFamily",
+    "SIGLIP_LOGIT_BIAS_INIT",
     "CONTENT",
     "CONTENT_BY_COLUMN",
     "CONTENT_BY_NOTATION",
@@ -281,7 +462,9 @@ __all__ = [
     "UNSAFE_KIND",
     "ContentKind",
     "HySACConfig",
+    "base_family",
     "content_kind",
+    "family_class",
     "validate_bounds",
     "validate_thresholds",
 ]

@@ -1205,17 +1205,19 @@ def _eval_mode(model: Any) -> Iterator[None]:
 
 
 def model_probe(model: Any, tokenizer: Any) -> Tensor:
-    """`encode_text` of `PROBE_TEXTS` (padded to the longest), in eval mode: the fingerprint a gallery index stores
-    of the model that embedded it.
+    """`encode_text` of `PROBE_TEXTS` (padded to the longest; SigLIP families: to their fixed length), in eval mode:
+    the fingerprint a gallery index stores of the model that embedded it.
 
     Returns:
         `(len(PROBE_TEXTS), D)` float32 on the CPU.
     """
     limit = model.config.text_config.max_position_embeddings
-    batch = tokenizer(list(PROBE_TEXTS), padding=True, truncation=True, max_length=limit, return_tensors="pt")
+    padding = "max_length" if getattr(model.config, "fixed_text_length", None) else True
+    batch = tokenizer(list(PROBE_TEXTS), padding=padding, truncation=True, max_length=limit, return_tensors="pt")
     device = next(model.parameters()).device
+    mask = batch.get("attention_mask")
     with torch.no_grad(), _eval_mode(model):
-        probe = model.encode_text(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        probe = model.encode_text(batch["input_ids"].to(device), None if mask is None else mask.to(device))
     return probe.float().cpu()
 
 

@@ -18,8 +18,8 @@ once per call in `_sanitize_parameters` (which also resolves the gallery), every
 encodes with the model's own methods (`encode_image`, `encode_text`, `distance_to_root`) and `safe-retrieval` then
 ranks through the one search engine, `gallery_hysac.py` (the redirect step, exact and FAISS search, the results).
 Images go through the folder's `HySACProcessor`, the one reading of a picture (transparency over white, 16-bit and
-float pictures to 8 bits, then CLIP's image processor); texts through its CLIP tokenizer, truncated to the text
-tower's length and padded to the longest text of each batch.
+float pictures to 8 bits, then the base model's image processor); texts through its tokenizer, truncated to the text
+tower's length and padded to the longest text of each batch (SigLIP families: always to the tower's 64 tokens).
 
 This file imports only siblings that `modeling_hysac.py` imports itself (it imports this file so that transformers
 ships it), and every sibling that `gallery_hysac.py` imports: transformers 4 copies a local folder's remote code one
@@ -53,7 +53,7 @@ from .gallery_hysac import (
     search_safely,
 )
 from .lorentz import dist_to_origin  # noqa: F401 - see below
-from .processing_hysac import input_modality
+from .processing_hysac import IMAGE_INPUT_NAMES, input_modality
 from .traversal import METHODS
 
 # transformers 4 copies a folder's remote code one relative import deep from the file it loads (this one, for
@@ -220,10 +220,18 @@ class _HySACPipeline(Pipeline):
 
     @property
     def max_text_length(self) -> int:
-        """Tokens per text: the tokenizer's limit, at most what the text tower takes (77 for CLIP)."""
+        """Tokens per text: the tokenizer's limit, at most what the text tower takes (77 for CLIP, 64 for SigLIP)."""
         limit = self.model.config.text_config.max_position_embeddings
         length = getattr(self.tokenizer, "model_max_length", limit)
         return min(length, limit) if 0 < length else limit
+
+    def _text_options(self, padding: bool) -> dict[str, Any]:
+        """The tokenizer's padding and length: as asked for CLIP and MetaCLIP 2; always the text tower's full length
+        for SigLIP families (`config.fixed_text_length`: their tower pools the last position)."""
+        fixed = getattr(self.model.config, "fixed_text_length", None)
+        if fixed:
+            return {"padding": "max_length", "truncation": True, "max_length": fixed}
+        return {"padding": padding, "truncation": True, "max_length": self.max_text_length}
 
     @property
     def _called(self) -> bool:
@@ -240,21 +248,23 @@ class _HySACPipeline(Pipeline):
             )
 
     def _prepare(self, items: list, modality: str, padding: bool) -> dict[str, Tensor]:
-        """Images or texts -> model inputs (`pixel_values`, or `input_ids` + `attention_mask`)."""
+        """Images or texts -> model inputs (`pixel_values`, SigLIP 2 NaFlex's `pixel_attention_mask` and
+        `spatial_shapes`; or `input_ids` and the tokenizer's `attention_mask`)."""
         self._check_processors(modality)
         if modality == "image":
             images = [load_image_input(item) for item in items]
-            pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
-            return {"pixel_values": pixel_values.to(self.dtype)}
-        encoding = self.tokenizer(
-            list(items), padding=padding, truncation=True, max_length=self.max_text_length, return_tensors="pt"
-        )
-        return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+            image_inputs = self.processor(images=images, return_tensors="pt")
+            inputs = {name: image_inputs[name] for name in IMAGE_INPUT_NAMES if name in image_inputs}
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+            return inputs
+        encoding = self.tokenizer(list(items), return_tensors="pt", **self._text_options(padding))
+        return {name: encoding[name] for name in ("input_ids", "attention_mask") if name in encoding}
 
     def _encode(self, model_inputs: dict[str, Tensor]) -> Tensor:
         """Model inputs -> `(B, D)` float32 hyperboloid embeddings, with the model's own encoders."""
         if "pixel_values" in model_inputs:
-            return self.model.encode_image(model_inputs["pixel_values"])
+            image_inputs = {name: model_inputs[name] for name in IMAGE_INPUT_NAMES if name in model_inputs}
+            return self.model.encode_image(**image_inputs)
         return self.model.encode_text(model_inputs["input_ids"], model_inputs.get("attention_mask"))
 
     def embed(self, items: list, modality: str, batch_size: int = DEFAULT_GALLERY_BATCH_SIZE) -> Tensor:

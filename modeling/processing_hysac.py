@@ -1,8 +1,12 @@
-"""HySAC processor: transformers' own CLIP image processor and CLIP tokenizer behind one call.
+"""HySAC processor: the base model's own image processor and tokenizer (CLIP's, SigLIP's, ...) behind one call.
 
 Ships to the Hub as remote code (torch + transformers only). The sub-processors are built-in transformers
 classes, so `AutoImageProcessor` loads them from a model folder without remote code, and so does `AutoTokenizer`
 (transformers 5 asks whether to run the model's custom code first: pass `trust_remote_code=False` there).
+
+The processor also carries its family's padding rule (`text_padding`): CLIP and MetaCLIP 2 pool the end-of-text
+token under a causal mask, so texts are padded to the longest of each batch; SigLIP and SigLIP 2 pool the last
+position, so texts are always padded to the tower's full length (64).
 """
 
 from __future__ import annotations
@@ -22,6 +26,9 @@ except ImportError:  # pragma: no cover - transformers' image processors need Pi
     Image = None
 
 DEFAULT_MAX_LENGTH = 77  # CLIP's context length
+TEXT_PADDINGS = ("longest", "max_length")
+# What an image processor returns for the model: pixels, and for SigLIP 2 NaFlex the patch mask and grid shapes.
+IMAGE_INPUT_NAMES = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 MAX_8_BIT = 255
 MAX_16_BIT = 65535  # = 255 * 257: a 16-bit level v * 257 is the 8-bit level v
 ARRAY_LAYOUTS = "(H, W), (H, W, 1), (H, W, 3) or (H, W, 4)"
@@ -172,14 +179,22 @@ def _array_to_rgb(array: np.ndarray, source: str) -> Any:
 class HySACProcessor(ProcessorMixin):
     r"""Tokenizes text and preprocesses images for [`HySACModel`].
 
-    Text is padded to the longest text of the batch and truncated at 77 tokens by default (`padding="max_length"`
-    pads to 77 as the authors do; the embeddings are the same). Images may be PIL
+    Text is padded by the family's rule (`text_padding`) and truncated at the text tower's length. CLIP (the default,
+    `"longest"`): padded to the longest text of the batch, truncated at 77 tokens (`padding="max_length"` pads to 77 as
+    the authors do; the embeddings are the same). SigLIP families (`"max_length"`): always padded to exactly 64 tokens,
+    whatever `padding` asks, because their text tower pools the last position. Images may be PIL
     images, numpy arrays or torch tensors, 8-bit, 16-bit or float, grayscale, RGB or RGBA, of any size: `to_rgb`
-    says which and how they are read.
+    says which and how they are read; then the family's image processor (SigLIP 2 NaFlex: patches with
+    `pixel_attention_mask` and `spatial_shapes`, all returned).
 
     Args:
-        image_processor (`CLIPImageProcessor`): resizing, cropping and CLIP normalisation.
-        tokenizer (`CLIPTokenizer`/`CLIPTokenizerFast`): the CLIP BPE tokenizer.
+        image_processor: the base's image processor (`CLIPImageProcessor`, `SiglipImageProcessor`,
+            `Siglip2ImageProcessor`).
+        tokenizer: the base's tokenizer (the CLIP BPE tokenizer, SigLIP's, Gemma's, XLM-R's).
+        text_padding (`str`, defaults to `"longest"`): the family's padding rule, `"longest"` or `"max_length"`
+            (texts always padded to `max_length`).
+        text_max_length (`int`, *optional*): tokens per text, the text tower's length; default: the tokenizer's
+            `model_max_length` (77 for CLIP).
     """
 
     if int(transformers.__version__.split(".")[0]) < 5:  # transformers 5 infers these from __init__
@@ -187,24 +202,67 @@ class HySACProcessor(ProcessorMixin):
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
 
-    def __init__(self, image_processor=None, tokenizer=None, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        text_padding: str = "longest",
+        text_max_length: int | None = None,
+        **kwargs,
+    ):
         if image_processor is None:
-            raise ValueError("HySACProcessor needs an image_processor (a CLIPImageProcessor)")
+            raise ValueError("HySACProcessor needs an image_processor (the base model's, e.g. a CLIPImageProcessor)")
         if tokenizer is None:
-            raise ValueError("HySACProcessor needs a tokenizer (a CLIPTokenizer)")
+            raise ValueError("HySACProcessor needs a tokenizer (the base model's, e.g. a CLIPTokenizer)")
+        if text_padding not in TEXT_PADDINGS:
+            raise ValueError(f"text_padding={text_padding!r} must be one of {list(TEXT_PADDINGS)}")
+        if text_max_length is not None and not (isinstance(text_max_length, int) and text_max_length > 0):
+            raise ValueError(f"text_max_length={text_max_length!r} must be a positive integer or None")
+        self.text_padding = text_padding
+        self.text_max_length = text_max_length
         super().__init__(image_processor, tokenizer, **kwargs)
 
     @property
     def max_length(self) -> int:
+        """Tokens per text: `text_max_length`, else the tokenizer's limit (77 when it has none)."""
+        if self.text_max_length is not None:
+            return self.text_max_length
         length = getattr(self.tokenizer, "model_max_length", DEFAULT_MAX_LENGTH)
         return length if 0 < length <= 10_000 else DEFAULT_MAX_LENGTH
+
+    @property
+    def is_fixed_length(self) -> bool:
+        """Whether every text is padded to `max_length` whatever a call asks (SigLIP families)."""
+        return self.text_padding == "max_length"
+
+    def text_options(self, padding: bool | str | None = None, max_length: int | None = None) -> dict[str, Any]:
+        """The tokenizer's padding, truncation and length for a call that asks for `padding` (None: the rule's
+        default), by the family's rule: a fixed-length family always pads to `max_length`.
+
+        Returns:
+            `{"padding": ..., "truncation": True, "max_length": ...}` for the tokenizer.
+        """
+        if self.is_fixed_length:
+            if padding not in (None, True, False, "longest", "max_length", "do_not_pad"):
+                raise ValueError(f"padding={padding!r} is not a padding strategy")
+            if max_length not in (None, self.max_length):
+                raise ValueError(
+                    f"max_length={max_length}: this model's text tower pools its last position, so every text is "
+                    f"padded to exactly {self.max_length} tokens; drop max_length"
+                )
+            return {"padding": "max_length", "truncation": True, "max_length": self.max_length}
+        return {
+            "padding": "longest" if padding is None else padding,
+            "truncation": True,
+            "max_length": max_length or self.max_length,
+        }
 
     def __call__(
         self,
         text: str | list[str] | None = None,
         images: Any = None,
         return_tensors: str | None = "pt",
-        padding: bool | str = "longest",
+        padding: bool | str | None = None,
         truncation: bool = True,
         max_length: int | None = None,
         **kwargs,
@@ -216,16 +274,19 @@ class HySACProcessor(ProcessorMixin):
             images: an image or a list of images (PIL, numpy channels-last, torch channels-first; see `to_rgb`),
                 or a batch as one `(B, H, W, C)` array or `(B, C, H, W)` tensor.
             return_tensors: `"pt"` (default), `"np"` or `None`.
-            padding: `"longest"` (default: the longest text of the batch; CLIP's causal mask and end-of-text
+            padding: CLIP: `"longest"` (default: the longest text of the batch; CLIP's causal mask and end-of-text
                 pooling give the same embeddings as 77 tokens, several times faster), `"max_length"` (77 tokens, as
-                the authors' code), or `False`.
+                the authors' code), or `False`. SigLIP families: ignored, texts are always padded to 64 tokens
+                (their text tower pools the last position; any other length changes the embeddings).
             truncation: truncate text longer than `max_length` (default True: never an error).
-            max_length: defaults to the tokenizer's 77.
+            max_length: defaults to the text tower's length (77 for CLIP, 64 for SigLIP).
             kwargs: passed to the tokenizer; transformers' processor convention is accepted too, as generic
                 callers such as sentence-transformers use it: `text_kwargs` (tokenizer), `images_kwargs` (image
                 processor) and `common_kwargs` (both; its `return_tensors` replaces the argument).
         Returns:
-            `BatchFeature` with `input_ids` and `attention_mask` `(B_t, L)` and/or `pixel_values` `(B_i, 3, H, W)`.
+            `BatchFeature` with `input_ids` (and the tokenizer's `attention_mask`) `(B_t, L)` and/or `pixel_values`
+            `(B_i, 3, H, W)` (SigLIP 2 NaFlex: `(B_i, N, 3 * p * p)` with `pixel_attention_mask` `(B_i, N)` and
+            `spatial_shapes` `(B_i, 2)`).
         """
         if text is None and images is None:
             raise ValueError("HySACProcessor needs text, images or both")
@@ -243,18 +304,21 @@ class HySACProcessor(ProcessorMixin):
             bad = [type(t).__name__ for t in texts if not isinstance(t, str)]
             if bad:
                 raise ValueError(f"text must be strings, got {sorted(set(bad))}")
-            options = {"padding": padding, "truncation": truncation, "max_length": max_length or self.max_length}
-            encoding = self.tokenizer(texts, return_tensors=return_tensors, **{**options, **kwargs, **text_kwargs})
+            text_kwargs = {**kwargs, **text_kwargs}
+            options = self.text_options(text_kwargs.pop("padding", padding), text_kwargs.pop("max_length", max_length))
+            options["truncation"] = text_kwargs.pop("truncation", truncation) if not self.is_fixed_length else True
+            encoding = self.tokenizer(texts, return_tensors=return_tensors, **{**text_kwargs, **options})
             data.update(encoding)
         if images is not None:
             is_batch = isinstance(images, (list, tuple)) or getattr(images, "ndim", None) == 4
             batch = list(images) if is_batch else [images]
             if not batch:
                 raise ValueError("images is an empty list; pass at least one image")
-            pixel_values = self.image_processor(
+            image_inputs = self.image_processor(
                 [to_rgb(image) for image in batch], return_tensors=return_tensors, **images_kwargs
             )
-            data["pixel_values"] = pixel_values["pixel_values"]
+            # pixel_values, and a NaFlex processor's pixel_attention_mask and spatial_shapes
+            data.update({key: image_inputs[key] for key in IMAGE_INPUT_NAMES if key in image_inputs})
         return BatchFeature(data=data, tensor_type=return_tensors)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -272,9 +336,9 @@ class HySACProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "pixel_values"]
+        return ["input_ids", "attention_mask", *IMAGE_INPUT_NAMES]
 
 
 HySACProcessor.register_for_auto_class()
 
-__all__ = ["HySACProcessor", "input_modality", "to_rgb"]
+__all__ = ["IMAGE_INPUT_NAMES", "HySACProcessor", "input_modality", "to_rgb"]

@@ -16,7 +16,15 @@ import pytest
 import torch
 
 from hysac_hf import HySACProcessor
-from hysac_hf.testing import SAMPLE_CAPTIONS, make_tiny_clip, sample_images, save_model_folder, tiny_hysac
+from hysac_hf.testing import (
+    SAMPLE_CAPTIONS,
+    make_tiny_clip,
+    make_tiny_dual_encoder,
+    make_tokenizer_portable,
+    sample_images,
+    save_model_folder,
+    tiny_hysac,
+)
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -51,6 +59,41 @@ def restore_logging():
 def tiny_clip_dir(tmp_path_factory):
     """A saved tiny random CLIPModel + CLIPProcessor (real BPE tokenizer, 224-px CLIP preprocessing)."""
     return make_tiny_clip(tmp_path_factory.mktemp("tiny_clip"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tiny_clip_dir, tmp_path_factory):
+    """`tiny_base_dir(family)`: a saved tiny random dual encoder of `family` ("clip", "siglip", "siglip2",
+    "metaclip_2") with its image processor and a small tokenizer, built on first use and shared by the session."""
+    built = {"clip": tiny_clip_dir}
+
+    def get(family: str):
+        if family not in built:
+            built[family] = make_tiny_dual_encoder(tmp_path_factory.mktemp(f"tiny_{family}"), family, seed=0)
+        return built[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_family_model_dir(tiny_base_dir, tmp_path_factory):
+    """`tiny_family_model_dir(family)`: a HySAC folder on a tiny base of `family` (`tiny_hysac`: non-default scalars,
+    bounds) with its processor, built on first use and shared by the session: read it, never write into it."""
+    from hysac_hf.loading import load_base_processor
+
+    built = {}
+
+    def get(family: str):
+        if family not in built:
+            model = tiny_hysac(tiny_base_dir(family))
+            processor = load_base_processor(str(tiny_base_dir(family)), model)
+            folder = save_model_folder(model, processor, tmp_path_factory.mktemp(f"hysac_{family}") / "model")
+            if family != "clip":
+                make_tokenizer_portable(folder)  # the folder is also loaded on the other transformers line
+            built[family] = folder
+        return built[family]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -94,6 +94,20 @@ def test_bench_train_reports_every_variant(tmp_path):
 
 
 @pytest.mark.slow
+def test_bench_families_reports_every_family_side_by_side(tmp_path):
+    results, stdout = run_benchmark("bench_families.py", "--rounds", "1", tmp_path=tmp_path)
+    rows = {(r["family"], r["modality"]): r for r in results["rows"]}
+    families = ("clip", "siglip", "siglip2", "metaclip_2")
+    assert set(rows) == {(family, modality) for family in families for modality in ("image", "text")}
+    for (family, modality), row in rows.items():
+        assert_finite_numbers(row, skip=("text_tokens",))
+        assert row["ratio_median"] > 0 and f"{family:<11} {modality:<8}" in stdout
+        if modality == "text":  # SigLIP embeds its fixed 64 tokens, CLIP and MetaCLIP 2 captions of 10-20
+            assert (row["text_tokens"] == 64) == (family in ("siglip", "siglip2"))
+            assert family in ("siglip", "siglip2") or 10 <= row["text_tokens"] <= 20
+
+
+@pytest.mark.slow
 def test_bench_inference_reports_every_variant(tmp_path):
     results, stdout = run_benchmark("bench_inference.py", "--rounds", "1", tmp_path=tmp_path)
     rows = {(r["modality"], r["variant"]): r for r in results["rows"]}

@@ -1,7 +1,8 @@
 """Turn dataset rows into model inputs, inside DataLoader workers (image decoding, preprocessing, tokenisation).
 
-Text is padded to the longest caption of each batch (CLIP's causal mask and end-of-text pooling make the
-embeddings equal to 77-padded ones) and truncated at 77 tokens.
+Text follows the processor's padding rule: CLIP and MetaCLIP 2 pad to the longest caption of each batch (their causal
+mask and end-of-text pooling make the embeddings equal to 77-padded ones) and truncate at 77 tokens; SigLIP families
+always pad to their text tower's 64 tokens (it pools the last position).
 """
 
 from __future__ import annotations
@@ -16,30 +17,40 @@ from PIL import Image
 
 from ..errors import UsageError
 from ..modeling.configuration_hysac import CONTENT_KINDS, ContentKind, content_kind
-from ..modeling.processing_hysac import to_rgb
+from ..modeling.processing_hysac import IMAGE_INPUT_NAMES, to_rgb
 from .images import load_image
 
 MAX_TEXT_TOKENS = 77  # CLIP's context length
 
 
 def tokenize(processor, texts: list[str], padding: bool | str = "longest") -> dict[str, torch.Tensor]:
-    """`input_ids` of `texts`, padded to the longest (or `padding="max_length"`: 77), truncated at 77.
+    """`input_ids` of `texts` by the processor's padding rule: padded to the longest (or `padding="max_length"`: 77),
+    truncated at 77, for CLIP; always padded to the text tower's length for SigLIP families (`padding` is ignored).
 
-    With right padding (CLIP's) no attention mask is returned: CLIP's causal mask and end-of-text pooling make
-    padding after the end-of-text token irrelevant, and without a mask the text tower never checks it on the host
-    (transformers tests whether a mask is all ones, a host-device synchronisation per batch). A left-padding
-    tokenizer gets its mask.
+    With right padding and a free padding rule (CLIP's, MetaCLIP 2's) no attention mask is returned: the causal mask
+    and end-of-text pooling make padding after the end-of-text token irrelevant, and without a mask the text tower
+    never checks it on the host (transformers tests whether a mask is all ones, a host-device synchronisation per
+    batch). A left-padding tokenizer, or a fixed-length family (whose tower attends over every position), gets the
+    tokenizer's mask when it makes one.
     """
-    encoding = processor.tokenizer(
-        texts, padding=padding, truncation=True, max_length=MAX_TEXT_TOKENS, return_tensors="pt"
-    )
-    if getattr(processor.tokenizer, "padding_side", "right") == "right":
+    fixed_length = getattr(processor, "is_fixed_length", False)
+    if fixed_length:
+        options = processor.text_options()
+    else:
+        max_length = getattr(processor, "text_max_length", None) or MAX_TEXT_TOKENS
+        options = {"padding": padding, "truncation": True, "max_length": max_length}
+    encoding = processor.tokenizer(texts, return_tensors="pt", **options)
+    right_padded = getattr(processor.tokenizer, "padding_side", "right") == "right"
+    if right_padded and not fixed_length:
         return {"input_ids": encoding["input_ids"]}
-    return {"input_ids": encoding["input_ids"], "attention_mask": encoding["attention_mask"]}
+    return {key: encoding[key] for key in ("input_ids", "attention_mask") if key in encoding}
 
 
-def preprocess_images(processor, images: list[Image.Image]) -> torch.Tensor:
-    return processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+def preprocess_images(processor, images: list[Image.Image]) -> dict[str, torch.Tensor]:
+    """The image processor's model inputs: `pixel_values`, and SigLIP 2 NaFlex's `pixel_attention_mask` and
+    `spatial_shapes`."""
+    inputs = processor.image_processor(images=images, return_tensors="pt")
+    return {key: inputs[key] for key in IMAGE_INPUT_NAMES if key in inputs}
 
 
 class QuadrupletCollator:
@@ -52,7 +63,7 @@ class QuadrupletCollator:
         processor: a `HySACProcessor` (or any processor with `image_processor` and `tokenizer`).
         kinds: the kinds to collate (keys, columns or notations; default all four).
         image_root: folder for relative image paths.
-        padding: `"longest"` (default) or `"max_length"` (77 tokens).
+        padding: `"longest"` (default) or `"max_length"` (77 tokens); SigLIP families always pad to 64.
     """
 
     def __init__(
@@ -77,7 +88,7 @@ class QuadrupletCollator:
         by_key = {k.key: k for k in self.kinds}
         if self.image_kinds:
             images = [load_image(row[by_key[key].column], self.image_root) for key in self.image_kinds for row in rows]
-            batch["pixel_values"] = preprocess_images(self.processor, images)
+            batch.update(preprocess_images(self.processor, images))
         if self.text_kinds:
             texts = [str(row[by_key[key].column]) for key in self.text_kinds for row in rows]
             batch.update(tokenize(self.processor, texts, self.padding))
@@ -103,7 +114,7 @@ class ItemCollator:
         if not items:
             raise UsageError("empty batch")
         if self.modality == "image":
-            return {"pixel_values": preprocess_images(self.processor, [load_image(v, self.image_root) for v in items])}
+            return preprocess_images(self.processor, [load_image(v, self.image_root) for v in items])
         bad = sorted({type(t).__name__ for t in items if not isinstance(t, str)})
         if bad:
             raise UsageError(f"texts must be strings, got {bad}")

@@ -5,7 +5,8 @@
 - :mod:`.data`: the splits, loaded and checked before the model (:func:`load_training_data`), and the order of the
   training rows (:class:`EpochPermutationSampler`);
 - :mod:`.model`: the module to train (:func:`build_module`; :func:`configure_trainable`: LoRA or full fine-tuning,
-  frozen projections, trained scalars; half-precision frozen weights, FSDP-shardable scalars) and its AdamW
+  frozen projections, trained scalars; :func:`contrastive_loss_of`: softmax or sigmoid; half-precision frozen
+  weights, FSDP-shardable scalars) and its AdamW
   (:func:`make_optimizer`);
 - :mod:`.step`: one micro-batch of training (:class:`TrainStep`, :func:`step_seed`, :class:`NonFiniteLossError`);
 - :mod:`.checkpoints`: what a checkpoint holds beside Accelerate's state (:class:`TrainingProgress`), where
@@ -45,6 +46,7 @@ from .model import (
     SCALAR_PARAMETERS,
     build_module,
     configure_trainable,
+    contrastive_loss_of,
     fused_adamw_supported,
     hold_frozen_weights_in,
     make_optimizer,
@@ -71,6 +73,7 @@ __all__ = [
     "check_config",
     "config_to_argv",
     "configure_trainable",
+    "contrastive_loss_of",
     "discard_run_on_failure",
     "export_from_state",
     "export_model",

@@ -18,7 +18,7 @@ from accelerate.utils import ProjectConfiguration
 
 from ..errors import UsageError, require
 from ..hub import require_token
-from ..modeling.configuration_hysac import CONTENT_KINDS
+from ..modeling.configuration_hysac import CONTENT_KINDS, SIGLIP_LORA_TARGET_MODULES
 from ..modeling.modeling_hysac import LORA_TARGET_MODULES
 from .checkpoints import list_checkpoints
 
@@ -34,7 +34,8 @@ class TrainingConfig:
 
     model_name_or_path: str = field(
         metadata={
-            "help": "CLIP checkpoint (converted with HySACModel.from_clip) or a HySAC checkpoint to keep training."
+            "help": "A dual encoder to start from (CLIP, SigLIP, SigLIP 2 or MetaCLIP 2, converted with "
+            "HySACModel.from_dual_encoder) or a HySAC checkpoint to keep training."
         }
     )
     output_dir: str = field(
@@ -127,6 +128,14 @@ class TrainingConfig:
         default=False,
         metadata={"help": "Contrastive negatives from the local batch only (the authors' per-GPU loss)."},
     )
+    contrastive: Literal["softmax", "sigmoid"] | None = field(
+        default=None,
+        metadata={
+            "help": "Contrastive loss: 'softmax' (CLIP's InfoNCE, the reference) or 'sigmoid' (SigLIP's pairwise loss "
+            "on the logits plus a learned logit_bias). Default: the model's, sigmoid for SigLIP and SigLIP 2 bases, "
+            "softmax for CLIP and MetaCLIP 2."
+        },
+    )
     full_finetune: bool = field(
         default=False, metadata={"help": "Train every tower weight instead of LoRA (projections stay frozen)."}
     )
@@ -134,9 +143,13 @@ class TrainingConfig:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank (paper: 16)."})
     lora_alpha: float = field(default=1.0, metadata={"help": "LoRA alpha (reference: 1, i.e. scaling 1/16)."})
     lora_dropout: float = field(default=0.1, metadata={"help": "LoRA dropout (reference: 0.1)."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: list(LORA_TARGET_MODULES),
-        metadata={"help": "Module names that get LoRA in both towers."},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Module names that get LoRA in both towers. Default: the base family's; CLIP and MetaCLIP 2: "
+            f"{' '.join(LORA_TARGET_MODULES)}; SigLIP and SigLIP 2: {' '.join(SIGLIP_LORA_TARGET_MODULES)} (which "
+            "leaves the attention-pooling head's nn.MultiheadAttention alone)."
+        },
     )
     gradient_checkpointing: bool = field(
         default=False, metadata={"help": "Recompute tower activations in backward to save memory."}

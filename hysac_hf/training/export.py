@@ -23,7 +23,7 @@ from ..model_card import render_training_card
 from ..modeling.modeling_hysac import HySACModel
 from ..modeling.processing_hysac import HySACProcessor
 from .config import TrainingConfig, tracker_settings
-from .model import configure_trainable, trainable_names
+from .model import configure_trainable, contrastive_loss_of, trainable_names
 
 HISTOGRAM_FILE = "bounds.png"
 
@@ -110,6 +110,10 @@ def write_export(
         curvature=float(model.curvature.detach()),
         summary=summary,
         histogram=HISTOGRAM_FILE if calibration is not None else None,
+        base_family=model.base_family.name,
+        base_checkpoint=model.config.base_model_name_or_path,
+        fixed_text_length=model.config.fixed_text_length,
+        contrastive=contrastive_loss_of(model, config.contrastive),
     )
 
     def write(folder: Path) -> None:

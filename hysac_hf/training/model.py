@@ -1,8 +1,8 @@
 """The module to train: which weights train (LoRA or full fine-tuning), in which dtype and shape, and its optimiser.
 
 - :func:`build_module`: train.py's module (a `QuadrupletEncoder`) and processor, built from the run's settings;
-- :func:`configure_trainable`: freeze the base, attach LoRA (the reference's settings by default), train the four
-  HySAC scalars;
+- :func:`configure_trainable`: freeze the base, attach LoRA (the reference's settings by default; per base family),
+  train the four HySAC scalars (and the logit bias of the sigmoid loss, :func:`contrastive_loss_of`);
 - :func:`hold_frozen_weights_in` (frozen towers in bf16/fp16 under mixed precision) and
   :func:`make_scalars_shardable` (FSDP);
 - :func:`parameter_groups` and :func:`make_optimizer`: the AdamW of train.py (fused where this torch has it).
@@ -21,6 +21,7 @@ from torch import nn
 
 from ..encode import QuadrupletEncoder
 from ..loading import load_model
+from ..losses import CONTRASTIVE_LOSSES
 from ..modeling.modeling_hysac import LORA_TARGET_MODULES, SCALAR_PARAMETERS, HySACModel
 from ..modeling.processing_hysac import HySACProcessor
 
@@ -30,7 +31,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 def build_module(config: TrainingConfig, accelerator: Accelerator) -> tuple[QuadrupletEncoder, HySACProcessor]:
-    """The module to train and the processor, from `config.model_name_or_path` (a HySAC or a CLIP checkpoint).
+    """The module to train and the processor, from `config.model_name_or_path` (a HySAC checkpoint or a dual encoder's:
+    CLIP, SigLIP, SigLIP 2, MetaCLIP 2).
 
     Under mixed precision with LoRA the frozen tower weights are held in bf16/fp16 (no per-step weight casts); the
     LoRA weights, the HySAC scalars and so the optimiser state stay float32. Under FSDP the scalars get shape `(1,)`.
@@ -41,6 +43,8 @@ def build_module(config: TrainingConfig, accelerator: Accelerator) -> tuple[Quad
         the `QuadrupletEncoder` to hand to `accelerator.prepare`, and the checkpoint's processor.
     """
     base, processor = load_model(config.model_name_or_path, allow_clip=True)
+    if contrastive_loss_of(base, config.contrastive) == "sigmoid" and not base.has_logit_bias:
+        base.add_logit_bias()  # before the scalars are made shardable
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
     if half is not None and not config.full_finetune:
         hold_frozen_weights_in(base, half)
@@ -66,7 +70,18 @@ def trainable_kwargs(config: TrainingConfig) -> dict[str, Any]:
         "lora_alpha": config.lora_alpha,
         "lora_dropout": config.lora_dropout,
         "lora_target_modules": config.lora_target_modules,
+        "contrastive": config.contrastive,
     }
+
+
+def contrastive_loss_of(model: HySACModel, contrastive: str | None = None) -> str:
+    """The contrastive loss a run trains `model` with: `contrastive` when given, else the model's own, `"sigmoid"`
+    when it has a `logit_bias` (SigLIP families, as `from_dual_encoder` builds them) and `"softmax"` otherwise."""
+    if contrastive is not None:
+        if contrastive not in CONTRASTIVE_LOSSES:
+            raise ValueError(f"contrastive must be one of {list(CONTRASTIVE_LOSSES)}, got {contrastive!r}")
+        return contrastive
+    return "sigmoid" if model.has_logit_bias else "softmax"
 
 
 def configure_trainable(
@@ -77,16 +92,28 @@ def configure_trainable(
     lora_r: int = 16,
     lora_alpha: float = 1.0,
     lora_dropout: float = 0.1,
-    lora_target_modules: Sequence[str] = LORA_TARGET_MODULES,
+    lora_target_modules: Sequence[str] | None = None,
     gradient_checkpointing: bool = False,
+    contrastive: str | None = None,
 ) -> nn.Module:
     """Freeze/unfreeze and attach LoRA (the reference's settings by default).
 
+    Args:
+        lora_target_modules: the modules LoRA adapts; None: the model's family's (`model.lora_target_modules`; CLIP:
+            `LORA_TARGET_MODULES`, the reference's).
+        contrastive: the run's contrastive loss (:func:`contrastive_loss_of`): `"sigmoid"` gives a model without a
+            `logit_bias` one (`HySACModel.add_logit_bias`, SigLIP's -10) and trains it; under `"softmax"`, on which
+            no constant shift of the logits acts, a model's bias stays frozen.
     Returns:
         the module to train: a `PeftModel` around `model` with LoRA, or `model` itself with `full_finetune`.
-        The projections stay frozen unless `train_projections`; the four HySAC scalars always train (the curvature
-        only if `config.learn_curv`).
+        The projections (`model.projections`) stay frozen unless `train_projections`; the four HySAC scalars always
+        train (the curvature only if `config.learn_curv`), and so does the logit bias under the sigmoid loss.
     """
+    contrastive = contrastive_loss_of(model, contrastive)
+    if contrastive == "sigmoid" and not model.has_logit_bias:
+        model.add_logit_bias()
+    if lora_target_modules is None:
+        lora_target_modules = model.lora_target_modules
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.requires_grad_(full_finetune)
@@ -103,10 +130,12 @@ def configure_trainable(
         trainable: nn.Module = get_peft_model(model, lora)
     else:
         trainable = model
-    model.visual_projection.requires_grad_(train_projections)
-    model.text_projection.requires_grad_(train_projections)
+    for projection in model.projections:
+        projection.requires_grad_(train_projections)
     for name in SCALAR_PARAMETERS:
         getattr(model, name).requires_grad_(name != "curv" or model.config.learn_curv)
+    if model.has_logit_bias:
+        model.logit_bias.requires_grad_(contrastive == "sigmoid")
     return trainable
 
 
@@ -159,15 +188,17 @@ def hold_frozen_weights_in(model: HySACModel, dtype: torch.dtype) -> HySACModel:
     """Store the (frozen) towers and projections in `dtype` (bf16/fp16 under mixed precision with LoRA), so that no
     step re-casts them; the HySAC scalars stay float32. Call before `configure_trainable`: peft then creates the LoRA
     weights in float32 (`autocast_adapter_dtype`)."""
-    for part in (model.vision_model, model.text_model, model.visual_projection, model.text_projection):
+    projections = [getattr(model, name) for name in ("visual_projection", "text_projection") if hasattr(model, name)]
+    for part in (model.vision_model, model.text_model, *projections):  # SigLIP's heads are inside the towers
         part.to(dtype)
     return model
 
 
 def make_scalars_shardable(model: HySACModel) -> HySACModel:
-    """Give the four scalar parameters shape `(1,)`: FSDP refuses 0-dim parameters. The maths broadcasts unchanged;
-    :func:`export_from_state` restores shape `()`, so checkpoints of the exported model keep the usual layout."""
-    for name in SCALAR_PARAMETERS:
+    """Give the scalar parameters (four, five with a logit bias) shape `(1,)`: FSDP refuses 0-dim parameters. The
+    maths broadcasts unchanged; :func:`export_from_state` restores shape `()`, so checkpoints of the exported model
+    keep the usual layout."""
+    for name in model.scalar_parameter_names:
         param = getattr(model, name)
         if param.ndim == 0:
             setattr(model, name, nn.Parameter(param.detach().reshape(1).clone(), requires_grad=param.requires_grad))

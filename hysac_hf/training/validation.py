@@ -33,7 +33,8 @@ def validation_metrics(
         rows = {key: value[start : start + chunk] for key, value in cache.embeds.items()}
         if rows["V"].shape[0] < 2:  # a contrastive loss needs a negative
             continue
-        losses.append(loss_fn(rows, curvature=curvature, logit_scale=logit_scale)["loss"].item())
+        terms = loss_fn(rows, curvature=curvature, logit_scale=logit_scale, logit_bias=cache.logit_bias)
+        losses.append(terms["loss"].item())
     metrics = {"val_loss": float(sum(losses) / max(len(losses), 1))}
     for text, image in RECALL_SUM_PAIRS:
         text_to_image, image_to_text = paired_ranks(cache.embeds[text], cache.embeds[image], curvature)  # one product

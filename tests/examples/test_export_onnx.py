@@ -87,3 +87,34 @@ def test_command_line_errors_exit_2_with_one_line(model_dir, tmp_path):
     result = run("--model", str(model_dir), "--output", str(a_file))
     assert result.returncode == 2 and "is a file" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["siglip", "siglip2", "metaclip_2"])
+def test_every_base_family_exports_and_matches_torch(family, tiny_family_model_dir, photos, captions, tmp_path, capsys):
+    import transformers
+
+    from hysac_hf.loading import load_model
+
+    folder, out = tiny_family_model_dir(family), tmp_path / "onnx"
+    status = load_script().main(["--model", str(folder), "--output", str(out), "--opset", "17"])
+    if family == "siglip2" and int(transformers.__version__.split(".")[0]) < 5:
+        assert status == 2 and "transformers >= 5" in capsys.readouterr().err  # refused, with the fix
+        return
+    assert status == 0
+    meta = json.loads((out / "hysac_onnx.json").read_text())
+    assert meta["base_model_type"] == family
+    model, processor = load_model(folder)
+    names = list(photos)  # 6 photos: RGB, grayscale, RGBA
+    image_inputs = {k: v for k, v in processor(images=[photos[n] for n in names]).items()}
+    text_inputs = dict(processor(text=[captions[n] for n in names[:5]]))
+    assert list(image_inputs) == meta["image_inputs"] and list(text_inputs) == meta["text_inputs"]
+    with torch.no_grad():
+        expected_images = model.encode_image(**image_inputs).numpy()
+        expected_texts = model.encode_text(**text_inputs).numpy()
+    got_images = onnxruntime_embeds(out / "image_encoder.onnx", image_inputs)
+    got_texts = onnxruntime_embeds(out / "text_encoder.onnx", text_inputs)
+    assert got_images.shape == (6, 32) and got_texts.shape == (5, 32)
+    assert np.abs(got_images - expected_images).max() <= 1e-4
+    assert np.abs(got_texts - expected_texts).max() <= 1e-4
+    if family == "siglip2":  # the photos' patch grids differ: the export follows each image's own
+        assert len({tuple(s) for s in image_inputs["spatial_shapes"].tolist()}) > 1

@@ -22,7 +22,8 @@ from hysac_hf.training import configure_trainable
 B = 3  # per-process batch
 
 
-def tiny_model() -> QuadrupletEncoder:
+def tiny_model(contrastive: str = "softmax") -> QuadrupletEncoder:
+    """A tiny CLIP-shaped HySAC with LoRA; `contrastive="sigmoid"` gives it a trained logit bias (SigLIP's loss)."""
     torch.manual_seed(0)
     config = HySACConfig(
         text_config={
@@ -45,9 +46,13 @@ def tiny_model() -> QuadrupletEncoder:
         projection_dim=16,
     )
     model = HySACModel(config)
-    module = QuadrupletEncoder(configure_trainable(model, lora_dropout=0.0))
-    # Non-zero LoRA B so that LoRA gradients flow everywhere.
+    module = QuadrupletEncoder(configure_trainable(model, lora_dropout=0.0, contrastive=contrastive))
+    # Non-zero LoRA B so that LoRA gradients flow everywhere; for the sigmoid loss a logit scale of 1 and a bias of -1
+    # (not 1/0.07 and SigLIP's -10), so that the negative pairs weigh in it.
     with torch.no_grad():
+        if model.has_logit_bias:
+            model.logit_scale.fill_(0.0)
+            model.logit_bias.fill_(-1.0)
         for name, param in module.named_parameters():
             if "lora_B" in name:
                 param.normal_(std=0.1)
@@ -66,21 +71,23 @@ def batch(rows: slice, world: int) -> dict[str, torch.Tensor]:
 
 def loss_of(module, loss_fn, inputs):
     out = module(**inputs)
-    return loss_fn(out, curvature=out["curvature"], logit_scale=out["logit_scale"])["loss"]
+    return loss_fn(
+        out, curvature=out["curvature"], logit_scale=out["logit_scale"], logit_bias=out.get("logit_bias")
+    )["loss"]
 
 
-def compare(accelerator, ddp, reference, local_negatives: bool) -> dict:
+def compare(accelerator, ddp, reference, local_negatives: bool, contrastive: str = "softmax") -> dict:
     rank, world = accelerator.process_index, accelerator.num_processes
     for model in (ddp, reference):
         model.zero_grad(set_to_none=True)
-    loss_fn = HySACLoss(local_negatives=local_negatives, rank=rank, world_size=world)
+    loss_fn = HySACLoss(local_negatives=local_negatives, rank=rank, world_size=world, contrastive=contrastive)
     local_loss = loss_of(ddp, loss_fn, batch(slice(rank * B, (rank + 1) * B), world))
     accelerator.backward(local_loss)
     mean_loss = accelerator.reduce(local_loss.detach(), reduction="mean")
     grads = {n: p.grad.clone() for n, p in accelerator.unwrap_model(ddp).named_parameters() if p.requires_grad}
 
     # One process, batch 2B. With local negatives the expectation is the mean of the two per-half losses.
-    single = HySACLoss()
+    single = HySACLoss(contrastive=contrastive)
     if local_negatives:
         ref_loss = (
             sum(loss_of(reference, single, batch(slice(r * B, (r + 1) * B), world)) for r in range(world)) / world
@@ -97,6 +104,7 @@ def compare(accelerator, ddp, reference, local_negatives: bool) -> dict:
         "max_grad_diff": max((grads[n] - ref_grads[n]).abs().max().item() for n in ref_grads),
         "max_grad": max(g.abs().max().item() for g in ref_grads.values()),
         "n_params": len(ref_grads),
+        "trained": sorted(ref_grads),
         "zero_grads": sorted(n for n, g in ref_grads.items() if g.abs().max().item() == 0),
     }
 
@@ -115,6 +123,12 @@ def main() -> None:
         "global": compare(accelerator, ddp, reference, False),
         "local": compare(accelerator, ddp, reference, True),
     }
+    # SigLIP's sigmoid loss, chunked across the processes: the same equality, the logit bias trained too.
+    sigmoid_module = tiny_model("sigmoid")
+    sigmoid_reference = copy.deepcopy(sigmoid_module)
+    sigmoid_ddp = accelerator.prepare(sigmoid_module)
+    report["sigmoid"] = compare(accelerator, sigmoid_ddp, sigmoid_reference, False, "sigmoid")
+    report["sigmoid_local"] = compare(accelerator, sigmoid_ddp, sigmoid_reference, True, "sigmoid")
     if accelerator.is_main_process:
         with open(opts.report, "w") as handle:
             json.dump(report, handle)

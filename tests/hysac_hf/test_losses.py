@@ -149,3 +149,65 @@ def test_local_negatives_equal_single_process_loss(quadruplet):
     single = HySACLoss()(q, **args)["loss"]
     local = HySACLoss(local_negatives=True, rank=1, world_size=2)(q, **args)["loss"]
     assert torch.equal(single, local)
+
+
+def np_sigmoid(text: np.ndarray, image: np.ndarray, c: float, log_scale: float, bias: float) -> float:
+    """SigLIP's pairwise loss, -(1/B) sum_ij log sigmoid(s_ij z_ij), z = -exp(scale) d(image_i, text_j) + b."""
+    z = -math.exp(log_scale) * np_dist(image, text, c) + bias
+    signs = 2 * np.eye(len(image)) - 1
+    return float(np.mean(np.sum(np.log1p(np.exp(-signs * z)), axis=1)))
+
+
+@pytest.mark.parametrize("c, log_scale, bias", [(1.0, math.log(10.0), -10.0), (1.7, math.log(20.0), -3.5)])
+def test_sigmoid_terms_match_float64_hand_computation(quadruplet, c, log_scale, bias):
+    q = quadruplet
+    loss = HySACLoss(contrastive="sigmoid")
+    out = loss(
+        as_torch(q),
+        curvature=torch.tensor(c, dtype=torch.float64),
+        logit_scale=torch.tensor(log_scale, dtype=torch.float64),
+        logit_bias=torch.tensor(bias, dtype=torch.float64),
+    )
+    expected = {
+        "contrastive_safe": np_sigmoid(q["S"], q["V"], c, log_scale, bias),
+        "contrastive_unsafe": np_sigmoid(q["U"], q["G"], c, log_scale, bias),
+        "contrastive_cross_a": np_sigmoid(q["S"], q["G"], c, log_scale, bias),
+        "contrastive_cross_b": np_sigmoid(q["U"], q["V"], c, log_scale, bias),
+        "entailment_text_image": np_entailment(q["S"], q["V"], c, 1.0),
+    }
+    for name, value in expected.items():
+        assert out[name].item() == pytest.approx(value, rel=1e-9, abs=1e-9), name
+    # The bias matters: another bias gives another loss (the softmax loss would not see it).
+    shifted = loss(as_torch(q), torch.tensor(c), torch.tensor(log_scale), logit_bias=torch.tensor(bias + 1.0))
+    assert abs(shifted["contrastive_safe"].item() - expected["contrastive_safe"]) > 1e-3
+    softmax = HySACLoss()
+    args = (as_torch(q), torch.tensor(c), torch.tensor(log_scale))
+    assert torch.equal(softmax(*args, logit_bias=torch.tensor(bias))["loss"], softmax(*args)["loss"])
+
+
+def test_sigmoid_chunks_of_each_process_add_up_to_the_global_loss(quadruplet):
+    """Each process scores its own images against every gathered text, one chunk per process, its positives in its own
+    chunk; the mean over processes is the one-process loss of the whole batch (no softmax couples the chunks)."""
+    q = as_torch(quadruplet)  # B = 6: two "processes" of 3 rows
+    c, log_scale, bias = (torch.tensor(v, dtype=torch.float64) for v in (1.3, 2.0, -4.0))
+    whole = HySACLoss(contrastive="sigmoid").contrastive(q["S"], q["V"], q["S"], q["V"], c, log_scale, bias)
+    per_rank = [
+        HySACLoss(contrastive="sigmoid", rank=rank, world_size=2).contrastive(
+            q["S"][3 * rank : 3 * rank + 3], q["V"][3 * rank : 3 * rank + 3], q["S"], q["V"], c, log_scale, bias
+        )
+        for rank in range(2)
+    ]
+    assert (per_rank[0] + per_rank[1]).item() / 2 == pytest.approx(whole.item(), rel=1e-12)
+    assert abs(per_rank[0].item() - whole.item()) > 1e-3  # not trivially equal
+    # With local negatives each process scores its own chunk only: the authors' per-process scheme.
+    local = HySACLoss(contrastive="sigmoid", local_negatives=True, rank=1, world_size=2)
+    rows = slice(3, 6)
+    value = local.contrastive(q["S"][rows], q["V"][rows], q["S"][rows], q["V"][rows], c, log_scale, bias).item()
+    assert value == pytest.approx(np_sigmoid(quadruplet["S"][rows], quadruplet["V"][rows], 1.3, 2.0, -4.0), rel=1e-9)
+
+
+def test_sigmoid_loss_needs_a_logit_bias_and_contrastive_is_checked(quadruplet):
+    with pytest.raises(ValueError, match="needs the model's logit_bias"):
+        HySACLoss(contrastive="sigmoid")(as_torch(quadruplet), torch.tensor(1.0), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="contrastive must be one of"):
+        HySACLoss(contrastive="hinge")

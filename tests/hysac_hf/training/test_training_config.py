@@ -50,6 +50,7 @@ EVERY_FIELD_CHANGED = {
     "lora_alpha": 2.0,
     "lora_dropout": 0.0,
     "lora_target_modules": ["q_proj", "fc1"],
+    "contrastive": "sigmoid",
     "gradient_checkpointing": True,
     "torch_compile": True,
     "torch_compile_backend": "aot_eager",

@@ -14,7 +14,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..calibration import MIN_CALIBRATION_ROWS
-from ..data import CANONICAL_COLUMNS, IMAGE_COLUMNS, bad_image_rows, bad_images_or_skip, dataset_has_split, load_dataset_split
+from ..data import (
+    CANONICAL_COLUMNS,
+    IMAGE_COLUMNS,
+    bad_image_rows,
+    bad_images_or_skip,
+    dataset_has_split,
+    load_dataset_split,
+)
 from ..errors import UsageError
 
 if TYPE_CHECKING:

@@ -22,7 +22,7 @@ from torch import nn
 from ..encode import QuadrupletEncoder
 from ..loading import load_model
 from ..losses import CONTRASTIVE_LOSSES
-from ..modeling.modeling_hysac import LORA_TARGET_MODULES, SCALAR_PARAMETERS, HySACModel
+from ..modeling.modeling_hysac import SCALAR_PARAMETERS, HySACModel
 from ..modeling.processing_hysac import HySACProcessor
 
 if TYPE_CHECKING:

@@ -7,9 +7,9 @@ from torch import Tensor
 
 from ..encode import EmbeddingCache
 from ..evaluation.retrieval import recall_from_ranks
-from ..modeling.gallery_hysac import paired_ranks
 from ..losses import HySACLoss
 from ..modeling.configuration_hysac import CONTENT
+from ..modeling.gallery_hysac import paired_ranks
 
 # recall_sum of the reference (docs/method.md §7.6): R@1 text->image and image->text for these (text, image) pairs.
 RECALL_SUM_PAIRS = (("S", "V"), ("S", "G"), ("U", "V"))

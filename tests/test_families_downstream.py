@@ -1,6 +1,6 @@
 """Everything downstream of the model on every non-CLIP base family (SigLIP, SigLIP 2 NaFlex, MetaCLIP 2): both
-pipelines, the gallery index, calibration, evaluation, sentence-transformers and the Space. (CLIP is covered by the
-suites of each of these.) Oracles: the in-process model's own `encode_*` on its processor's inputs, float64 Lorentz
+pipelines, the gallery index, calibration, evaluation, sentence-transformers, the Space and the service's request
+path (handler.py). (CLIP is covered by the suites of each of these.) Oracles: the in-process model's own `encode_*` on its processor's inputs, float64 Lorentz
 distances written out here, and, for the index, a brute-force ranking."""
 
 from __future__ import annotations
@@ -202,3 +202,34 @@ def test_space_serves_a_siglip_model_named_by_hysac_model(tiny_family_model_dir,
     shown = [int(i) for i in re.findall(r'data-index="(\d+)"', table)]
     assert shown == np.argsort(distances, kind="stable")[:3].tolist() and len(pictures) == 3
     assert 'data-redirected="false"' in summary
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_service_request_path_answers_as_the_model(family, tiny_family_model_dir, photos, captions, tmp_path):
+    """`hysac-serve` and Inference Endpoints run `handler.py` (the folder's own copy, loaded through its remote
+    code): on every family its embeddings are the model's own, its detection scores the distances to the root, and its
+    search over an index folder shipped inside the repository a float64 Lorentz ranking."""
+    from hysac_hf.encode import encode_images
+    from hysac_hf.index import GalleryIndex
+    from hysac_hf.modeling.handler import EndpointHandler
+
+    folder = tmp_path / "repo"
+    shutil.copytree(tiny_family_model_dir(family), folder)
+    model, processor = load_model(folder)
+    images = [photos[name] for name in PHOTOS]
+    GalleryIndex.from_embeddings(
+        encode_images(model, processor, images, show_progress=False), "image", model=model, processor=processor
+    ).save(folder / "photos")
+    handler = EndpointHandler(str(folder))
+    texts = [captions[name] for name in PHOTOS]
+    text_embeds, image_embeds = embed(model, processor, texts=texts), embed(model, processor, images=images)
+    got = torch.tensor(handler({"inputs": texts, "parameters": {"task": "feature-extraction"}}))
+    torch.testing.assert_close(got, text_embeds, rtol=0, atol=1e-5)  # a batch of 4 texts: 64 tokens for SigLIP too
+    c = float(model.curvature.detach())
+    found = handler({"inputs": images[0], "parameters": {"threshold": 0.5}})
+    expected = math.asinh(math.sqrt(c) * float(image_embeds[0].double().norm())) / math.sqrt(c)
+    assert found["score"] == pytest.approx(expected, abs=1e-5) and found["label"] == ("unsafe" if expected > 0.5 else "safe")
+    hits = handler({"inputs": texts[2], "parameters": {"task": "safe-retrieval", "index": "photos", "top_k": 4, "policy": "retain"}})
+    row = lorentz64(text_embeds[2:3], image_embeds, c)[0]
+    assert [hit["index"] for hit in hits["results"]] == np.argsort(row, kind="stable").tolist()
+    np.testing.assert_allclose([hit["distance"] for hit in hits["results"]], np.sort(row), rtol=1e-5)

@@ -42,7 +42,6 @@ from .config import (
 from .data import EpochPermutationSampler, TrainingData, load_training_data
 from .export import HISTOGRAM_FILE, export_from_state, export_model, write_export
 from .model import (
-    LORA_TARGET_MODULES,
     SCALAR_PARAMETERS,
     build_module,
     configure_trainable,
@@ -61,7 +60,6 @@ from .validation import validation_metrics
 __all__ = [
     "CHECKPOINT_PREFIX",
     "HISTOGRAM_FILE",
-    "LORA_TARGET_MODULES",
     "SCALAR_PARAMETERS",
     "EpochPermutationSampler",
     "NonFiniteLossError",

@@ -85,6 +85,18 @@ def _model_fields(model, processor) -> dict[str, Any]:
     }
 
 
+def _check_model(gallery: Gallery, model, processor, call: str):
+    """The HySAC inside `model`, checked against the gallery's curvature and model probe (UsageError otherwise)."""
+    from ..encode import unwrap_hysac
+
+    if processor is None:
+        raise UsageError(f"{call} also needs the model's processor= (to check the model probe)")
+    hysac = unwrap_hysac(model)
+    with usage_errors():
+        check_gallery_model(gallery, hysac, lambda: model_probe(hysac, processor.tokenizer))
+    return hysac
+
+
 def _check_embeddings(embeddings: Any, what: str, dim: int | None = None) -> Tensor:
     if not torch.is_tensor(embeddings):
         if isinstance(embeddings, np.ndarray):
@@ -859,13 +871,7 @@ class GalleryIndex(Gallery):
         with folder_lock(directory):
             index = cls.load(directory)  # the stored bounds stay (a model's own would replace them)
             if model is not None:
-                from ..encode import unwrap_hysac
-
-                if processor is None:
-                    raise UsageError("extend_folder(..., model=) also needs the model's processor= (for the probe)")
-                hysac = unwrap_hysac(model)
-                with usage_errors():
-                    check_gallery_model(index, hysac, lambda: model_probe(hysac, processor.tokenizer))
+                _check_model(index, model, processor, "extend_folder(..., model=)")
             new = _check_embeddings(embeddings, "the added embeddings", index.dim).float().contiguous()
             rows = index._check_metadata(metadata, new.shape[0])
             if new.shape[0] == 0:
@@ -922,18 +928,10 @@ class GalleryIndex(Gallery):
         Raises:
             UsageError: a missing or corrupt folder, an index built with another model or curvature.
         """
-        from ..encode import unwrap_hysac
-
         directory = Path(directory).expanduser()
         with usage_errors():
             stored = read_gallery(directory)
-        hysac = None
-        if model is not None:
-            if processor is None:
-                raise UsageError("load(dir, model=...) also needs the model's processor= (to check the model probe)")
-            hysac = unwrap_hysac(model)
-            with usage_errors():
-                check_gallery_model(stored, hysac, lambda: model_probe(hysac, processor.tokenizer))
+        hysac = None if model is None else _check_model(stored, model, processor, "load(dir, model=...)")
         index = cls.from_gallery(stored)
         config = None if hysac is None else hysac.config
         if config is not None and config.bounds is not None:  # the model's calibration is the current one

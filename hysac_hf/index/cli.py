@@ -116,12 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ivfpq: items embedded and written per chunk (a resumed build restarts at the last complete chunk)",
     )
     add_argument(p, "--restart", action="store_true", help="ivfpq: discard an unfinished build instead of resuming it")
-    add_argument(
-        p, "--batch_size", type=int, default=None, help="items per forward pass (default: 32 images, 256 texts)"
-    )
-    add_argument(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
-    add_skip_bad_images_flag(p)
-    add_argument(p, "--device", default=None, help="torch device (default: cpu, or the accelerate device)")
+    _add_embedding_flags(p, "torch device (default: cpu, or the accelerate device)")
 
     p = add_subcommand(
         sub,
@@ -139,12 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the HySAC model that built the index (required unless --embeddings go into an index without a probe)",
     )
     _add_sources(p)
-    add_argument(
-        p, "--batch_size", type=int, default=None, help="items per forward pass (default: 32 images, 256 texts)"
-    )
-    add_argument(p, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
-    add_skip_bad_images_flag(p)
-    add_argument(p, "--device", default=None, help="torch device (default: cpu)")
+    _add_embedding_flags(p, "torch device (default: cpu)")
 
     p = add_subcommand(
         sub,
@@ -193,6 +183,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="also read the embeddings whole and check their checksum (loading an ivfpq index checks their size only)",
     )
     return parser
+
+
+def _add_embedding_flags(parser: argparse.ArgumentParser, device_help: str) -> None:
+    """How `build` and `add` embed their items."""
+    add_argument(
+        parser, "--batch_size", type=int, default=None, help="items per forward pass (default: 32 images, 256 texts)"
+    )
+    add_argument(parser, "--num_workers", type=int, default=0, help="DataLoader workers that decode images")
+    add_skip_bad_images_flag(parser)
+    add_argument(parser, "--device", default=None, help=device_help)
 
 
 def _add_sources(parser: argparse.ArgumentParser) -> None:

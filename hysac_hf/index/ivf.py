@@ -54,6 +54,7 @@ MIN_POINTS_PER_CELL = 39
 LAYOUTS = {"shells": 2.0, "directions": math.inf}
 PQ_SUBVECTOR = 4  # dimensions per product-quantiser sub-vector (8-bit codes): 1 byte per 4 floats, 1/16 the size
 PQ_BITS = 8
+PQ_ROWS_PER_CODE = MIN_POINTS_PER_CELL  # FAISS k-means asks as many training rows per code word as per cell
 PQ_TRAIN_ROWS = 65_536  # rows the product quantiser trains on (FAISS samples 256 per code word of each sub-quantiser)
 
 
@@ -161,7 +162,11 @@ def radial_quantizer(
         time = math.sqrt(1.0 / curvature + edge * edge)
         for cell in range(cells):
             mine = members[labels == cell]
-            mean = directions[mine].mean(axis=0) if mine.size else centroids[cell] / max(np.linalg.norm(centroids[cell]), 1e-12)
+            mean = (
+                directions[mine].mean(axis=0)
+                if mine.size
+                else centroids[cell] / max(np.linalg.norm(centroids[cell]), 1e-12)
+            )
             vectors.append(np.concatenate([edge * mean, [time]]))
     return np.asarray(vectors, dtype=np.float32)
 
@@ -180,8 +185,8 @@ def empty_structure(quantizer_vectors: np.ndarray, kind: str = "ivf", train_rows
         kind: `"ivf"` (an `IndexIVFFlat`: float32 vectors, ready to fill) or `"ivfpq"` (an `IndexIVFPQ` of
             `padded_dim / PQ_SUBVECTOR` bytes per item behind a zero-padding `IndexPreTransform`; train it with
             :func:`train_codes` before filling it).
-        train_rows: `ivfpq`: the rows the codes will be trained on; under 256, each sub-quantiser gets fewer than
-            `PQ_BITS` bits (FAISS needs a training row per code word).
+        train_rows: `ivfpq`: the rows the codes will be trained on; under `PQ_ROWS_PER_CODE` per code word of
+            `PQ_BITS` bits (9,984), each sub-quantiser gets fewer bits, as FAISS's k-means asks (at least 1).
     Returns:
         the FAISS structure (inner-product metric, `d = D + 1`).
     """
@@ -200,7 +205,9 @@ def empty_structure(quantizer_vectors: np.ndarray, kind: str = "ivf", train_rows
     wide = padded_dim(dim)
     quantizer = faiss.IndexFlatIP(wide)
     quantizer.add(np.ascontiguousarray(np.pad(quantizer_vectors, ((0, 0), (0, wide - dim)))))
-    bits = PQ_BITS if train_rows is None else max(1, min(PQ_BITS, int(math.log2(max(train_rows, 2)))))
+    bits = (
+        PQ_BITS if train_rows is None else max(1, min(PQ_BITS, int(math.log2(max(train_rows / PQ_ROWS_PER_CODE, 2)))))
+    )
     codes = faiss.IndexIVFPQ(quantizer, wide, nlist, wide // PQ_SUBVECTOR, bits, faiss.METRIC_INNER_PRODUCT)
     codes.own_fields = True
     quantizer.this.disown()

@@ -168,7 +168,7 @@ def build_streaming(
             writer = EmbeddingsWriter(work / EMBEDDINGS_FILE, dim, resume_rows=state["rows"])
             with open(work / METADATA_PART, "ab") as handle:
                 handle.truncate(state["metadata_bytes"])
-            progress = tqdm(desc="Collecting chunks", unit="rows", initial=state["rows"], disable=not show_progress)
+            progress = tqdm(desc="Collecting chunks", unit="rows", initial=state["rows"], disable=None if show_progress else True)
             with open(work / METADATA_PART, "ab") as metadata_file:
                 for embeddings, rows in chunks(state["chunks"]):
                     embeddings = torch.as_tensor(embeddings)
@@ -293,7 +293,7 @@ def _fill(
 
     count = embeddings.shape[0]
     filled = structure.ntotal
-    progress = tqdm(desc="Filing rows", unit="rows", total=count, initial=filled, disable=not show_progress)
+    progress = tqdm(desc="Filing rows", unit="rows", total=count, initial=filled, disable=None if show_progress else True)
     step = max(1, int(checkpoint_rows))
     while filled < count:
         stop = min(count, filled + step)

@@ -144,7 +144,8 @@ def test_a_resumed_collection_asks_only_for_the_chunks_after_the_last_committed_
 def test_a_streamed_compressed_index_searches_exactly_with_every_cell_and_candidate(tmp_path):
     output = build_streaming(tmp_path / "index", chunks, **OPTIONS, kind="ivfpq", target_recall=None, nlist=16)
     index = GalleryIndex.load(output)
-    assert index.kind == "ivfpq" and index.memory_mapped and index.params["code"] == "PQ4x8"  # 13 dims -> 16
+    assert index.kind == "ivfpq" and index.memory_mapped and index.params["code"] == "PQ4x6"
+    # 13 dims -> 16 = 4 sub-vectors; 3,000 training rows give 6 bits: FAISS's k-means asks 39 rows per code word
     queries = points(20, 9)
     distances = pairwise_dist(queries.double(), GALLERY.double(), 1.0, eps=0.0)
     truth = torch.sort(distances, dim=1, stable=True).indices[:, :5]

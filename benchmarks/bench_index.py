@@ -241,7 +241,7 @@ def run_build(args, kind: str, gallery: str, gallery_file: Path, output: Path, c
     command = [sys.executable, __file__, "--_build", kind, "--_output", str(output), "--_gallery_file", str(gallery_file)]
     command += ["--gallery", gallery, "--points", str(args.points), "--dim", str(args.dim), "--seed", str(args.seed)]
     command += ["--curvature", repr(curvature), "--threads", str(args.threads), "--target_recall", args.target_recall]
-    command += ["--stream", "--kinds", "ivfpq"] if args.stream else []
+    command += ["--stream", "--kinds", "ivfpq", "--galleries", gallery] if args.stream else []
     # Without the malloc tunables: they keep freed memory in the heap (steadier timings), which would inflate the
     # peak memory a build needs.
     env = {key: value for key, value in os.environ.items() if key != "GLIBC_TUNABLES"}

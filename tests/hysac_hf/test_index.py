@@ -560,6 +560,18 @@ def test_the_benchmark_runs_small(tmp_path, capsys):
     assert json.loads(out.read_text())["points"] == 3000 and "| power-law 3,000 x 16 | ivfpq |" in capsys.readouterr().out
 
 
+def test_the_benchmark_streams_a_compressed_build_small(tmp_path, capsys):
+    """`--stream`: the ivfpq build reads the generator chunk by chunk (no gallery file) and exact search is timed on
+    the index's own memory-mapped embeddings."""
+    argv = ["--points", "3000", "--dim", "16", "--galleries", "power-law", "--kinds", "ivfpq", "--stream"]
+    argv += ["--queries", "40", "--rounds", "1", "--work_dir", str(tmp_path / "work"), "--no_reexec"]
+    (gallery,) = _bench_module().main(argv)["galleries"]
+    rows = {row["index"]: row for row in gallery["rows"]}
+    assert rows["ivfpq"]["kind_built"] in ("ivfpq", "flat") and 0 < rows["ivfpq"]["recall_at_k"] <= 1
+    assert not list((tmp_path / "work").glob("*.npy"))  # the gallery never existed whole on disk
+    assert "| power-law 3,000 x 16 | ivfpq |" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kind", ["ivf", "ivfpq"])
 def test_the_previous_release_reads_and_searches_new_folders(kind, tmp_path, monkeypatch):
     """The engine of the release before this one (tests/fixtures/gallery_hysac_f5f1af4.py, remote code that Hub

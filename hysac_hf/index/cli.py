@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="flat",
         choices=["flat", "ivf", "ivfpq"],
         help="flat: exact search (default); ivf: approximate, for large galleries; ivfpq: approximate with "
-        "compressed vectors (1/16 of the embeddings' size) and memory-mapped embeddings, for galleries larger "
+        "compressed vectors (about 1/14 of the embeddings' size) and memory-mapped embeddings, for galleries larger "
         "than memory, built chunk by chunk (both need faiss)",
     )
     add_argument(
